@@ -1,0 +1,25 @@
+// The pybind11 module vita_engine._C: every kernel family registers its functions here.
+// Tensors arrive through DLPack (csrc/bind/dlpack.cpp); nothing here knows about torch.
+#include <pybind11/pybind11.h>
+
+#include "bind/common.h"
+#include "vita/parallel.h"
+#include "vita/runtime.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "vita-engine kernels (CPU always, CUDA when built with it); tensors via DLPack";
+
+  py::register_exception<vita::ValueError>(m, "VitaValueError", PyExc_ValueError);
+  py::register_exception<vita::TypeError>(m, "VitaTypeError", PyExc_TypeError);
+  py::register_exception<vita::RuntimeError>(m, "VitaRuntimeError", PyExc_RuntimeError);
+
+  m.def("built_with_cuda", &vita::built_with_cuda);
+  m.def("cuda_device_count", &vita::cuda_device_count);
+  m.def("cuda_arch_list", &vita::cuda_arch_list);
+  m.def("num_threads", &vita::num_threads, "threads used by the CPU kernels");
+  m.def("set_num_threads", &vita::set_num_threads, py::arg("n"));
+
+  vita::bind::register_elementwise(m);
+}

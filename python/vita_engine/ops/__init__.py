@@ -1,0 +1,12 @@
+"""Public kernel API on torch tensors (DESIGN §4). `reference` holds the pure-torch references."""
+from . import reference
+from .elementwise import fuse_embeddings, fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
+
+__all__ = [
+    "reference",
+    "rms_norm",
+    "fused_add_rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+    "fuse_embeddings",
+]

@@ -1,0 +1,170 @@
+"""Pure-torch references for every kernel in vita_engine.ops.
+
+They define the semantics the kernels must match, are used by the tests (in float64 or float32),
+and serve as the fallback path when the model runs with `use_reference=True`.
+Written for clarity, not speed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "rms_norm",
+    "fused_add_rms_norm",
+    "rotary_embedding",
+    "rope_inv_freq",
+    "silu_and_mul",
+    "fuse_embeddings",
+    "store_kv",
+    "gather_kv",
+    "paged_attention",
+    "varlen_attention",
+]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Qwen2RMSNorm: normalise in float32 (float64 stays float64), round to x's dtype, times weight."""
+    dt = x.dtype
+    acc = torch.float64 if dt == torch.float64 else torch.float32
+    xf = x.to(acc)
+    var = xf.pow(2).mean(-1, keepdim=True)
+    y = (xf * torch.rsqrt(var + eps)).to(dt)
+    return weight * y
+
+
+def fused_add_rms_norm(x, residual, weight, eps: float = 1e-6):
+    """Returns (rms_norm(x + residual), x + residual); the sum is kept in x's dtype."""
+    s = x + residual
+    return rms_norm(s, weight, eps), s
+
+
+def rope_inv_freq(theta: float, rotary_dim: int, device=None) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float() / rotary_dim))
+
+
+def rotary_embedding(q, k, positions, theta: float, *, rotary_dim: Optional[int] = None):
+    """NeoX-style rotary embedding as in HF Qwen2 (rotate_half on the first rotary_dim channels).
+
+    q: [T, Hq, D], k: [T, Hkv, D], positions: [T] integer. cos/sin are computed in float32 and
+    cast to q's dtype, then applied in that dtype (the HF order)."""
+    D = q.shape[-1]
+    rd = D if rotary_dim is None else rotary_dim
+    inv = rope_inv_freq(theta, rd, device=q.device)
+    ang = positions.to(torch.float32)[:, None] * inv[None, :]  # [T, rd/2] float32
+    emb = torch.cat([ang, ang], dim=-1)
+    cos = emb.cos().to(q.dtype)[:, None, :]
+    sin = emb.sin().to(q.dtype)[:, None, :]
+
+    def rot(x):
+        xr, xp = x[..., :rd], x[..., rd:]
+        x1, x2 = xr[..., : rd // 2], xr[..., rd // 2 :]
+        rh = torch.cat([-x2, x1], dim=-1)
+        return torch.cat([xr * cos + rh * sin, xp], dim=-1)
+
+    return rot(q), rot(k)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[-1] // 2
+    return F.silu(x[..., :n]) * x[..., n:]
+
+
+def fuse_embeddings(input_ids, embed_weight, mm_features=None) -> torch.Tensor:
+    """Rows with id >= 0 gather embed_weight[id]; rows with id < 0 take mm_features rows in order."""
+    ids = input_ids.long()
+    neg = ids < 0
+    n_mm = int(neg.sum())
+    have = 0 if mm_features is None else mm_features.shape[0]
+    if n_mm != have:
+        raise ValueError(f"fuse_embeddings: input_ids has {n_mm} multimodal placeholder rows (id < 0) but mm_features has {have} rows")
+    if ids.numel() and int(ids.max()) >= embed_weight.shape[0]:
+        raise ValueError("fuse_embeddings: input_ids out of range for embed_weight")
+    out = embed_weight[ids.clamp(min=0)].clone()
+    if n_mm:
+        out[neg] = mm_features.to(out.dtype)
+    return out
+
+
+def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """In place: k_cache.view(-1, Hkv, D)[slot] = k[t] for every slot >= 0."""
+    bs = k_cache.shape[1]
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    s = slots[keep]
+    k_cache[s // bs, s % bs] = k[keep].to(k_cache.dtype)
+    v_cache[s // bs, s % bs] = v[keep].to(v_cache.dtype)
+
+
+def gather_kv(cache, block_table_row, kv_len: int) -> torch.Tensor:
+    """The dense [kv_len, Hkv, D] rows of one sequence, read through its block table."""
+    bs = cache.shape[1]
+    nblk = (kv_len + bs - 1) // bs
+    blocks = block_table_row[:nblk].long()
+    return cache[blocks].reshape(-1, *cache.shape[2:])[:kv_len]
+
+
+def _attend(q, k, v, scale, mask=None, bias=None):
+    # q [Lq, Hq, D], k/v [Lk, Hkv, D] -> [Lq, Hq, D]; math in q's dtype (use float64 for references)
+    Hq, Hkv = q.shape[1], k.shape[1]
+    g = Hq // Hkv
+    k = k.repeat_interleave(g, dim=1)
+    v = v.repeat_interleave(g, dim=1)
+    s = torch.einsum("qhd,khd->hqk", q, k) * scale
+    if bias is not None:
+        s = s + bias[:, None, :]
+    if mask is not None:
+        s = s.masked_fill(~mask[None], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)  # fully masked rows -> 0 output
+    return torch.einsum("hqk,khd->qhd", p, v)
+
+
+def paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, *, causal: bool = True, scale: Optional[float] = None):
+    """Attention of packed queries over a paged KV cache (see DESIGN §4).
+
+    Query j of a sequence with q_len tokens and kv_len cached keys sees keys < kv_len - q_len + j + 1
+    when causal (bottom-right alignment)."""
+    D = q.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    out = torch.zeros_like(q)
+    cu = cu_q_lens.tolist()
+    lens = kv_lens.tolist()
+    for b in range(len(lens)):
+        q0, q1 = cu[b], cu[b + 1]
+        ql, kl = q1 - q0, lens[b]
+        if ql == 0:
+            continue
+        k = gather_kv(k_cache, block_table[b], kl).to(q.dtype)
+        v = gather_kv(v_cache, block_table[b], kl).to(q.dtype)
+        mask = None
+        if causal:
+            qi = torch.arange(ql, device=q.device)[:, None]
+            ki = torch.arange(kl, device=q.device)[None, :]
+            mask = ki < (kl - ql + qi + 1)
+        out[q0:q1] = _attend(q[q0:q1], k, v, scale, mask)
+    return out
+
+
+def varlen_attention(q, k, v, cu_seqlens, *, causal: bool = False, key_bias=None, scale: Optional[float] = None):
+    """Encoder attention over contiguous packed sequences. key_bias [Hq, T] is added to every score
+    of that key (per head)."""
+    D = q.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    out = torch.zeros_like(q)
+    cu = cu_seqlens.tolist()
+    for b in range(len(cu) - 1):
+        s0, s1 = cu[b], cu[b + 1]
+        L = s1 - s0
+        if L == 0:
+            continue
+        mask = None
+        if causal:
+            i = torch.arange(L, device=q.device)
+            mask = i[None, :] <= i[:, None]
+        bias = None if key_bias is None else key_bias[:, s0:s1].to(q.dtype)
+        out[s0:s1] = _attend(q[s0:s1], k[s0:s1], v[s0:s1], scale, mask, bias)
+    return out
