@@ -64,8 +64,11 @@ void rotary_embedding(py::handle q_, py::handle k_, py::handle pos_, py::handle 
   c.ck.same_device(a.q, a.positions);
   for (const TensorRef* t : {&a.q, &a.k, &a.q_out, &a.k_out})
     if (t->size(2) > 1 && t->stride(2) != 1) c.ck.value_error(std::string(t->name) + " must have a dense last dimension");
-  check_rows(c, a.q, a.q_out);
+  c.ck.same_shape(a.q, a.q_out);
+  c.ck.same_dtype(a.q, a.q_out);
+  c.ck.same_device(a.q, a.q_out);
   c.ck.same_shape(a.k, a.k_out);
+  c.ck.same_device(a.k, a.k_out);
   c.ck.same_dtype(a.k, a.k_out);
   c.ck.writable(a.q_out);
   c.ck.writable(a.k_out);

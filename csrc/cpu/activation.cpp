@@ -20,7 +20,7 @@ void silu_mul_impl(const SiluMulArgs& a) {
       load_row(x, g.data(), N);
       load_row(x + N, u.data(), N);
 #pragma omp simd
-      for (int64_t i = 0; i < N; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+      for (int64_t i = 0; i < N; ++i) g[i] = g[i] / (1.0f + exp_vec(-g[i])) * u[i];
       store_row(g.data(), a.out.ptr<T>() + r * so, N);
     }
   });

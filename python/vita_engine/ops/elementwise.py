@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._lib import _C, is_compiling, plain, stream_of
+from ._lib import _C, dl, dl_opt, is_compiling, stream_of
 
 __all__ = ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "fuse_embeddings"]
 
@@ -24,33 +24,32 @@ def _dense(x: Tensor) -> Tensor:
 # ---- eager implementations ---------------------------------------------------------------------
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    x = plain(_dense(x))
+    x = _dense(x)
     out = torch.empty_like(x)
-    _C.rms_norm(x, plain(weight), out, eps, stream_of(x))
+    _C.rms_norm(dl(x), dl(weight), dl(out), eps, stream_of(x))
     return out
 
 
 def _fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
-    x = plain(_dense(x))
-    residual = plain(_dense(residual))
+    x = _dense(x)
+    residual = _dense(residual)
     out = torch.empty_like(x)
     res_out = torch.empty_like(x)
-    _C.fused_add_rms_norm(x, residual, plain(weight), out, res_out, eps, stream_of(x))
+    _C.fused_add_rms_norm(dl(x), dl(residual), dl(weight), dl(out), dl(res_out), eps, stream_of(x))
     return out, res_out
 
 
 def _rope(q: Tensor, k: Tensor, positions: Tensor, theta: float, rotary_dim: int) -> Tuple[Tensor, Tensor]:
-    q, k = plain(q), plain(k)
     qo = torch.empty_like(q)
     ko = torch.empty_like(k)
-    _C.rotary_embedding(q, k, plain(positions), qo, ko, theta, rotary_dim, stream_of(q))
+    _C.rotary_embedding(dl(q), dl(k), dl(positions), dl(qo), dl(ko), theta, rotary_dim, stream_of(q))
     return qo, ko
 
 
 def _silu_and_mul(x: Tensor) -> Tensor:
-    x = plain(_dense(x))
+    x = _dense(x)
     out = x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
-    _C.silu_and_mul(x, out, stream_of(x))
+    _C.silu_and_mul(dl(x), dl(out), stream_of(x))
     return out
 
 
@@ -61,7 +60,7 @@ def _fuse(input_ids: Tensor, embed_weight: Tensor, mm_features: Optional[Tensor]
     scratch = None
     if embed_weight.device.type == "cuda":
         scratch = torch.empty(input_ids.shape[0] + 2, dtype=torch.int32, device=embed_weight.device)
-    _C.fuse_embeddings(plain(input_ids), plain(embed_weight), plain(mm_features), out, scratch, stream_of(embed_weight))
+    _C.fuse_embeddings(dl(input_ids), dl(embed_weight), dl_opt(mm_features), dl(out), dl_opt(scratch), stream_of(embed_weight))
     return out
 
 

@@ -1,0 +1,111 @@
+"""The `vita-engine` command.
+
+`vita-engine check` runs every available kernel once on small random inputs against its torch
+reference, on every available backend, and prints what is available.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _check(args) -> int:
+    import torch
+
+    import vita_engine
+    from vita_engine import ops
+    from vita_engine.ops import reference as ref
+
+    info = {
+        "version": vita_engine.__version__,
+        "built_with_cuda": vita_engine.built_with_cuda(),
+        "cuda_archs": vita_engine.cuda_arch_list(),
+        "cuda_devices": vita_engine._C.cuda_device_count(),
+        "cuda_available": vita_engine.cuda_available(),
+        "cpu_threads": vita_engine._C.num_threads(),
+        "torch": torch.__version__,
+    }
+    devices = ["cpu"] + (["cuda"] if vita_engine.cuda_available() and torch.cuda.is_available() else [])
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*s, dtype=torch.float32, device="cpu"):
+        return torch.randn(*s, generator=g).to(dtype=dtype, device=device)
+
+    def cases(dev, dt):
+        x, w, r = rnd(7, 257, dtype=dt, device=dev), rnd(257, dtype=dt, device=dev), rnd(7, 257, dtype=dt, device=dev)
+        q, k = rnd(5, 8, 64, dtype=dt, device=dev), rnd(5, 2, 64, dtype=dt, device=dev)
+        pos = torch.arange(5, device=dev) * 31
+        ids = torch.tensor([3, -1, 5, -1], device=dev)
+        emb, mm = rnd(10, 32, dtype=dt, device=dev), rnd(2, 32, dtype=dt, device=dev)
+        yield "rms_norm", lambda: ops.rms_norm(x, w), lambda: ref.rms_norm(x, w)
+        yield "fused_add_rms_norm", lambda: ops.fused_add_rms_norm(x, r, w)[0], lambda: ref.fused_add_rms_norm(x, r, w)[0]
+        yield "rotary_embedding", lambda: ops.rotary_embedding(q, k, pos, 1e6)[0], lambda: ref.rotary_embedding(q, k, pos, 1e6)[0]
+        yield "silu_and_mul", lambda: ops.silu_and_mul(x[:, :256]), lambda: ref.silu_and_mul(x[:, :256])
+        yield "fuse_embeddings", lambda: ops.fuse_embeddings(ids, emb, mm), lambda: ref.fuse_embeddings(ids, emb, mm)
+        for name, fn, rfn in _extra_cases(ops, ref, rnd, dev, dt):
+            yield name, fn, rfn
+
+    rows, ok = [], True
+    for dev in devices:
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            tol = 1e-4 if dt == torch.float32 else 3e-2
+            for name, fn, rfn in cases(dev, dt):
+                try:
+                    t0 = time.perf_counter()
+                    got = fn()
+                    if dev == "cuda":
+                        torch.cuda.synchronize()
+                    dt_ms = (time.perf_counter() - t0) * 1e3
+                    want = rfn()
+                    err = (got.float() - want.float()).abs().max().item() / max(1.0, want.float().abs().max().item())
+                    good = err <= tol and bool(torch.isfinite(got).all())
+                    rows.append((name, dev, str(dt).replace("torch.", ""), "ok" if good else "MISMATCH", f"{err:.2e}", f"{dt_ms:.2f}"))
+                    ok &= good
+                except Exception as e:  # report and keep going: this is a self-check
+                    rows.append((name, dev, str(dt).replace("torch.", ""), "ERROR", type(e).__name__, str(e)[:60]))
+                    ok = False
+    if args.json:
+        print(json.dumps({"info": info, "kernels": rows, "ok": ok}, indent=1))
+    else:
+        for k, v in info.items():
+            print(f"{k:>16}: {v}")
+        print()
+        print(f"{'kernel':<20} {'device':<6} {'dtype':<9} {'status':<8} {'max rel err':<11} ms")
+        for r in rows:
+            print(f"{r[0]:<20} {r[1]:<6} {r[2]:<9} {r[3]:<8} {r[4]:<11} {r[5]}")
+        print("\nall kernels OK" if ok else "\nSOME KERNELS FAILED")
+    return 0 if ok else 1
+
+
+def _extra_cases(ops, ref, rnd, dev, dt):
+    """Kernel families that may not be present in every build."""
+    import torch
+
+    if hasattr(ops, "paged_attention"):
+        bs, Hq, Hk, D = 16, 4, 2, 64
+        kc, vc = rnd(8, bs, Hk, D, dtype=dt, device=dev), rnd(8, bs, Hk, D, dtype=dt, device=dev)
+        bt = torch.tensor([[3, 1, 6], [0, 7, 2]], dtype=torch.int32, device=dev)
+        kv = torch.tensor([40, 20], dtype=torch.int32, device=dev)
+        cu = torch.tensor([0, 5, 6], dtype=torch.int32, device=dev)
+        q = rnd(6, Hq, D, dtype=dt, device=dev)
+        yield "paged_attention", lambda: ops.paged_attention(q, kc, vc, bt, kv, cu), lambda: ref.paged_attention(q, kc, vc, bt, kv, cu)
+    if hasattr(ops, "varlen_attention"):
+        q, k, v = rnd(30, 4, 64, dtype=dt, device=dev), rnd(30, 2, 64, dtype=dt, device=dev), rnd(30, 2, 64, dtype=dt, device=dev)
+        cu = torch.tensor([0, 13, 30], dtype=torch.int32, device=dev)
+        yield "varlen_attention", lambda: ops.varlen_attention(q, k, v, cu), lambda: ref.varlen_attention(q, k, v, cu)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="vita-engine", description="vita-engine: real-time VITA-1.5 inference engine")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check", help="run every kernel once against its torch reference and print the backends")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=_check)
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
