@@ -1,5 +1,6 @@
 """Public kernel API on torch tensors (DESIGN §4). `reference` holds the pure-torch references."""
 from . import reference
+from .codec import conv1d, conv_transpose1d
 from .elementwise import fuse_embeddings, fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
 
 __all__ = [
@@ -9,4 +10,6 @@ __all__ = [
     "rotary_embedding",
     "silu_and_mul",
     "fuse_embeddings",
+    "conv1d",
+    "conv_transpose1d",
 ]
