@@ -246,3 +246,18 @@ def test_bad_config():
         Codec(dict(TINY, n_code_groups=2))
     with pytest.raises(ValueError, match="global token"):
         Codec(dict(TINY, global_tokens=[3, 99]))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_decode_and_stream(sd, dtype):
+    c = Codec(TINY, device="cuda", dtype=dtype).load_folded_state_dict(sd)
+    tok = torch.randint(0, 64, (33,))
+    y = c.decode(tok)
+    assert y.device.type == "cuda"
+    ref = spec_generator(sd, tok)
+    tol = 2e-4 if dtype == torch.float32 else 0.1
+    assert (y.double().cpu() - ref).abs().max() < tol
+    s = c.stream()
+    parts = [s.push(tok[a:b]) for a, b in [(0, 1), (1, 1), (1, 7), (7, 20), (20, 33)]] + [s.flush()]
+    torch.testing.assert_close(torch.cat(parts), y, rtol=0, atol=1e-3 if dtype == torch.float32 else 5e-2)

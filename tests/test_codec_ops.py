@@ -31,6 +31,8 @@ CONV_CASES = [
     (2, 32, 32, 11, 1, 100, 5, 5),
     (1, 5, 4, 1, 1, 23, 0, 0),       # pointwise
     (2, 4, 4, 3, 1, 1, 2, 0),        # single step, left pad only
+    (3, 48, 80, 11, 5, 150, 25, 25), # CUDA tensor-core path: partial M tile, several N tiles
+    (2, 20, 24, 3, 3, 70, 3, 3),     # CUDA tensor-core path: Cin not a multiple of 16
 ]
 
 
@@ -107,6 +109,7 @@ CONVT_CASES = [
     (3, 5, 7, 7, 2, 1, (1, 4)),   # single input step, asymmetric crop
     (1, 16, 16, 8, 4, 30, (2, 2)),
     (2, 3, 1, 3, 1, 10, (1, 1)),  # stride 1
+    (2, 64, 32, 11, 5, 40, (3, 3)),  # CUDA tensor-core phases
 ]
 
 
