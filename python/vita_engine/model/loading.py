@@ -237,21 +237,21 @@ def fold_weight_norm(sd: Mapping[str, torch.Tensor], where: str = "") -> Dict[st
     out: Dict[str, torch.Tensor] = {}
     bad = []
     for k, t in sd.items():
-        if k.endswith(".weight_g"):
-            base = k[: -len(".weight_g")]
-            v = sd.get(base + ".weight_v")
+        if k == "weight_g" or k.endswith(".weight_g"):
+            base = k[: -len("weight_g")]  # keeps the trailing dot (or is empty)
+            v = sd.get(base + "weight_v")
             if v is None:
-                bad.append(f"{k} has no matching {base}.weight_v")
+                bad.append(f"{k} has no matching {base}weight_v")
                 continue
             g = t
             if g.numel() != v.shape[0]:
-                bad.append(f"{k}: shape {list(g.shape)} does not match {base}.weight_v {list(v.shape)} (dim 0)")
+                bad.append(f"{k}: shape {list(g.shape)} does not match {base}weight_v {list(v.shape)} (dim 0)")
                 continue
             vf = v.to(torch.float32)
             norm = vf.reshape(vf.shape[0], -1).norm(dim=1).reshape(-1, *([1] * (v.dim() - 1)))
-            out[base + ".weight"] = (g.to(torch.float32).reshape(norm.shape) * vf / norm).to(v.dtype)
-        elif k.endswith(".weight_v"):
-            if k[: -len(".weight_v")] + ".weight_g" not in sd:
+            out[base + "weight"] = (g.to(torch.float32).reshape(norm.shape) * vf / norm).to(v.dtype)
+        elif k == "weight_v" or k.endswith(".weight_v"):
+            if k[: -len("weight_v")] + "weight_g" not in sd:
                 bad.append(f"{k} has no matching weight_g")
         else:
             out[k] = t
