@@ -38,9 +38,10 @@ class LLM:
     """The decoder-only LLM. Weights are plain tensors; see `run_decoder_stack` for the layer math."""
 
     def __init__(self, config: LLMConfig, tensors: Dict[str, torch.Tensor], ops: Optional[OpsHandle] = None):
+        """`tensors` (checkpoint names) is consumed: entries are popped as they are fused."""
         c = self.config = config
         self.ops = ops or OpsHandle()
-        t = dict(tensors)
+        t = tensors  # consumed: popping as we fuse keeps host memory near one copy
         self.embed_tokens = t.pop("model.embed_tokens.weight")
         self.layers: List[DecoderLayer] = [
             DecoderLayer.from_tensors(t, f"model.layers.{i}.", bias=c.attention_bias) for i in range(c.num_layers)
@@ -90,6 +91,7 @@ class LLM:
         if cfg.tie_word_embeddings:
             ignore = ignore + ("lm_head.weight",)
         t = load_tensors(ckpt, exp, dtype=dtype, device=device, ignore=ignore, progress=progress)
+        del ckpt  # unmap the files
         return cls(cfg, t, ops or OpsHandle(use_reference))
 
     # ---- forward ---------------------------------------------------------------------------------

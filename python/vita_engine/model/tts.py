@@ -31,7 +31,7 @@ class TTSDecoder:
     def __init__(self, config: TTSConfig, tensors: Dict[str, torch.Tensor], embed_tokens: torch.Tensor, ops: OpsHandle):
         c = self.config = config
         self.ops = ops
-        t = dict(tensors)
+        t = tensors  # consumed
         self.embedding = t.pop("embedding.weight")
         self.nar_layers = [DecoderLayer.from_tensors(t, f"layers_pre_nn.{i}.", bias=False) for i in range(c.nar_layers)]
         self.ar_layers = [DecoderLayer.from_tensors(t, f"layers.{i}.", bias=False) for i in range(c.num_blocks)]

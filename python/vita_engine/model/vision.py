@@ -83,7 +83,7 @@ class VisionTower:
 
     def __init__(self, config: VisionConfig, tensors: Dict[str, torch.Tensor], ops: OpsHandle):
         self.config, self.ops = config, ops
-        t = dict(tensors)
+        t = tensors  # consumed
         p = VT_PREFIX
         self.class_embedding = t.pop(p + "embeddings.class_embedding")
         self.patch_w = t.pop(p + "embeddings.patch_embedding.weight")
