@@ -23,4 +23,5 @@ PYBIND11_MODULE(_C, m) {
 
   vita::bind::register_elementwise(m);
   vita::bind::register_codec(m);
+  vita::bind::register_sampling(m);
 }

@@ -41,6 +41,7 @@ void route(const Call& c, const TensorRef& t, Cpu&& cpu, Cuda&& cuda) {
 void register_elementwise(py::module_& m);
 void register_attention(py::module_& m);
 void register_codec(py::module_& m);
+void register_sampling(py::module_& m);
 
 }  // namespace vita::bind
 

@@ -1,6 +1,7 @@
 """Public kernel API on torch tensors (DESIGN §4). `reference` holds the pure-torch references."""
 from . import reference
 from .codec import conv1d, conv_transpose1d
+from .sampling import MAX_TOP_K_CUDA, sample_tokens
 from .elementwise import fuse_embeddings, fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
 
 __all__ = [
@@ -12,4 +13,6 @@ __all__ = [
     "fuse_embeddings",
     "conv1d",
     "conv_transpose1d",
+    "sample_tokens",
+    "MAX_TOP_K_CUDA",
 ]

@@ -170,6 +170,66 @@ def varlen_attention(q, k, v, cu_seqlens, *, causal: bool = False, key_bias=None
     return out
 
 
+# ---- sampling --------------------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def philox_uniform(seed: int, step: int, index: torch.Tensor) -> torch.Tensor:
+    """Philox-4x32-10 uniform in (0, 1) for counter (index, step) and key seed, as float32
+    (the same function as csrc/include/vita/philox.h). index: int64 tensor."""
+    idx = index.to(torch.int64)
+    c0 = idx & _M32
+    c1 = (idx >> 32) & _M32
+    c2 = torch.full_like(idx, step & _M32)
+    c3 = torch.full_like(idx, (step >> 32) & _M32)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        p0 = c0 * 0xD2511F53  # < 2^64 but may exceed int64: split via 16-bit halves
+        p1 = c2 * 0xCD9E8D57
+        hi0, lo0 = _mulhilo(c0, 0xD2511F53)
+        hi1, lo1 = _mulhilo(c2, 0xCD9E8D57)
+        del p0, p1
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + 0x9E3779B9) & _M32
+        k1 = (k1 + 0xBB67AE85) & _M32
+    return ((c0 >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+
+
+def _mulhilo(a: torch.Tensor, b: int):
+    # 32x32 -> 64-bit product without int64 overflow: split a into 16-bit halves.
+    a_lo, a_hi = a & 0xFFFF, a >> 16
+    lo_part = a_lo * b  # < 2^48
+    hi_part = a_hi * b  # < 2^48
+    total_lo = (lo_part & _M32) + ((hi_part & 0xFFFF) << 16)
+    carry = total_lo >> 32
+    lo = total_lo & _M32
+    hi = ((lo_part >> 32) + (hi_part >> 16) + carry) & _M32
+    return hi, lo
+
+
+def sample_tokens(logits, *, temperature=1.0, top_k=0, seed=0, step=0):
+    """Reference for ops.sample_tokens (scalar arguments): greedy if temperature <= 0, else the
+    Gumbel-max draw among the top_k largest logits (ties -> smaller id) or the whole vocabulary."""
+    B, V = logits.shape
+    out = torch.empty(B, dtype=torch.int64)
+    for b in range(B):
+        row = logits[b].float().cpu()
+        if not temperature > 0:
+            out[b] = int(torch.argmax(row))  # torch.argmax returns the first maximum
+            continue
+        if 0 < top_k < V:
+            order = sorted(range(V), key=lambda i: (-row[i].item(), i))[:top_k]
+            cand = torch.tensor(order, dtype=torch.int64)
+        else:
+            cand = torch.arange(V, dtype=torch.int64)
+        g = -torch.log(-torch.log(philox_uniform(seed, step, cand)))
+        score = row[cand] / temperature + g
+        best = torch.nonzero(score == score.max())[0, 0]
+        out[b] = cand[best]
+    return out
+
+
 # =====================================================================================================
 # Codec references (pure torch.nn.functional; see ops/codec.py and docs/codec_ops.md)
 # =====================================================================================================

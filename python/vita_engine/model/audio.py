@@ -1,0 +1,232 @@
+"""Audio path: Kaldi fbank (80 bins, 25/10 ms, povey, preemphasis 0.97, dither 0) + global CMVN,
+the whale encoder (Conv2dSubsampling4, 24-layer rel-PE transformer) and the CNN adapter
+(spec §4, §9.3-5, §11.1, §11.4)."""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ._ops import OpsHandle
+from .config import AudioConfig
+
+__all__ = ["AudioEncoder", "kaldi_fbank", "mel_banks", "AE_PREFIX", "fbank_frames", "llm_tokens_for_frames"]
+
+AE_PREFIX = "model.audio_encoder."
+ENC = AE_PREFIX + "encoder."
+CMVN_KEYS = (ENC + "global_cmvn.mean", ENC + "global_cmvn.istd")
+
+
+def _mel(f):
+    return 1127.0 * np.log(1.0 + np.asarray(f, dtype=np.float64) / 700.0)
+
+
+def mel_banks(num_bins: int = 80, padded: int = 512, sample_rate: float = 16000.0, low: float = 20.0, high: float = 0.0) -> torch.Tensor:
+    """Kaldi triangular mel filterbank [num_bins, padded/2 + 1] (last column zero), float64."""
+    nfft = padded // 2
+    nyq = 0.5 * sample_rate
+    if high <= 0.0:
+        high += nyq
+    width = sample_rate / padded
+    lo, hi = _mel(low), _mel(high)
+    delta = (hi - lo) / (num_bins + 1)
+    b = np.arange(num_bins, dtype=np.float64)[:, None]
+    left, center, right = lo + b * delta, lo + (b + 1) * delta, lo + (b + 2) * delta
+    mel = _mel(width * np.arange(nfft))[None, :]
+    up = (mel - left) / (center - left)
+    down = (right - mel) / (right - center)
+    banks = np.maximum(0.0, np.minimum(up, down))
+    return torch.from_numpy(np.pad(banks, ((0, 0), (0, 1))))
+
+
+def fbank_frames(num_samples: int, sample_rate: int = 16000, frame_length_ms: float = 25.0, frame_shift_ms: float = 10.0) -> int:
+    wl = int(sample_rate * frame_length_ms * 0.001)
+    ws = int(sample_rate * frame_shift_ms * 0.001)
+    return 0 if num_samples < wl else 1 + (num_samples - wl) // ws
+
+
+def llm_tokens_for_frames(T: int) -> int:
+    """T fbank frames -> T_llm = ((T1 - 1)//2) + 1 with T1 = ((T - 1)//2 - 1)//2."""
+    t1 = ((T - 1) // 2 - 1) // 2
+    return (t1 - 1) // 2 + 1
+
+
+_BANK_CACHE: Dict[tuple, torch.Tensor] = {}
+
+
+def kaldi_fbank(wave, sample_rate: int = 16000, num_mel_bins: int = 80, frame_length_ms: float = 25.0,
+                frame_shift_ms: float = 10.0, preemphasis: float = 0.97, low_freq: float = 20.0,
+                high_freq: float = 0.0) -> torch.Tensor:
+    """torchaudio.compliance.kaldi.fbank semantics (snip_edges, remove DC, povey window, power
+    spectrum, log mel with float32-eps floor, dither 0) on an already-scaled waveform -> float32
+    [frames, num_mel_bins]. Computed in float64."""
+    w = torch.as_tensor(np.asarray(wave) if not isinstance(wave, torch.Tensor) else wave).to(torch.float64).reshape(-1).cpu()
+    wl = int(sample_rate * frame_length_ms * 0.001)
+    ws = int(sample_rate * frame_shift_ms * 0.001)
+    padded = 1 << (wl - 1).bit_length()
+    m = fbank_frames(w.numel(), sample_rate, frame_length_ms, frame_shift_ms)
+    if m == 0:
+        return torch.zeros(0, num_mel_bins, dtype=torch.float32)
+    fr = w.unfold(0, wl, ws)[:m]
+    fr = fr - fr.mean(1, keepdim=True)
+    fr = fr - preemphasis * torch.cat([fr[:, :1], fr[:, :-1]], 1)
+    win = torch.hann_window(wl, periodic=False, dtype=torch.float64).pow(0.85)
+    fr = F.pad(fr * win, (0, padded - wl))
+    spec = torch.fft.rfft(fr).abs().pow(2)
+    key = (num_mel_bins, padded, float(sample_rate), low_freq, high_freq)
+    if key not in _BANK_CACHE:
+        _BANK_CACHE[key] = mel_banks(num_mel_bins, padded, sample_rate, low_freq, high_freq)
+    mel = spec @ _BANK_CACHE[key].T
+    eps = float(torch.finfo(torch.float32).eps)
+    return mel.clamp(min=eps).log().to(torch.float32)
+
+
+def rel_pe(T: int, d: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Absolute sinusoid table PE[0:T] (sin on even dims, cos on odd), base 10000."""
+    pos = torch.arange(T, dtype=torch.float32).unsqueeze(1)
+    div = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * -(math.log(10000.0) / d))
+    pe = torch.zeros(T, d)
+    pe[:, 0::2] = torch.sin(pos * div)
+    pe[:, 1::2] = torch.cos(pos * div)
+    return pe.to(device=device, dtype=dtype)
+
+
+@dataclass
+class _EncLayer:
+    t: Dict[str, torch.Tensor]
+
+
+class AudioEncoder:
+    """`fbank(wave)` -> [frames, 80] after CMVN; `encode(wave)` -> [T_llm, llm_hidden]."""
+
+    def __init__(self, config: AudioConfig, tensors: Dict[str, torch.Tensor], ops: OpsHandle, cmvn=None):
+        self.config, self.ops = config, ops
+        t = dict(tensors)
+        if CMVN_KEYS[0] in t:
+            self.cmvn_mean, self.cmvn_istd = t.pop(CMVN_KEYS[0]), t.pop(CMVN_KEYS[1])
+        else:
+            self.cmvn_mean, self.cmvn_istd = cmvn
+        self.t = t
+        self.num_layers = len({int(m.group(1)) for k in t if (m := re.match(re.escape(ENC) + r"enc\.1\.encoders\.(\d+)\.", k))})
+        w = self.t[ENC + "enc.1.encoders.0.self_attn.pos_bias_u"] if self.num_layers else None
+        self.num_heads = int(w.shape[0]) if w is not None else config.num_heads
+        self.d_model = int(self.t[ENC + "enc.0.core.out.0.weight"].shape[0])
+        self.device = self.t[ENC + "enc.0.core.out.0.weight"].device
+        self.dtype = self.t[ENC + "enc.0.core.out.0.weight"].dtype
+        if config.dynamic_chunks or config.chunk_size > 0:
+            warnings.warn(
+                "audio encoder train.yaml asks for a chunk mask (transformer-dynamic-chunks / chunk_size); "
+                "the engine encodes utterances with full context, as the VITA vLLM port does", stacklevel=2)
+
+    # ---- shapes ------------------------------------------------------------------------------------
+    @staticmethod
+    def expected_shapes(ckpt_shapes: Dict[str, tuple], c: AudioConfig, llm_hidden: int, num_layers: Optional[int] = None) -> dict:
+        """Expected tensors, with sizes anchored on a few stored shapes (d_model, conv channels,
+        FFN width, adapter width) and checked for consistency everywhere else."""
+        def dim(key, i, default):
+            s = ckpt_shapes.get(key)
+            return int(s[i]) if s is not None and len(s) > i else default
+
+        ch = dim(ENC + "enc.0.core.conv.0.weight", 0, 1024)
+        d = dim(ENC + "enc.0.core.out.0.weight", 0, 1024)
+        ff = dim(ENC + "enc.1.encoders.0.feed_forward.w_1.weight", 0, 4 * d)
+        c2 = dim(AE_PREFIX + "adpter.conv1d2.weight", 0, 2 * d)
+        H = dim(ENC + "enc.1.encoders.0.self_attn.pos_bias_u", 0, c.num_heads)
+        if num_layers is None:
+            num_layers = len({int(m.group(1)) for k in ckpt_shapes if (m := re.match(re.escape(ENC) + r"enc\.1\.encoders\.(\d+)\.", k))})
+        nb = c.num_mel_bins
+        fsub = ((nb - 1) // 2 - 1) // 2
+        e = {
+            ENC + "enc.0.core.conv.0.weight": (ch, 1, 3, 3), ENC + "enc.0.core.conv.0.bias": (ch,),
+            ENC + "enc.0.core.conv.2.weight": (ch, ch, 3, 3), ENC + "enc.0.core.conv.2.bias": (ch,),
+            ENC + "enc.0.core.out.0.weight": (d, ch * fsub), ENC + "enc.0.core.out.0.bias": (d,),
+            ENC + "enc.1.embed.0.weight": (d, d), ENC + "enc.1.embed.0.bias": (d,),
+            ENC + "enc.1.embed.1.weight": (d,), ENC + "enc.1.embed.1.bias": (d,),
+            ENC + "enc.1.after_norm.weight": (d,), ENC + "enc.1.after_norm.bias": (d,),
+            AE_PREFIX + "adpter.conv1d2.weight": (c2, d, c.adapter_kernel), AE_PREFIX + "adpter.conv1d2.bias": (c2,),
+            AE_PREFIX + "adpter.bn2.weight": (c2,), AE_PREFIX + "adpter.bn2.bias": (c2,),
+            AE_PREFIX + "adpter.project.weight": (llm_hidden, c2), AE_PREFIX + "adpter.project.bias": (llm_hidden,),
+        }
+        for i in range(num_layers):
+            p = f"{ENC}enc.1.encoders.{i}."
+            for n in ("linear_q", "linear_k", "linear_v", "linear_out"):
+                e[p + f"self_attn.{n}.weight"] = (d, d)
+                e[p + f"self_attn.{n}.bias"] = (d,)
+            e[p + "self_attn.linear_pos.weight"] = (d, d)
+            e[p + "self_attn.pos_bias_u"] = (H, d // H)
+            e[p + "self_attn.pos_bias_v"] = (H, d // H)
+            e.update({p + "feed_forward.w_1.weight": (ff, d), p + "feed_forward.w_1.bias": (ff,),
+                      p + "feed_forward.w_2.weight": (d, ff), p + "feed_forward.w_2.bias": (d,)})
+            for n in ("norm1", "norm2"):
+                e[p + f"{n}.weight"] = (d,)
+                e[p + f"{n}.bias"] = (d,)
+        return e
+
+    # ---- features ----------------------------------------------------------------------------------
+    def fbank(self, waveform_16k) -> torch.Tensor:
+        """1-D float waveform in [-1, 1] at 16 kHz -> [frames, 80] float32 after global CMVN."""
+        c = self.config
+        w = waveform_16k
+        w = torch.as_tensor(np.asarray(w, dtype=np.float32)) if not isinstance(w, torch.Tensor) else w.detach().cpu()
+        feats = kaldi_fbank(w.to(torch.float64) * 32768.0, c.sample_rate, c.num_mel_bins, c.frame_length_ms, c.frame_shift_ms)
+        mean = self.cmvn_mean.detach().cpu().to(torch.float32)
+        istd = self.cmvn_istd.detach().cpu().to(torch.float32)
+        return (feats - mean) * istd
+
+    # ---- encoder -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """CMVN-normalised fbank [T, 80] -> [T_llm, llm_hidden]."""
+        t, ops, c = self.t, self.ops, self.config
+        x = feats.to(self.device, self.dtype)[None, None]  # [1,1,T,80]
+        x = F.relu(F.conv2d(x, t[ENC + "enc.0.core.conv.0.weight"], t[ENC + "enc.0.core.conv.0.bias"], stride=2))
+        x = F.relu(F.conv2d(x, t[ENC + "enc.0.core.conv.2.weight"], t[ENC + "enc.0.core.conv.2.bias"], stride=2))
+        _, C, T1, Fs = x.shape
+        if T1 < 1:
+            raise ValueError(f"audio too short: {feats.shape[0]} fbank frames give no encoder frame (need >= 7)")
+        x = x[0].permute(1, 0, 2).reshape(T1, C * Fs)  # channel-major: c*F' + f
+        x = F.linear(x, t[ENC + "enc.0.core.out.0.weight"], t[ENC + "enc.0.core.out.0.bias"])
+        d = x.shape[-1]
+        x = F.linear(x, t[ENC + "enc.1.embed.0.weight"], t[ENC + "enc.1.embed.0.bias"])
+        x = F.relu(F.layer_norm(x, (d,), t[ENC + "enc.1.embed.1.weight"], t[ENC + "enc.1.embed.1.bias"], c.enc_ln_eps))
+        x = x * math.sqrt(d)
+        pe = rel_pe(T1, d, self.device, self.dtype)
+        H = self.num_heads
+        dk = d // H
+        scale = 1.0 / math.sqrt(dk)
+        cu = torch.tensor([0, T1], dtype=torch.int32, device=self.device)
+        eps = c.enc_ln_eps
+        for i in range(self.num_layers):
+            p = f"{ENC}enc.1.encoders.{i}."
+            a = p + "self_attn."
+            h = F.layer_norm(x, (d,), t[p + "norm1.weight"], t[p + "norm1.bias"], eps)
+            q = F.linear(h, t[a + "linear_q.weight"], t[a + "linear_q.bias"]).view(T1, H, dk)
+            k = F.linear(h, t[a + "linear_k.weight"], t[a + "linear_k.bias"]).view(T1, H, dk)
+            v = F.linear(h, t[a + "linear_v.weight"], t[a + "linear_v.bias"]).view(T1, H, dk)
+            pp = F.linear(pe, t[a + "linear_pos.weight"]).view(T1, H, dk)
+            u, vb = t[a + "pos_bias_u"], t[a + "pos_bias_v"]
+            # (q+u)·k + (q+v)·p = q·(k+p) + (u·k + v·p); the bias is added after scaling
+            key_bias = (torch.einsum("hd,thd->ht", u, k) + torch.einsum("hd,thd->ht", vb, pp)) * scale
+            o = ops.varlen_attention(q.contiguous(), (k + pp).contiguous(), v.contiguous(), cu, causal=False,
+                                     key_bias=key_bias.contiguous(), scale=scale)
+            x = x + F.linear(o.reshape(T1, d), t[a + "linear_out.weight"], t[a + "linear_out.bias"])
+            h = F.layer_norm(x, (d,), t[p + "norm2.weight"], t[p + "norm2.bias"], eps)
+            x = x + F.linear(F.relu(F.linear(h, t[p + "feed_forward.w_1.weight"], t[p + "feed_forward.w_1.bias"])),
+                             t[p + "feed_forward.w_2.weight"], t[p + "feed_forward.w_2.bias"])
+        x = F.layer_norm(x, (d,), t[ENC + "enc.1.after_norm.weight"], t[ENC + "enc.1.after_norm.bias"], eps)
+        # adapter: right pad (k-1), Conv1d stride 2, LayerNorm(eps 1e-3) over channels, GELU, Linear
+        w = t[AE_PREFIX + "adpter.conv1d2.weight"]
+        y = F.conv1d(F.pad(x.T[None], (0, w.shape[-1] - 1)), w, t[AE_PREFIX + "adpter.conv1d2.bias"], stride=c.adapter_stride)
+        y = y[0].T
+        y = F.gelu(F.layer_norm(y, (y.shape[-1],), t[AE_PREFIX + "adpter.bn2.weight"], t[AE_PREFIX + "adpter.bn2.bias"], c.adapter_ln_eps))
+        return F.linear(y, t[AE_PREFIX + "adpter.project.weight"], t[AE_PREFIX + "adpter.project.bias"])
+
+    def encode(self, waveform_16k) -> torch.Tensor:
+        """1-D waveform in [-1, 1] at 16 kHz -> [T_llm, llm_hidden]."""
+        return self.encode_features(self.fbank(waveform_16k))
