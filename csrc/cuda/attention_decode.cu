@@ -33,7 +33,7 @@ void prefill_varlen(const VarlenAttentionArgs& a, int max_seqlen, cudaStream_t s
 
 namespace {
 
-constexpr bool kHavePrefill = false;  // tensor-core prefill (attention_prefill.cu) wired in
+constexpr bool kHavePrefill = true;   // tensor-core prefill (attention_prefill.cu) wired in
 constexpr int kDecodeMaxQ = 4;  // max_q_len at or below this uses the decode kernel
 constexpr int kMaxSplits = 32;
 constexpr int kThreads = 128;
