@@ -19,6 +19,7 @@
 // Nothing here synchronises with the host or allocates, so the launches are CUDA-graph capturable.
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 
 #include "common.cuh"
 #include "vita/kernels/attention.h"
@@ -29,6 +30,7 @@ namespace vita::cuda {
 namespace detail {
 void prefill_paged(const PagedAttentionArgs& a, int max_q_len, cudaStream_t s);
 void prefill_varlen(const VarlenAttentionArgs& a, int max_seqlen, cudaStream_t s);
+void decode_paged_mma(const PagedAttentionArgs& a, int max_q_len, int num_splits, cudaStream_t s);
 }  // namespace detail
 
 namespace {
@@ -58,6 +60,7 @@ struct SimtParams {
   int64_t scu;
   const void* bias;  // varlen key_bias [Hq, T] or nullptr
   int64_t sb_h, sb_t;
+  bool bias_f32;  // key_bias stored as float32 (otherwise the dtype of q)
   float* ws;  // split partials [T, Hq, splits, D + 2]
   int Hq, group, num_splits, row_tiles;
   float scale_log2;
@@ -302,7 +305,8 @@ __global__ void __launch_bounds__(kThreads, 2) attn_simt_kernel(const SimtParams
           if constexpr (kBias) {
             const int rho = row0 + row;
             const int hq = hk * p.group + (rho - (rho / p.group) * p.group);
-            s += to_f(bias[int64_t(hq) * p.sb_h + int64_t(q0 + pos) * p.sb_t]) * kLog2e;
+            const int64_t bi = int64_t(hq) * p.sb_h + int64_t(q0 + pos) * p.sb_t;
+            s += (p.bias_f32 ? static_cast<const float*>(p.bias)[bi] : to_f(bias[bi])) * kLog2e;
           }
         }
         S[key * R + row] = s;  // lanes holding the same row write the same value
@@ -466,6 +470,13 @@ void dispatch_head_dim(int64_t D, const char* op, F&& f) {
     throw ValueError(std::string(op) + ": head_dim must be 64 or 128 for the CUDA kernels, got " + std::to_string(D));
 }
 
+// VITA_ATTN_SIMT_DECODE=1 routes fp16/bf16 decode to the SIMT kernel instead of the tensor-core one
+// (a safety valve and an A/B switch for benchmarks; read on every call, so it can be toggled live).
+bool simt_decode_forced() {
+  const char* e = std::getenv("VITA_ATTN_SIMT_DECODE");
+  return e && e[0] && e[0] != '0';
+}
+
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 int sm_count(int device) {
@@ -527,9 +538,20 @@ void paged_attention(const PagedAttentionArgs& a, int64_t stream) {
     constexpr int kD = decltype(dtag)::value;
     dispatch_cuda_float(a.q.dtype, op, "q", [&](auto tag) {
       using T_ = decltype(tag);
+      auto merge = [&]() {
+        const int64_t total = T * Hq * kD;
+        merge_splits_kernel<T_, kD><<<unsigned(ceil_div(total, 128)), 128, 0, s>>>(a.workspace.ptr<float>(), a.out.ptr<T_>(),
+                                                                                  a.out.stride(0), a.out.stride(1), total, int(Hq), splits);
+        check_launch(op);
+      };
       if constexpr (kHavePrefill && !std::is_same_v<T_, float>) {
         if (max_q > kDecodeMaxQ && splits == 1) {
           detail::prefill_paged(a, max_q, s);
+          return;
+        }
+        if (max_q <= kDecodeMaxQ && !simt_decode_forced()) {
+          detail::decode_paged_mma(a, max_q, splits, s);
+          if (splits > 1) merge();
           return;
         }
       }
@@ -565,12 +587,7 @@ void paged_attention(const PagedAttentionArgs& a, int64_t stream) {
                              (p.sv_b * es) % 16 == 0 && (p.sv_o * es) % 16 == 0 && (p.sv_h * es) % 16 == 0;
       p.vec16 = strides16 && aligned16(p.k) && aligned16(p.v);
       launch_simt<T_, kD, true, false>(p, int(B), int(Hkv), s, op);
-      if (splits > 1) {
-        const int64_t total = T * Hq * kD;
-        merge_splits_kernel<T_, kD><<<unsigned(ceil_div(total, 128)), 128, 0, s>>>(p.ws, a.out.ptr<T_>(), p.so_t, p.so_h, total, int(Hq),
-                                                                                  splits);
-        check_launch(op);
-      }
+      if (splits > 1) merge();
     });
   });
 }
@@ -584,8 +601,10 @@ void varlen_attention(const VarlenAttentionArgs& a, int64_t stream) {
     throw ValueError(std::string(op) + ": num_q_heads (" + std::to_string(Hq) + ") must be a multiple of num_kv_heads (" +
                      std::to_string(Hkv) + ")");
   const bool has_bias = a.key_bias.ndim >= 0 && a.key_bias.data != nullptr;
-  if (a.q.dtype != a.k.dtype || a.q.dtype != a.v.dtype || a.q.dtype != a.out.dtype || (has_bias && a.key_bias.dtype != a.q.dtype))
-    Check{op}.type_error("q, k, v, key_bias and out must share one dtype");
+  if (a.q.dtype != a.k.dtype || a.q.dtype != a.v.dtype || a.q.dtype != a.out.dtype)
+    Check{op}.type_error("q, k, v and out must share one dtype");
+  if (has_bias && a.key_bias.dtype != a.q.dtype && a.key_bias.dtype != DType::kFloat32)
+    Check{op}.type_error(std::string("key_bias must have the dtype of q or float32, got ") + dtype_name(a.key_bias.dtype));
   if (a.q.stride(-1) != 1 || a.out.stride(-1) != 1 || a.k.stride(-1) != 1 || a.v.stride(-1) != 1)
     Check{op}.value_error("q, k, v and out must have a dense last dimension (stride 1)");
   if (a.cu_seqlens.dtype != DType::kInt32) Check{op}.type_error("cu_seqlens must be int32 for the CUDA kernels");
@@ -620,6 +639,7 @@ void varlen_attention(const VarlenAttentionArgs& a, int64_t stream) {
       p.bias = has_bias ? a.key_bias.data : nullptr;
       p.sb_h = has_bias ? a.key_bias.stride(0) : 0;
       p.sb_t = has_bias ? a.key_bias.stride(1) : 0;
+      p.bias_f32 = has_bias && a.key_bias.dtype == DType::kFloat32;
       p.ws = nullptr;
       p.Hq = int(Hq);
       p.group = int(Hq / Hkv);
