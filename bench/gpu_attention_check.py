@@ -163,6 +163,22 @@ def correctness(quick=False):
                                                          causal=False))
         run_case(tag + " scale=0.3", lambda: check_paged(tag + " scale=0.3", [1, 100], [100, 513], 28, 4, 128, 16, dtype, gen, scale=0.3))
         run_case(tag + " B=1 kv=4100", lambda: check_paged(tag + " B=1 kv=4100", [1], [4100], 28, 4, 128, 16, dtype, gen))
+    # both fp16/bf16 chunked-prefill kernels, forced (the default picks one by grid size)
+    for tile in ("64", "16"):
+        os.environ["VITA_ATTN_PREFILL_TILE"] = tile
+        try:
+            for dtype in (torch.bfloat16, torch.float16):
+                for d in (64, 128):
+                    for grp in (1, 7, 8):
+                        hkv = 2 if grp != 8 else 1
+                        hq = hkv * grp
+                        tag = f"paged[prefill tile {tile}] {DT_NAME[dtype]} D={d} Hq/Hkv={hq}/{hkv} bs=16"
+                        run_case(tag, lambda: check_paged(tag, mixed_q, mixed_kv, hq, hkv, d, 16, dtype, gen))
+                        if grp == 7:
+                            tag2 = tag + " noncausal"
+                            run_case(tag2, lambda: check_paged(tag2, mixed_q, mixed_kv, hq, hkv, d, 16, dtype, gen, causal=False))
+        finally:
+            os.environ.pop("VITA_ATTN_PREFILL_TILE", None)
     # the SIMT decode kernel for fp16/bf16 (normally the tensor-core one): VITA_ATTN_SIMT_DECODE=1
     os.environ["VITA_ATTN_SIMT_DECODE"] = "1"
     try:
@@ -446,7 +462,7 @@ def bench_prefill():
     hq, hkv, d, bs, dtype = 28, 4, 128, 16, torch.bfloat16
     hist = 4096
     print(f"\n== chunked prefill: paged bf16, Hq/Hkv = {hq}/{hkv}, D = {d}, history {hist}", flush=True)
-    for B in (1, 4):
+    for B in (1, 4, 16):
         for chunk in (64, 256):
             name = f"prefill B={B} chunk={chunk:<4d}"
 
@@ -466,6 +482,15 @@ def bench_prefill():
                 pairs = B * hq * sum(hist + j + 1 for j in range(chunk))
                 flops = 4 * pairs * d
                 tf = flops / (ms * 1e-3) / 1e12
+                forced = {}
+                for tile in ("64", "16"):
+                    os.environ["VITA_ATTN_PREFILL_TILE"] = tile
+                    try:
+                        forced[tile] = time_fn([lambda: plan.run(q, kc, vc, out=out)], reps=30)
+                    except Exception:
+                        forced[tile] = float("nan")
+                    finally:
+                        os.environ.pop("VITA_ATTN_PREFILL_TILE", None)
                 # dense equivalent
                 kd = torch.randn(B, hkv, kv, d, device=DEV, dtype=dtype)
                 vd = torch.randn(B, hkv, kv, d, device=DEV, dtype=dtype)
@@ -484,7 +509,8 @@ def bench_prefill():
                 except Exception as e:
                     print(f"  (sdpa failed: {e})")
                 ratio = best[0] / ms if math.isfinite(best[0]) else float("nan")
-                print(f"{name}: {ms * 1e3:8.1f} us  {tf:6.1f} TFLOP/s | sdpa[{best[1]}] {best[0] * 1e3:8.1f} us  "
+                print(f"{name}: {ms * 1e3:8.1f} us  {tf:6.1f} TFLOP/s (tile64 {forced['64'] * 1e3:.1f} us, tile16 {forced['16'] * 1e3:.1f} us)"
+                      f" | sdpa[{best[1]}] {best[0] * 1e3:8.1f} us  "
                       f"({flops / (best[0] * 1e-3) / 1e12:6.1f} TFLOP/s)  speedup x{ratio:.2f}", flush=True)
 
             run_case(name, case)

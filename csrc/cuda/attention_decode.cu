@@ -54,6 +54,7 @@ struct SimtParams {
   const int* block_table;
   int64_t sbt_b, sbt_i;
   int block_size;
+  int bs_shift;  // log2(block_size) when it is a power of two, else -1
   const int* kv_lens;  // paged only
   int64_t skv;
   const int* cu_q;
@@ -225,8 +226,9 @@ __global__ void __launch_bounds__(kThreads, 2) attn_simt_kernel(const SimtParams
       const T* vsrc = V;
       if (ok) {
         if constexpr (kPaged) {
-          const int64_t blk = p.block_table[int64_t(b) * p.sbt_b + int64_t(pos / p.block_size) * p.sbt_i];
-          const int off = pos % p.block_size;
+          const int page = p.bs_shift >= 0 ? (pos >> p.bs_shift) : pos / p.block_size;
+          const int off = pos - page * p.block_size;
+          const int64_t blk = p.block_table[int64_t(b) * p.sbt_b + int64_t(page) * p.sbt_i];
           ksrc = K + blk * p.sk_b + off * p.sk_o + hk * p.sk_h + c * EPL;
           vsrc = V + blk * p.sv_b + off * p.sv_o + hk * p.sv_h + c * EPL;
         } else {
@@ -477,6 +479,23 @@ bool simt_decode_forced() {
   return e && e[0] && e[0] != '0';
 }
 
+// log2(n) when n is a power of two, else -1 (page lookups use a shift instead of a division).
+int pow2_shift(int n) {
+  if (n <= 0 || (n & (n - 1))) return -1;
+  int s = 0;
+  while ((1 << s) < n) ++s;
+  return s;
+}
+
+// VITA_ATTN_PREFILL_TILE=64 / =16 forces the fp16/bf16 chunked-prefill kernel (64-row tiles, or the
+// 16-row split-warp kernel); unset or anything else: chosen by grid size. Returns 64, 16 or 0.
+int prefill_kernel_forced() {
+  const char* e = std::getenv("VITA_ATTN_PREFILL_TILE");
+  if (!e) return 0;
+  const int v = std::atoi(e);
+  return v == 64 || v == 16 ? v : 0;
+}
+
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 int sm_count(int device) {
@@ -497,13 +516,26 @@ int sm_count(int device) {
 
 int paged_attention_num_splits(int64_t batch, int64_t num_kv_heads, int64_t max_kv_len, int max_q_len, int device) {
   if (max_q_len > kDecodeMaxQ || batch <= 0 || num_kv_heads <= 0 || max_kv_len <= 0) return 1;
-  const int64_t blocks = batch * num_kv_heads;
-  const int64_t target = 2 * int64_t(sm_count(device));
-  int64_t want = (target + blocks - 1) / blocks;
-  const int64_t by_len = max_kv_len / 256;  // every split keeps >= 256 keys
-  want = std::min<int64_t>(want, by_len);
-  want = std::min<int64_t>(want, kMaxSplits);
-  return int(std::max<int64_t>(want, 1));
+  // Blocks resident at once: SMs x blocks per SM of the main decode kernel (tensor-core, bf16/fp16,
+  // D = 128: 3 per SM by shared memory). Every split keeps >= 256 keys; at most kMaxSplits.
+  const int64_t slots = 3 * int64_t(sm_count(device));
+  const int64_t bh = batch * num_kv_heads;
+  const int64_t s_max = std::max<int64_t>(1, std::min<int64_t>(kMaxSplits, max_kv_len / 256));
+  if (bh * s_max <= slots) return int(s_max);  // one partial wave at most: take all the parallelism
+  // Otherwise pick the split count with the least wave quantisation (blocks / (waves * slots)),
+  // preferring fewer splits when within 2 %: fewer partials to merge, longer streams per block.
+  double best_eff = 0.0;
+  int64_t best = 1;
+  for (int64_t s = 1; s <= s_max; ++s) {
+    const int64_t blocks = bh * s;
+    const int64_t waves = (blocks + slots - 1) / slots;
+    const double eff = double(blocks) / double(waves * slots);
+    if (eff > best_eff + 0.02) {
+      best_eff = eff;
+      best = s;
+    }
+  }
+  return int(best);
 }
 
 void paged_attention(const PagedAttentionArgs& a, int64_t stream) {
@@ -546,7 +578,14 @@ void paged_attention(const PagedAttentionArgs& a, int64_t stream) {
       };
       if constexpr (kHavePrefill && !std::is_same_v<T_, float>) {
         if (max_q > kDecodeMaxQ && splits == 1) {
-          detail::prefill_paged(a, max_q, s);
+          // 64-row tiles (prefill kernel) unless that leaves most SMs idle (small chunks, small batch):
+          // then 16-row tiles with the key tiles split over the warps (the decode kernel, any q_len).
+          const int64_t blocks64 = B * Hkv * ceil_div(int64_t(max_q) * (Hq / Hkv), 64);
+          const int mode = prefill_kernel_forced();
+          if (mode == 16 || (mode != 64 && 2 * blocks64 < sm_count(-1)))
+            detail::decode_paged_mma(a, max_q, 1, s);
+          else
+            detail::prefill_paged(a, max_q, s);
           return;
         }
         if (max_q <= kDecodeMaxQ && !simt_decode_forced()) {
@@ -571,6 +610,7 @@ void paged_attention(const PagedAttentionArgs& a, int64_t stream) {
       p.sbt_b = a.block_table.stride(0);
       p.sbt_i = a.block_table.ndim > 1 ? a.block_table.stride(1) : 1;
       p.block_size = int(a.k_cache.size(1));
+      p.bs_shift = pow2_shift(p.block_size);
       p.kv_lens = a.kv_lens.ptr<int>();
       p.skv = a.kv_lens.stride(0);
       p.cu_q = a.cu_q_lens.ptr<int>();
@@ -633,6 +673,7 @@ void varlen_attention(const VarlenAttentionArgs& a, int64_t stream) {
       p.sv_b = 0, p.sv_o = a.v.stride(0), p.sv_h = a.v.stride(1);
       p.block_table = nullptr;
       p.block_size = 1;
+      p.bs_shift = 0;
       p.kv_lens = nullptr;
       p.cu_q = a.cu_seqlens.ptr<int>();
       p.scu = a.cu_seqlens.stride(0);

@@ -37,6 +37,7 @@ struct PrefillParams {
   const int* block_table;
   int64_t sbt_b, sbt_i;
   int block_size;
+  int bs_shift;  // log2(block_size) when it is a power of two, else -1
   const int* kv_lens;  // paged only
   int64_t skv;
   const int* cu_q;
@@ -198,8 +199,9 @@ __global__ void __launch_bounds__(kPThreads) attn_prefill_kernel(const PrefillPa
       const T* vs = V;
       if (ok) {
         if constexpr (kPaged) {
-          const int64_t blk = p.block_table[int64_t(b) * p.sbt_b + int64_t(pos / p.block_size) * p.sbt_i];
-          const int off = pos % p.block_size;
+          const int page = p.bs_shift >= 0 ? (pos >> p.bs_shift) : pos / p.block_size;
+          const int off = pos - page * p.block_size;
+          const int64_t blk = p.block_table[int64_t(b) * p.sbt_b + int64_t(page) * p.sbt_i];
           ks = K + blk * p.sk_b + off * p.sk_o + hk * p.sk_h + c * 8;
           vs = V + blk * p.sv_b + off * p.sv_o + hk * p.sv_h + c * 8;
         } else {
@@ -451,8 +453,9 @@ __global__ void __launch_bounds__(kPThreads) attn_decode_mma_kernel(const Prefil
       const T* ks = K;
       const T* vs = V;
       if (ok) {
-        const int64_t blk = p.block_table[int64_t(b) * p.sbt_b + int64_t(pos / p.block_size) * p.sbt_i];
-        const int off = pos % p.block_size;
+        const int page = p.bs_shift >= 0 ? (pos >> p.bs_shift) : pos / p.block_size;
+        const int off = pos - page * p.block_size;
+        const int64_t blk = p.block_table[int64_t(b) * p.sbt_b + int64_t(page) * p.sbt_i];
         ks = K + blk * p.sk_b + off * p.sk_o + hk * p.sk_h + c * 8;
         vs = V + blk * p.sv_b + off * p.sv_o + hk * p.sv_h + c * 8;
       }
@@ -656,6 +659,14 @@ void launch_prefill(const PrefillParams& p, int64_t batch, int64_t hkv, cudaStre
   check_launch(op);
 }
 
+// log2(n) when n is a power of two, else -1 (page lookups use a shift instead of a division).
+int pow2_shift(int n) {
+  if (n <= 0 || (n & (n - 1))) return -1;
+  int s = 0;
+  while ((1 << s) < n) ++s;
+  return s;
+}
+
 bool al16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 bool al4(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 4 == 0; }
 
@@ -703,6 +714,7 @@ void decode_paged_mma(const PagedAttentionArgs& a, int max_q_len, int num_splits
     p.sbt_b = a.block_table.stride(0);
     p.sbt_i = a.block_table.ndim > 1 ? a.block_table.stride(1) : 1;
     p.block_size = int(a.k_cache.size(1));
+    p.bs_shift = pow2_shift(p.block_size);
     p.kv_lens = a.kv_lens.ptr<int>();
     p.skv = a.kv_lens.stride(0);
     p.cu_q = a.cu_q_lens.ptr<int>();
@@ -743,6 +755,7 @@ void prefill_paged(const PagedAttentionArgs& a, int max_q_len, cudaStream_t s) {
     p.sbt_b = a.block_table.stride(0);
     p.sbt_i = a.block_table.ndim > 1 ? a.block_table.stride(1) : 1;
     p.block_size = int(a.k_cache.size(1));
+    p.bs_shift = pow2_shift(p.block_size);
     p.kv_lens = a.kv_lens.ptr<int>();
     p.skv = a.kv_lens.stride(0);
     p.cu_q = a.cu_q_lens.ptr<int>();
@@ -779,6 +792,7 @@ void prefill_varlen(const VarlenAttentionArgs& a, int max_seqlen, cudaStream_t s
     p.sv_b = 0, p.sv_o = a.v.stride(0), p.sv_h = a.v.stride(1);
     p.block_table = nullptr;
     p.block_size = 1;
+    p.bs_shift = 0;
     p.kv_lens = nullptr;
     p.cu_q = a.cu_seqlens.ptr<int>();
     p.scu = a.cu_seqlens.stride(0);
