@@ -430,7 +430,13 @@ def bench_decode(bw, quick=False):
                 ks = [torch.randn(B, hkv, kv, d, device=DEV, dtype=dtype) for _ in range(drot)]
                 vs = [torch.randn(B, hkv, kv, d, device=DEV, dtype=dtype) for _ in range(drot)]
                 qd = [x.view(B, hq, 1, d) for x in qs[:drot]]
+                gqa = True
                 cands = sdpa_best(qd[0], ks[0], vs[0], enable_gqa=True)
+                if not cands:  # no backend takes GQA: expand the kv heads (copies)
+                    gqa = False
+                    ks = [x.repeat_interleave(hq // hkv, dim=1) for x in ks]
+                    vs = [x.repeat_interleave(hq // hkv, dim=1) for x in vs]
+                    cands = sdpa_best(qd[0], ks[0], vs[0])
                 best = (float("inf"), "none")
                 for bname, _ in cands:
                     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -440,7 +446,10 @@ def bench_decode(bw, quick=False):
                     def mk(r, be=be):
                         def f():
                             with sdpa_kernel([be]):
-                                F.scaled_dot_product_attention(qd[r], ks[r], vs[r], enable_gqa=True)
+                                if gqa:
+                                    F.scaled_dot_product_attention(qd[r], ks[r], vs[r], enable_gqa=True)
+                                else:
+                                    F.scaled_dot_product_attention(qd[r], ks[r], vs[r])
                         return f
 
                     try:
