@@ -12,6 +12,11 @@
 //     bottom-right masking per row, key tiles entirely in the future are not visited;
 //   * optional per-key bias [Hq, T] (varlen), added to the scaled score.
 // The grid is B * ceil(max_q_len * group / 64) x Hkv; blocks past their sequence's rows exit.
+//
+// The same TU holds the tensor-core decode kernel (attn_decode_mma_kernel): 16-row tiles, each 64-key
+// tile split over the 4 warps, split-KV partials for the merge kernel in attention_decode.cu. It is
+// used for fp16/bf16 decode (q_len <= 4) and for chunked prefill whose 64-row grid would leave most
+// SMs idle. Keep the mma/ldmatrix code in this TU (compile time).
 #include <atomic>
 
 #include "common.cuh"
