@@ -1,0 +1,1 @@
+"""Streaming runtime (DESIGN §6): sessions, scheduler, events, text -> TTS handoff."""
