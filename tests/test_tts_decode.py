@@ -253,6 +253,7 @@ def feed(seg, pieces):
 def test_normalize():
     assert normalize_tts_text("Hello <|im_end|>World<|endoftext|>") == "hello world"
     assert normalize_tts_text("<|im_start|>assistant\nOK<|foo_bar|>") == "assistant\nok"
+    assert normalize_tts_text("☞ Sure") == " sure"
     assert normalize_tts_text("1+1=2") == "1+1=2"  # equation rewrite not implemented
 
 

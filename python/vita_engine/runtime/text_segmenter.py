@@ -2,7 +2,8 @@
 the TTS as soon as a first segment exists").
 
 `normalize_tts_text(text)` is the reference normalisation: special tokens (`<|im_end|>`,
-`<|endoftext|>`, any `<|...|>`) are removed, then `lower()`. The reference's rewrite of simple
+`<|endoftext|>`, any `<|...|>`) are removed, then `lower()`. VITA's answer-state markers `☞ ☟ ☜`
+(spec §1: the server strips a leading `☞`) are removed too, so they never reach the TTS. The reference's rewrite of simple
 equations into Chinese words is NOT implemented (text passes through unchanged there).
 
 `TextSegmenter` turns the LLM's streamed text pieces (one `push` per decoded token piece) into TTS
@@ -39,12 +40,13 @@ __all__ = ["normalize_tts_text", "TextSegmenter", "DEFAULT_PUNCTUATION"]
 DEFAULT_PUNCTUATION = ",，.。?\n？!！、"
 
 _SPECIAL = re.compile(r"<\|.*?\|>", re.S)
+_MARKERS = str.maketrans("", "", "☞☟☜")
 
 
 def normalize_tts_text(text: str) -> str:
-    """Remove special tokens (`<|...|>`) and lower-case (the reference's equation-to-Chinese rewrite
-    is omitted)."""
-    return _SPECIAL.sub("", text).lower()
+    """Remove special tokens (`<|...|>`) and the `☞ ☟ ☜` markers, lower-case (the reference's
+    equation-to-Chinese rewrite is omitted)."""
+    return _SPECIAL.sub("", text).translate(_MARKERS).lower()
 
 
 def _has_word(s: str) -> bool:

@@ -1,1 +1,0 @@
-"""Streaming runtime (DESIGN §6): sessions, scheduler, events, text -> TTS handoff."""
