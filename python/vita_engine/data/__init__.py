@@ -4,7 +4,7 @@
 - `question.wav`: "Can you tell me what the weather is like in Paris today?" (~2.8 s)
 
 Both were synthesised with espeak-ng 1.51 (voice en-us, 170/165 wpm), edge silence trimmed and
-resampled to 16 kHz with sox. They are synthetic speech: fine for VAD / plumbing / latency tests,
+resampled to 16 kHz with sox (no dither), reproducibly: `scripts/make_speech_samples.sh`. They are synthetic speech: fine for VAD / plumbing / latency tests,
 not for judging recognition quality.
 """
 from __future__ import annotations
