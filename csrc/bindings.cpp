@@ -22,4 +22,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_num_threads", &vita::set_num_threads, py::arg("n"));
 
   vita::bind::register_elementwise(m);
+  vita::bind::register_attention(m);
 }
