@@ -18,8 +18,8 @@
 // No include guard on purpose.
 
 
-constexpr int TK = 32;        // keys per tile
-constexpr int kMaxRows = 64;  // query rows per work item (query tokens x heads of one KV group)
+constexpr int TK = 64;        // keys per tile
+constexpr int kMaxRows = 128; // query rows per work item (query tokens x heads of one KV group)
 constexpr int kMinSplitKeys = 512;
 
 // VITA_ATTN_VW floats per vector register (8: AVX2 / generic, 16: AVX-512), set by the includer.
@@ -29,22 +29,25 @@ typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));
 inline vf ldv(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 inline void stv(float* p, vf x) { *reinterpret_cast<vfu*>(p) = x; }
 
-// exp(x) for x <= 0 (relative error ~2e-7); vectorises under omp simd.
-inline float exp_le0(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
-  float p = 1.9875691500E-4f;
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+
+// exp(x) for x <= 0 on a whole vector (relative error ~2e-7); x = -inf gives ~1e-38, callers mask.
+inline vf exp_le0(vf x) {
+  const vf lo = x - x - 87.0f;
+  x = x < lo ? lo : x;
+  // round(x / ln2) with the 1.5 * 2^23 trick: the integer lands in the low mantissa bits of t
+  const vf t = x * 1.44269504088896341f + 12582912.0f;
+  const vf n = t - 12582912.0f;
+  const vf r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+  vf p = r - r + 1.9875691500E-4f;
   p = p * r + 1.3981999507E-3f;
   p = p * r + 8.3334519073E-3f;
   p = p * r + 4.1665795894E-2f;
   p = p * r + 1.6666665459E-1f;
   p = p * r + 5.0000001201E-1f;
   p = p * r * r + r + 1.0f;
-  const uint32_t bits = uint32_t(int32_t(n) + 127) << 23;
-  float s;
-  std::memcpy(&s, &bits, 4);
-  return p * s;
+  const vi e = ((vi)t - 0x4B400000 + 127) << 23;
+  return p * (vf)e;
 }
 
 // dst[d * ldd + t] = rows[t][d0 + d] for an 8 x 8 block.
@@ -123,16 +126,26 @@ inline void pv_tail(const float* p, const float* const* vrow, int n, int d0, flo
     }
 }
 
+// Register block of query rows for the micro-kernels: RB rows x 2 vectors of accumulators
+// (AVX-512: 8 x 2 of 32 registers; AVX2: 6 x 2 of 16).
+constexpr int RB = VW == 16 ? 8 : 6;
+
+template <int K, class F>
+inline void row_tail(int n, int r, F& f) {
+  if constexpr (K >= 1) {
+    if (n == K)
+      f(r, std::integral_constant<int, K>{});
+    else
+      row_tail<K - 1>(n, r, f);
+  }
+}
+
+// Calls f(r, integral_constant<R>) over rows [r0, M) in blocks of RB (then one smaller block).
 template <class F>
 inline void row_groups(int r0, int M, F&& f) {
   int r = r0;
-  for (; r + 4 <= M; r += 4) f(r, std::integral_constant<int, 4>{});
-  switch (M - r) {
-    case 3: f(r, std::integral_constant<int, 3>{}); break;
-    case 2: f(r, std::integral_constant<int, 2>{}); break;
-    case 1: f(r, std::integral_constant<int, 1>{}); break;
-    default: break;
-  }
+  for (; r + RB <= M; r += RB) f(r, std::integral_constant<int, RB>{});
+  if (r < M) row_tail<RB - 1>(M - r, r, f);
 }
 
 struct Scratch {
@@ -188,7 +201,9 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
     row_groups(r0, M, [&](int r, auto R) {
       for (int c0 = 0; c0 < TK; c0 += 2 * VW) qk_block<decltype(R)::value>(Q + size_t(r) * D, D, kt, c0, S + size_t(r) * TK);
     });
-    // ---- online softmax per row
+    // ---- online softmax per row (vectorised over the tile's keys; keys >= v are masked to p = 0)
+    vi iota;
+    for (int i = 0; i < VW; ++i) iota[i] = i;
     for (int r = r0; r < M; ++r) {
       float* s = S + size_t(r) * TK;
       const int v = int(std::min<int64_t>(n, sc.lim[r] - t0));
@@ -197,18 +212,27 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
         const int64_t bst = sc.bias_stride[r];
         for (int t = 0; t < v; ++t) s[t] += b[(t0 + t) * bst];
       }
-      float mt = -std::numeric_limits<float>::infinity();
-      for (int t = 0; t < v; ++t) mt = std::max(mt, s[t]);
+      const vf ninf = vf{} - std::numeric_limits<float>::infinity();
+      vf sv[TK / VW];
+      vf mx = ninf;
+      for (int c = 0; c < TK / VW; ++c) {
+        sv[c] = ldv(s + c * VW);
+        sv[c] = (iota + c * VW) < v ? sv[c] : ninf;
+        mx = mx > sv[c] ? mx : sv[c];
+      }
+      float mt = mx[0];
+      for (int i = 1; i < VW; ++i) mt = std::max(mt, mx[i]);
       const float m_old = sc.m[r];
       const float m_new = std::max(m_old, mt);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int t = 0; t < v; ++t) {
-        const float e = exp_le0(s[t] - m_new);
-        s[t] = e;
+      vf sum = vf{};
+      for (int c = 0; c < TK / VW; ++c) {
+        vf e = exp_le0(sv[c] - m_new);
+        e = (iota + c * VW) < v ? e : vf{};
+        stv(s + c * VW, e);
         sum += e;
       }
-      for (int t = v; t < TK; ++t) s[t] = 0.f;
+      float total = 0.f;
+      for (int i = 0; i < VW; ++i) total += sum[i];
       if (m_new > m_old) {
         const float alpha = std::exp(m_old - m_new);  // 0 for the first tile (m_old = -inf)
         sc.l[r] *= alpha;
@@ -217,7 +241,7 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
         for (int d = 0; d < D; ++d) o[d] *= alpha;
         sc.m[r] = m_new;
       }
-      sc.l[r] += sum;
+      sc.l[r] += total;
     }
     // ---- O += P V
     row_groups(r0, M, [&](int r, auto R) {
