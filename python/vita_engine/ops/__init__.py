@@ -1,5 +1,6 @@
 """Public kernel API on torch tensors (DESIGN §4). `reference` holds the pure-torch references."""
 from . import reference
+from .attention import PagedAttentionPlan, paged_attention, store_kv, varlen_attention
 from .elementwise import fuse_embeddings, fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
 
 __all__ = [
@@ -9,4 +10,8 @@ __all__ = [
     "rotary_embedding",
     "silu_and_mul",
     "fuse_embeddings",
+    "store_kv",
+    "paged_attention",
+    "varlen_attention",
+    "PagedAttentionPlan",
 ]
