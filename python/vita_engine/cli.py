@@ -143,6 +143,8 @@ def _demo(args) -> int:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     opts = dict(max_new_tokens=args.max_new_tokens)
+    if args.model == "tiny":
+        opts["tts_max_tokens"] = 64  # spec §10: the tiny TTS decodes at most 64 tokens per segment
     if args.device == "cpu":
         opts["cpu_threads"] = args.threads
     eng = Engine.from_pretrained(args.model, device=args.device, dtype=_dtype(args.dtype), **opts)

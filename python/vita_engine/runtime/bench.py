@@ -90,6 +90,7 @@ def _engine_for(args):
         model, path = random_vita_model("full", device=dev, dtype=dtype)
         opts["session_max_tokens"] = 2048
         return Engine(model, path, opts), dt
+    opts["tts_max_tokens"] = 64  # spec §10: the tiny TTS decodes at most 64 tokens per segment
     return Engine.from_pretrained("tiny", device=dev, dtype=dtype, **opts), dt
 
 
