@@ -635,3 +635,4 @@ class Scheduler:
         from .session import _CLOSED
 
         st.session._sink.put(_CLOSED)
+        st.session._released.set()

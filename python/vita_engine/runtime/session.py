@@ -85,6 +85,7 @@ class Session:
         self._inbox: "collections.deque" = collections.deque()
         self._lock = threading.Lock()
         self._closed = False
+        self._released = threading.Event()  # set by the scheduler once the pages are free
         self._ended = False
         self._resamplers: Dict[int, object] = {}
         self._playback_s: Optional[float] = None
@@ -155,14 +156,19 @@ class Session:
             raise ValueError(f"playback_position: seconds must be >= 0, got {seconds!r}")
         self._playback_s = s
 
-    def close(self) -> None:
-        """Stop everything, free the KV pages; `events()` ends. Idempotent."""
+    def close(self, wait: bool = True) -> None:
+        """Stop everything and free the KV pages (waits for the scheduler, about one tick, unless
+        `wait=False` or called from the scheduler thread); `events()` ends. Idempotent."""
         with self._lock:
-            if self._closed:
-                return
+            first = not self._closed
             self._closed = True
-            self._inbox.append(("close",))
-        self.engine._scheduler.wake()
+            if first:
+                self._inbox.append(("close",))
+        if first:
+            self.engine._scheduler.wake()
+        sch = self.engine._scheduler
+        if wait and sch.alive and threading.current_thread() is not sch._thread:
+            self._released.wait(timeout=10.0)
 
     @property
     def closed(self) -> bool:
