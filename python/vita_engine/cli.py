@@ -229,6 +229,8 @@ def main(argv=None) -> int:
     b.add_argument("--max-new-tokens", type=int, default=32)
     b.add_argument("--fast", action="store_true", help="feed audio as fast as possible")
     b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--tts-max-tokens", type=int, default=None, help="codec tokens per TTS segment (default 64 tiny, 120 full)")
+    b.add_argument("--use-reference", action="store_true", help="run every op on its pure-torch reference")
     b.add_argument("--plot", help="save a per-stage breakdown plot (needs matplotlib)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=_bench)

@@ -76,7 +76,9 @@ def _engine_for(args):
     dt = args.dtype or ("bfloat16" if dev.startswith("cuda") else "float32")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "bf16": torch.bfloat16,
              "fp16": torch.float16, "fp32": torch.float32}[dt]
-    opts = dict(max_new_tokens=args.max_new_tokens, max_sessions=max(16, args.sessions))
+    opts = dict(max_new_tokens=args.max_new_tokens, max_sessions=max(16, args.sessions),
+                use_reference=bool(getattr(args, "use_reference", False)))
+    ttsmax = getattr(args, "tts_max_tokens", None)
     if dev == "cpu":
         torch.set_num_threads(args.threads)
         opts["cpu_threads"] = args.threads
@@ -88,9 +90,11 @@ def _engine_for(args):
         if not dev.startswith("cuda"):
             raise SystemExit("bench --dims full builds 8B random weights: run it on a GPU (--device cuda)")
         model, path = random_vita_model("full", device=dev, dtype=dtype)
+        model.use_reference = opts["use_reference"]
         opts["session_max_tokens"] = 2048
+        opts["tts_max_tokens"] = ttsmax or 120  # random weights rarely sample eos: bound each segment
         return Engine(model, path, opts), dt
-    opts["tts_max_tokens"] = 64  # spec §10: the tiny TTS decodes at most 64 tokens per segment
+    opts["tts_max_tokens"] = ttsmax or 64  # spec §10: the tiny TTS decodes at most 64 tokens per segment
     return Engine.from_pretrained("tiny", device=dev, dtype=dtype, **opts), dt
 
 
