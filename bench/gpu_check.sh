@@ -43,6 +43,14 @@ if [ -z "${VITA_CUTLASS_DIR:-}" ] && ! $py -c "import cutlass_library" 2>/dev/nu
   fi
 fi
 
+# Python packages the tests need that a machine without a registry may lack: carried wheels.
+missing=""
+for m in silero_vad soxr; do $py -c "import $m" 2>/dev/null || missing="$missing $m"; done
+if [ -n "$missing" ] && ls .whl/*.whl >/dev/null 2>&1; then
+  wh=$(for m in $missing; do ls .whl/${m}-*.whl 2>/dev/null; done)
+  [ -n "$wh" ] && $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/vita_site $wh && export PYTHONPATH=$PYTHONPATH:/tmp/vita_site
+fi
+
 mode=cpu
 [ $has_gpu = 1 ] && mode=cuda
 command -v nvcc >/dev/null 2>&1 && [ $has_gpu = 0 ] && mode=${GPU_CHECK_BUILD:-cpu}
