@@ -9,17 +9,19 @@ namespace {
 template <class T, class I>
 __global__ void rope_kernel(const T* q, int64_t sqt, int64_t sqh, const T* k, int64_t skt, int64_t skh, T* qo, int64_t sqot,
                             int64_t sqoh, T* ko, int64_t skot, int64_t skoh, const I* pos, int64_t sp, int Hq, int Hk, int half,
-                            float log2_theta, int rd) {
+                            double theta, int rd) {
   const int64_t t = blockIdx.x;
   const float p = float(pos[t * sp]);
   const int total = (Hq + Hk) * half;
   for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
     const int h = idx / half, i = idx % half;
-    const float inv_freq = 1.0f / exp2f(log2_theta * (float(2 * i) / float(rd)));
-    float s, c;
-    sincosf(p * inv_freq, &s, &c);
-    c = round_to<T>(c);
-    s = round_to<T>(s);
+    // float32 frequency and angle exactly as the HF reference; cos/sin in double because the
+    // module is built with --use_fast_math, whose sincosf is inaccurate for angles of ~1e4 rad.
+    const float inv_freq = float(1.0 / pow(theta, double(float(2 * i) / float(rd))));
+    double sd, cd;
+    sincos(double(p * inv_freq), &sd, &cd);
+    const float c = round_to<T>(float(cd));
+    const float s = round_to<T>(float(sd));
     const T* src;
     T* dst;
     if (h < Hq) {
@@ -52,7 +54,6 @@ void rotary_embedding(const RopeArgs& a, int64_t stream) {
   const int64_t T_ = a.q.size(0);
   if (T_ == 0) return;
   const int Hq = int(a.q.size(1)), Hk = int(a.k.size(1)), D = int(a.q.size(2)), rd = a.rotary_dim;
-  const float log2_theta = float(std::log2(double(a.theta)));
   auto s = as_stream(stream);
   dispatch_cuda_float(a.q.dtype, "rotary_embedding", "q", [&](auto tag) {
     using T = decltype(tag);
@@ -61,7 +62,7 @@ void rotary_embedding(const RopeArgs& a, int64_t stream) {
       rope_kernel<T, I><<<unsigned(T_), 128, 0, s>>>(a.q.ptr<T>(), a.q.stride(0), a.q.stride(1), a.k.ptr<T>(), a.k.stride(0), a.k.stride(1),
                                                      a.q_out.ptr<T>(), a.q_out.stride(0), a.q_out.stride(1), a.k_out.ptr<T>(),
                                                      a.k_out.stride(0), a.k_out.stride(1), a.positions.ptr<I>(), a.positions.stride(0),
-                                                     Hq, Hk, rd / 2, log2_theta, rd);
+                                                     Hq, Hk, rd / 2, double(a.theta), rd);
     });
     if (rd < D) {
       if (a.q_out.data != a.q.data)

@@ -222,7 +222,8 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="N concurrent sessions with real-time-paced audio: latency distributions")
     b.add_argument("--sessions", type=int, default=1)
     b.add_argument("--turns", type=int, default=3)
-    b.add_argument("--dims", default="tiny", choices=["tiny", "full"], help="tiny checkpoint, or random weights at the real VITA-1.5 dimensions (GPU)")
+    b.add_argument("--dims", default="tiny", choices=["tiny", "mini", "full"],
+                   help="tiny checkpoint; random weights at the real VITA-1.5 dimensions (full, GPU); or a small random model (mini)")
     b.add_argument("--model", default=None, help="checkpoint folder (overrides --dims)")
     b.add_argument("--device", default="cpu")
     b.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA")

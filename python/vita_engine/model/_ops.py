@@ -55,6 +55,19 @@ class OpsHandle:
         finally:
             self.set_reference(old)
 
+    def paged_attention_plan(self, block_table, kv_lens, cu_q_lens, *, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                             block_size: int, causal: bool = True, device=None, max_q_len=None, num_tokens=None):
+        """plan/run split: returns `run(q, k_cache, v_cache)` for every layer of one forward. Build
+        it from host (CPU) metadata: the plan copies it to the device once and picks the kernel
+        (decode split-KV vs prefill) from the exact lengths, with no host sync in the layers."""
+        if self.use_reference or not hasattr(_fast, "PagedAttentionPlan"):
+            fn = self.paged_attention
+            return lambda q, kc, vc: fn(q, kc, vc, block_table, kv_lens, cu_q_lens, causal=causal)
+        plan = _fast.PagedAttentionPlan(block_table, kv_lens, cu_q_lens, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                                        head_dim=head_dim, block_size=block_size, causal=causal, device=device,
+                                        max_q_len=max_q_len, num_tokens=num_tokens)
+        return plan.run
+
     def backend(self) -> dict:
         """Which implementation each op resolves to (module name), for logs and tests."""
         return {n: getattr(self, n).__module__ for n in OP_NAMES}

@@ -152,12 +152,18 @@ class SequenceKV:
 
     def attn_fn(self, ops, slots: torch.Tensor, q_len: int, causal: bool = True):
         """An `attn(i, q, k, v)` that stores this step's k/v at `slots` and attends over the cache."""
-        bt = self.block_table()
-        kv_lens = torch.tensor([self.length], dtype=torch.int32, device=self.cache.device)
-        cu = torch.tensor([0, q_len], dtype=torch.int32, device=self.cache.device)
+        c = self.cache
+        bt = torch.tensor([self.blocks], dtype=torch.int32)  # host metadata: the plan copies it once
+        kv_lens = torch.tensor([self.length], dtype=torch.int32)
+        cu = torch.tensor([0, q_len], dtype=torch.int32)
+        run = None
 
         def attn(i, q, k, v):
-            ops.store_kv(k, v, self.cache.k[i], self.cache.v[i], slots)
-            return ops.paged_attention(q, self.cache.k[i], self.cache.v[i], bt, kv_lens, cu, causal=causal)
+            nonlocal run
+            ops.store_kv(k, v, c.k[i], c.v[i], slots)
+            if run is None:  # heads known from the first layer's q
+                run = ops.paged_attention_plan(bt, kv_lens, cu, num_q_heads=q.shape[1], num_kv_heads=c.k[i].shape[2],
+                                               head_dim=q.shape[2], block_size=c.k[i].shape[1], causal=causal, device=q.device)
+            return run(q, c.k[i], c.v[i])
 
         return attn

@@ -225,7 +225,7 @@ class TTSBatchDecoder:
             bt = self._table.index_select(0, rows)[:, :width]
             kv_lens = torch.tensor(plens, dtype=torch.int32, device=self.device)
             cuq = torch.tensor([0] + list(_cumsum(plens)), dtype=torch.int32, device=self.device)
-            self._run(xa, posa, slots, bt, kv_lens, cuq, causal=False)
+            self._run(xa, posa, slots, bt, kv_lens, cuq, causal=False, max_q_len=max(plens))
         except BaseException:
             for s in streams:
                 self._free_pages(s)
@@ -235,14 +235,19 @@ class TTSBatchDecoder:
             self._streams[s.sid] = s
         return [s.sid for s in streams]
 
-    def _run(self, x, positions, slots, block_table, kv_lens, cu_q, causal: bool) -> torch.Tensor:
+    def _run(self, x, positions, slots, block_table, kv_lens, cu_q, causal: bool, max_q_len: int = 1) -> torch.Tensor:
         """The AR stack over packed rows whose k/v go to `slots`; returns the final hidden states."""
         tts, cache = self.tts, self.cache
         ops = tts.ops
+        c = tts.config
+        # one plan per forward (host-known max_q_len and token count: no sync), run by every layer
+        run = ops.paged_attention_plan(block_table, kv_lens, cu_q, num_q_heads=c.num_heads, num_kv_heads=c.num_heads,
+                                       head_dim=c.hidden // c.num_heads, block_size=cache.k[0].shape[1], causal=causal,
+                                       device=x.device, max_q_len=max_q_len, num_tokens=x.shape[0])
 
         def attn(i, q, k, v):
             ops.store_kv(k, v, cache.k[i], cache.v[i], slots)
-            return ops.paged_attention(q, cache.k[i], cache.v[i], block_table, kv_lens, cu_q, causal=causal)
+            return run(q, cache.k[i], cache.v[i])
 
         return tts._stack(tts.ar_layers, x, positions, attn)
 

@@ -11,11 +11,14 @@ only shapes / dtypes / devices are checked.
 """
 from __future__ import annotations
 
+import warnings
+
 from typing import Optional
 
 import torch
 
-from ._lib import _C, is_compiling, plain, stream_of
+from . import reference as _ref
+from ._lib import _C, dl, dl_opt, is_compiling, plain, stream_of
 
 __all__ = ["store_kv", "paged_attention", "varlen_attention", "PagedAttentionPlan"]
 
@@ -66,9 +69,14 @@ class PagedAttentionPlan:
             cu = torch.as_tensor(cu_q_lens).to(torch.int64)
             self.num_tokens = int(cu[-1]) if cu.numel() else 0
             self.max_q_len = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+        elif max_q_len is not None and num_tokens is not None:
+            self.num_tokens, self.max_q_len = int(num_tokens), int(max_q_len)
         else:
-            self.num_tokens = int(num_tokens) if num_tokens is not None else int(cu_q_lens[-1].item())  # one sync, at plan time
-            self.max_q_len = int(max_q_len) if max_q_len is not None else self.num_tokens
+            # Device-resident lengths: one host copy at plan time (never in run()). The exact
+            # max_q_len matters: it selects the decode (split-KV) or the prefill kernel.
+            cu = cu_q_lens.to("cpu", torch.int64)
+            self.num_tokens = int(cu[-1]) if cu.numel() else 0
+            self.max_q_len = int(max_q_len) if max_q_len is not None else (int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0)
         if host_kv:
             kv = torch.as_tensor(kv_lens)
             max_kv = int(kv.max()) if kv.numel() else 0
@@ -105,21 +113,42 @@ class PagedAttentionPlan:
 
     def run(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, scale: Optional[float] = None, out: Optional[Tensor] = None) -> Tensor:
         """o [T, Hq, D] (dtype of q). No host sync; no allocation when `out` is given."""
+        if _cuda_fallback(q, "paged_attention"):
+            o = _ref.paged_attention(q.float(), k_cache, v_cache, self.block_table, self.kv_lens, self.cu_q_lens, causal=self.causal,
+                                     scale=scale).to(q.dtype)
+            return o if out is None else out.copy_(o)
         q = plain(q)
         if out is None:
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        _C.paged_attention(q, plain(k_cache), plain(v_cache), self.block_table, self.kv_lens, self.cu_q_lens, out, scale, self.causal,
-                           self.max_q_len, self.num_splits, self.workspace, stream_of(q))
+        _C.paged_attention(dl(q), dl(k_cache), dl(v_cache), dl(self.block_table), dl(self.kv_lens), dl(self.cu_q_lens), dl(out), scale,
+                           self.causal, self.max_q_len, self.num_splits, dl_opt(self.workspace), stream_of(q))
         return out
 
 
 # ---- eager implementations ---------------------------------------------------------------------
 
 def _store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
-    _C.store_kv(plain(k), plain(v), k_cache, v_cache, plain(slot_mapping), stream_of(k))
+    _C.store_kv(dl(k), dl(v), dl(k_cache), dl(v_cache), dl(slot_mapping), stream_of(k))
+
+
+CUDA_HEAD_DIMS = (64, 128)
+_warned = set()
+
+
+def _cuda_fallback(q: Tensor, op: str) -> bool:
+    """Head dims without a CUDA kernel (the tiny test model's 16/32) run the torch reference on the
+    GPU, with a one-time warning, so every model still runs there; real VITA-1.5 dims never do."""
+    if q.is_cuda and q.dim() == 3 and q.shape[-1] not in CUDA_HEAD_DIMS:
+        if op not in _warned:
+            _warned.add(op)
+            warnings.warn(f"{op}: head_dim {q.shape[-1]} has no CUDA kernel (64, 128); using the torch reference", stacklevel=3)
+        return True
+    return False
 
 
 def _paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, causal: bool, scale: Optional[float]) -> Tensor:
+    if _cuda_fallback(q, "paged_attention"):
+        return _ref.paged_attention(q.float(), k_cache, v_cache, block_table, kv_lens, cu_q_lens, causal=causal, scale=scale).to(q.dtype)
     if q.dim() != 3 or k_cache.dim() != 4:
         # let _C produce the precise message
         out = torch.empty_like(q)
@@ -131,6 +160,9 @@ def _paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, causa
 
 
 def _varlen_attention(q, k, v, cu_seqlens, causal: bool, key_bias: Optional[Tensor], scale: Optional[float]) -> Tensor:
+    if _cuda_fallback(q, "varlen_attention"):
+        kb = None if key_bias is None else key_bias.float()
+        return _ref.varlen_attention(q.float(), k.float(), v.float(), cu_seqlens, causal=causal, key_bias=kb, scale=scale).to(q.dtype)
     q = plain(q)
     cu = _index32(cu_seqlens, q.device, "cu_seqlens", "varlen_attention")
     max_seqlen = 0
@@ -142,7 +174,7 @@ def _varlen_attention(q, k, v, cu_seqlens, causal: bool, key_bias: Optional[Tens
         else:
             max_seqlen = q.shape[0]  # safe bound, no sync
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    _C.varlen_attention(q, plain(k), plain(v), cu, out, causal, plain(key_bias), scale, max_seqlen, stream_of(q))
+    _C.varlen_attention(dl(q), dl(k), dl(v), dl(cu), dl(out), causal, dl_opt(key_bias), scale, max_seqlen, stream_of(q))
     return out
 
 

@@ -50,20 +50,23 @@ class BatchLLM:
         bt = torch.zeros(B, W, dtype=torch.int32)
         for i, w in enumerate(work):
             bt[i, : len(w.seq.blocks)] = torch.tensor(w.seq.blocks, dtype=torch.int32)
-        bt = bt.to(dev)
-        kv_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
+        kv_lens = torch.tensor(lens, dtype=torch.int32)
         cu = torch.zeros(B + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(torch.tensor(qls, dtype=torch.int32), 0)
         last = (cu[1:] - 1).to(torch.long)
-        cu = cu.to(dev)
         x = torch.cat(xs, 0)
         positions = torch.cat(pos).to(dev)
         slot = torch.cat(slots)
         pool, ops = self.pool, self.ops
 
+        # One plan per forward from the host metadata, run by every layer (plan/run split).
+        run = ops.paged_attention_plan(bt, kv_lens, cu, num_q_heads=self.llm.config.num_heads,
+                                       num_kv_heads=pool.k[0].shape[2], head_dim=pool.k[0].shape[3], block_size=pool.k[0].shape[1],
+                                       causal=True, device=dev)
+
         def attn(i, q, k, v):
             ops.store_kv(k, v, pool.k[i], pool.v[i], slot)
-            return ops.paged_attention(q, pool.k[i], pool.v[i], bt, kv_lens, cu, causal=True)
+            return run(q, pool.k[i], pool.v[i])
 
         h = self.llm.hidden_states(x, positions, attn)
         want = [int(last[i]) for i, w in enumerate(work) if w.want_logits]

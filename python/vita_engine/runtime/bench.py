@@ -84,12 +84,12 @@ def _engine_for(args):
         opts["cpu_threads"] = args.threads
     if args.model:
         return Engine.from_pretrained(args.model, device=dev, dtype=dtype, **opts), dt
-    if args.dims == "full":
+    if args.dims in ("full", "mini"):
         from .random_model import random_vita_model
 
-        if not dev.startswith("cuda"):
+        if args.dims == "full" and not dev.startswith("cuda"):
             raise SystemExit("bench --dims full builds 8B random weights: run it on a GPU (--device cuda)")
-        model, path = random_vita_model("full", device=dev, dtype=dtype)
+        model, path = random_vita_model(args.dims, device=dev, dtype=dtype)
         model.use_reference = opts["use_reference"]
         opts["session_max_tokens"] = 2048
         opts["tts_max_tokens"] = ttsmax or 120  # random weights rarely sample eos: bound each segment

@@ -73,6 +73,13 @@ def random_vita_model(dims: str = "full", device="cuda", dtype=torch.bfloat16, s
     ops = OpsHandle()
     c = LLMConfig.from_dict(cfg)
     llm = LLM(c, _rand(LLM.expected_shapes(c), device, dtype, g), ops)
+    # Random weights would answer with ids the small tokenizer cannot spell (no text -> no speech):
+    # zero the head rows past its text range so greedy decoding stays inside it. Same GEMM cost.
+    n_text = min(sp.values()) if sp else 1000
+    if llm.lm_head.shape[0] > n_text:
+        if llm.lm_head is llm.embed_tokens:
+            llm.lm_head = llm.lm_head.clone()
+        llm.lm_head[n_text:].zero_()
     V = D["vision"]
     vc = VisionConfig(image_size=V["image"], hidden_size=V["hidden"], num_layers=V["layers"], num_heads=V["heads"],
                       intermediate_size=V["inter"], max_tiles=1)
