@@ -17,7 +17,8 @@ __global__ void rope_kernel(const T* q, int64_t sqt, int64_t sqh, const T* k, in
     const int h = idx / half, i = idx % half;
     // float32 frequency and angle exactly as the HF reference; cos/sin in double because the
     // module is built with --use_fast_math, whose sincosf is inaccurate for angles of ~1e4 rad.
-    const float inv_freq = float(1.0 / pow(theta, double(float(2 * i) / float(rd))));
+    // 1 / fl(theta ** fl(2i / rd)) with IEEE division (fast-math would approximate it), as torch.
+    const float inv_freq = __fdiv_rn(1.0f, float(pow(theta, double(__fdiv_rn(float(2 * i), float(rd))))));
     double sd, cd;
     sincos(double(p * inv_freq), &sd, &cd);
     const float c = round_to<T>(float(cd));
