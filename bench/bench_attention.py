@@ -96,12 +96,14 @@ def time_ms(fn, device, reps=7, min_time_s=0.3):
 
 
 def compare(ours, refs, device, rounds=3):
-    """Interleaved rounds (ours, then each torch variant); medians. Returns (ours_ms, best torch ms)."""
+    """Interleaved rounds (ours, then each torch variant, back to back). Returns (ours ms, best torch
+    ms, ratio), medians over rounds; the ratio is the median of the per-round ratios, which is robust
+    to load from other processes drifting between rounds."""
     o, r = [], []
     for _ in range(rounds):
         o.append(time_ms(ours, device))
         r.append(min(time_ms(f, device) for f in refs))
-    return statistics.median(o), statistics.median(r)
+    return statistics.median(o), statistics.median(r), statistics.median(b / a for a, b in zip(o, r))
 
 
 DEVICES = ["cpu"] + (["cuda"] if CUDA_OK else [])
@@ -114,7 +116,7 @@ def test_paged_attention(benchmark, device, case):
     dtype = default_dtype(device)
     ours, refs, work = build(batch, q_len, kv_len, device, dtype)
     sync = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
-    ours_ms, torch_ms = compare(ours, refs, device, rounds=2)
+    ours_ms, torch_ms, ratio = compare(ours, refs, device, rounds=3)
 
     def run():
         ours()
@@ -122,7 +124,6 @@ def test_paged_attention(benchmark, device, case):
 
     benchmark.group = f"attention-{device}"
     benchmark.pedantic(run, rounds=5 if device == "cpu" else 50, warmup_rounds=1)
-    ratio = torch_ms / ours_ms
     benchmark.extra_info.update(case=name, ours_ms=ours_ms, sdpa_ms=torch_ms, ratio=ratio, dtype=str(dtype))
     extra = ""
     if device == "cuda":

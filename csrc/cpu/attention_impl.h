@@ -4,11 +4,12 @@
 // Algorithm (the same as the GPU's): one work item = (sequence, kv head, block of query tokens
 // [, split of the key range]). The item owns every query head of its KV group for a block of query
 // tokens (rows = tokens x group heads, <= kMaxRows), so each K/V row is read once per group.
-// Keys are streamed in tiles of TK rows: the tile is converted to float32 once (K transposed into
-// a [D, TK] panel), S = Q.K^T is a register-blocked small GEMM (4 rows x 16 keys), the online
-// softmax keeps (max, sum, unnormalised O) per row, and O += P.V is register-blocked again
-// (4 rows x 16 channels). Causal masks are prefix masks per row, so masking is a per-row count of
-// valid keys in the tile (no -inf arithmetic; fully masked rows give 0, never NaN).
+// Keys are streamed in tiles of TK rows (16-bit K/V converted to float32 once per tile). Scores are
+// computed transposed, S^T = K.Q^T, by a register-blocked micro-kernel (KB keys x 2 vectors of query
+// rows; Q^T is built once per item), so the online softmax (max, sum, unnormalised O per row) runs
+// down the keys with vertical vector ops, and O += P.V is register-blocked again (RB rows x 2
+// vectors of channels). Causal masks are prefix masks per row (a per-lane key limit), fully masked
+// rows give 0, never NaN.
 // Long histories with few items are split over the key range; each split writes (m, l, O) partials
 // that a second pass merges with log-sum-exp weights.
 //
@@ -19,7 +20,7 @@
 
 
 constexpr int TK = 64;        // keys per tile
-constexpr int kMaxRows = 128; // query rows per work item (query tokens x heads of one KV group)
+constexpr int kMaxRows = 256; // query rows per work item (query tokens x heads of one KV group)
 constexpr int kMinSplitKeys = 512;
 
 // VITA_ATTN_VW floats per vector register (8: AVX2 / generic, 16: AVX-512), set by the includer.
@@ -30,16 +31,17 @@ inline vf ldv(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 inline void stv(float* p, vf x) { *reinterpret_cast<vfu*>(p) = x; }
 
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
+typedef int32_t viu __attribute__((vector_size(VW * 4), aligned(4)));
 
-// exp(x) for x <= 0 on a whole vector (relative error ~2e-7); x = -inf gives ~1e-38, callers mask.
+// exp(x) for x <= 0 on a whole vector (relative error ~2e-7); x = -inf gives ~1e-38 (callers mask).
 inline vf exp_le0(vf x) {
-  const vf lo = x - x - 87.0f;
+  const vf lo = vf{} - 87.0f;
   x = x < lo ? lo : x;
   // round(x / ln2) with the 1.5 * 2^23 trick: the integer lands in the low mantissa bits of t
   const vf t = x * 1.44269504088896341f + 12582912.0f;
   const vf n = t - 12582912.0f;
   const vf r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
-  vf p = r - r + 1.9875691500E-4f;
+  vf p = vf{} + 1.9875691500E-4f;
   p = p * r + 1.3981999507E-3f;
   p = p * r + 8.3334519073E-3f;
   p = p * r + 4.1665795894E-2f;
@@ -50,54 +52,31 @@ inline vf exp_le0(vf x) {
   return p * (vf)e;
 }
 
-// dst[d * ldd + t] = rows[t][d0 + d] for an 8 x 8 block.
-inline void transpose8(const float* const* rows, int d0, float* dst, int ldd) {
-#if defined(__AVX__)
-  __m256 r0 = _mm256_loadu_ps(rows[0] + d0), r1 = _mm256_loadu_ps(rows[1] + d0), r2 = _mm256_loadu_ps(rows[2] + d0),
-         r3 = _mm256_loadu_ps(rows[3] + d0), r4 = _mm256_loadu_ps(rows[4] + d0), r5 = _mm256_loadu_ps(rows[5] + d0),
-         r6 = _mm256_loadu_ps(rows[6] + d0), r7 = _mm256_loadu_ps(rows[7] + d0);
-  __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
-         t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
-         t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-  __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE), u2 = _mm256_shuffle_ps(t1, t3, 0x44),
-         u3 = _mm256_shuffle_ps(t1, t3, 0xEE), u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
-         u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  _mm256_storeu_ps(dst + 0 * ldd, _mm256_permute2f128_ps(u0, u4, 0x20));
-  _mm256_storeu_ps(dst + 1 * ldd, _mm256_permute2f128_ps(u1, u5, 0x20));
-  _mm256_storeu_ps(dst + 2 * ldd, _mm256_permute2f128_ps(u2, u6, 0x20));
-  _mm256_storeu_ps(dst + 3 * ldd, _mm256_permute2f128_ps(u3, u7, 0x20));
-  _mm256_storeu_ps(dst + 4 * ldd, _mm256_permute2f128_ps(u0, u4, 0x31));
-  _mm256_storeu_ps(dst + 5 * ldd, _mm256_permute2f128_ps(u1, u5, 0x31));
-  _mm256_storeu_ps(dst + 6 * ldd, _mm256_permute2f128_ps(u2, u6, 0x31));
-  _mm256_storeu_ps(dst + 7 * ldd, _mm256_permute2f128_ps(u3, u7, 0x31));
-#else
-  for (int t = 0; t < 8; ++t)
-    for (int d = 0; d < 8; ++d) dst[d * ldd + t] = rows[t][d0 + d];
-#endif
-}
+// Scores are kept transposed, st[t * ldp + r] (key-major, query rows in vector lanes): the
+// softmax then runs down the keys with plain vertical vector ops, and K rows are used in their
+// natural layout (no per-tile transpose). Q is transposed once per work item (qt[d * ldp + r]).
 
-// s[r * TK + c] = sum_d q[r * D + d] * kt[d * TK + c] for R rows, 2 * VW keys starting at c0.
-template <int R>
-inline void qk_block(const float* q, int D, const float* kt, int c0, float* s) {
-  vf acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = vf{};
+// st[k * ldp + rv + i * VW] = sum_d krow[k][d] * qt[d * ldp + rv + i * VW] for KB keys x NV row vectors.
+template <int KB, int NV>
+inline void qk_block(const float* qt, int ldp, int rv, const float* const* krow, int D, float* st) {
+  vf acc[KB][NV];
+  for (int k = 0; k < KB; ++k)
+    for (int i = 0; i < NV; ++i) acc[k][i] = vf{};
   for (int d = 0; d < D; ++d) {
-    const vf k0 = ldv(kt + d * TK + c0), k1 = ldv(kt + d * TK + c0 + VW);
-    for (int r = 0; r < R; ++r) {
-      const float qv = q[r * D + d];
-      acc[r][0] += qv * k0;
-      acc[r][1] += qv * k1;
+    vf q[NV];
+    for (int i = 0; i < NV; ++i) q[i] = ldv(qt + size_t(d) * ldp + rv + i * VW);
+    for (int k = 0; k < KB; ++k) {
+      const float kv = krow[k][d];
+      for (int i = 0; i < NV; ++i) acc[k][i] += kv * q[i];
     }
   }
-  for (int r = 0; r < R; ++r) {
-    stv(s + r * TK + c0, acc[r][0]);
-    stv(s + r * TK + c0 + VW, acc[r][1]);
-  }
+  for (int k = 0; k < KB; ++k)
+    for (int i = 0; i < NV; ++i) stv(st + size_t(k) * ldp + rv + i * VW, acc[k][i]);
 }
 
-// o[r * D + dc + j] += sum_{t < n} p[r * TK + t] * vrow[t][dc + j] for R rows, 2 * VW channels.
+// o[r * D + dc + j] += sum_{t < n} p[t * ldp + r] * vrow[t][dc + j] for R rows, 2 * VW channels.
 template <int R>
-inline void pv_block(const float* p, const float* const* vrow, int n, int dc, float* o, int D) {
+inline void pv_block(const float* p, int ldp, const float* const* vrow, int n, int dc, float* o, int D) {
   vf acc[R][2];
   for (int r = 0; r < R; ++r) {
     acc[r][0] = ldv(o + r * D + dc);
@@ -106,7 +85,7 @@ inline void pv_block(const float* p, const float* const* vrow, int n, int dc, fl
   for (int t = 0; t < n; ++t) {
     const vf v0 = ldv(vrow[t] + dc), v1 = ldv(vrow[t] + dc + VW);
     for (int r = 0; r < R; ++r) {
-      const float pr = p[r * TK + t];
+      const float pr = p[size_t(t) * ldp + r];
       acc[r][0] += pr * v0;
       acc[r][1] += pr * v1;
     }
@@ -118,10 +97,10 @@ inline void pv_block(const float* p, const float* const* vrow, int n, int dc, fl
 }
 
 template <int R>
-inline void pv_tail(const float* p, const float* const* vrow, int n, int d0, float* o, int D) {
+inline void pv_tail(const float* p, int ldp, const float* const* vrow, int n, int d0, float* o, int D) {
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < n; ++t) {
-      const float pr = p[r * TK + t];
+      const float pr = p[size_t(t) * ldp + r];
       for (int d = d0; d < D; ++d) o[r * D + d] += pr * vrow[t][d];
     }
 }
@@ -148,34 +127,43 @@ inline void row_groups(int r0, int M, F&& f) {
   if (r < M) row_tail<RB - 1>(M - r, r, f);
 }
 
+constexpr int KB = VW == 16 ? 8 : 4;  // keys per S micro-kernel (x 2 row vectors of accumulators)
+
+inline int round_rows(int M) { return (M + VW - 1) / VW * VW; }
+
 struct Scratch {
-  std::vector<float> q, o, m, l, s, kn, kt, vn, zero;
+  std::vector<float> q, qt, o, m, l, alpha, st, kn, vn, zero;
   std::vector<int64_t> lim;
+  std::vector<int32_t> limi;
   std::vector<const float*> bias;
   std::vector<int64_t> bias_stride;
-  Scratch(int rows, int D) : q(size_t(rows) * D), o(size_t(rows) * D), m(rows), l(rows), s(size_t(rows) * TK),
-                             kn(size_t(TK) * D), kt(size_t(D) * TK), vn(size_t(TK) * D), zero(D + 8, 0.f), lim(rows),
-                             bias(rows), bias_stride(rows) {}
+  Scratch(int rows, int D)
+      : q(size_t(D)), qt(size_t(D) * round_rows(rows)), o(size_t(rows) * D), m(round_rows(rows)), l(round_rows(rows)),
+        alpha(round_rows(rows)), st(size_t(TK) * round_rows(rows)), kn(size_t(TK) * D), vn(size_t(TK) * D), zero(D + 8, 0.f),
+        lim(rows), limi(round_rows(rows)), bias(rows), bias_stride(rows) {}
 };
 
 // Streams keys [k_begin, k_end) of one (sequence, kv head) through the M query rows held in sc
-// (q pre-scaled, lim = per-row exclusive key limit, sorted non-decreasing). koff/voff map a key
-// index to its element offset in kc/vc. Updates sc.o / sc.m / sc.l (online softmax state).
+// (qt = scaled Q transposed with ldp = round_rows(M) lanes, padding lanes zero with limi 0;
+// lim = per-row exclusive key limit, non-decreasing). koff/voff map a key index to its element
+// offset in kc/vc. Updates sc.o / sc.m / sc.l (online softmax state).
 template <class T, class KOff, class VOff>
 void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int64_t k_end, int M, int D, bool has_bias,
             Scratch& sc) {
   const float* krow[TK];
   const float* vrow[TK];
-  float* Q = sc.q.data();
+  const int ldp = round_rows(M);
   float* O = sc.o.data();
-  float* S = sc.s.data();
-  const int DV = D - D % (2 * VW), D8 = D & ~7;
+  float* St = sc.st.data();
+  const int DV = D - D % (2 * VW);
+  const vf ninf = vf{} - std::numeric_limits<float>::infinity();
   for (int64_t t0 = k_begin; t0 < k_end; t0 += TK) {
     const int n = int(std::min<int64_t>(TK, k_end - t0));
     int r0 = 0;  // rows [0, r0) see no key of this tile (causal prefix)
     while (r0 < M && sc.lim[r0] <= t0) ++r0;
     if (r0 == M) break;
-    // ---- tile -> float32 (K transposed into kt [D, TK], V rows by pointer)
+    const int rb0 = r0 / VW * VW;
+    // ---- tile rows (16-bit K/V converted to float32 once)
     for (int t = 0; t < n; ++t) {
       const T* kp = kc + koff(t0 + t);
       const T* vp = vc + voff(t0 + t);
@@ -189,65 +177,62 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
         vrow[t] = sc.vn.data() + size_t(t) * D;
       }
     }
-    for (int t = n; t < TK; ++t) krow[t] = sc.zero.data();
-    float* kt = sc.kt.data();
-    for (int tb = 0; tb < TK; tb += 8) {
-      int d = 0;
-      for (; d < D8; d += 8) transpose8(krow + tb, d, kt + size_t(d) * TK + tb, TK);
-      for (; d < D; ++d)
-        for (int t = 0; t < 8; ++t) kt[size_t(d) * TK + tb + t] = tb + t < n ? krow[tb + t][d] : 0.f;
+    const int np = (n + KB - 1) / KB * KB;
+    for (int t = n; t < np; ++t) krow[t] = sc.zero.data();
+    // ---- S^T = K Q^T
+    {  // row-vector pairs outer (their Q^T slice stays in L1), key blocks inner
+      int rv = rb0;
+      for (; rv + 2 * VW <= ldp; rv += 2 * VW)
+        for (int t = 0; t < np; t += KB) qk_block<KB, 2>(sc.qt.data(), ldp, rv, krow + t, D, St + size_t(t) * ldp);
+      if (rv < ldp)
+        for (int t = 0; t < np; t += KB) qk_block<KB, 1>(sc.qt.data(), ldp, rv, krow + t, D, St + size_t(t) * ldp);
     }
-    // ---- S = Q K^T
-    row_groups(r0, M, [&](int r, auto R) {
-      for (int c0 = 0; c0 < TK; c0 += 2 * VW) qk_block<decltype(R)::value>(Q + size_t(r) * D, D, kt, c0, S + size_t(r) * TK);
-    });
-    // ---- online softmax per row (vectorised over the tile's keys; keys >= v are masked to p = 0)
-    vi iota;
-    for (int i = 0; i < VW; ++i) iota[i] = i;
-    for (int r = r0; r < M; ++r) {
-      float* s = S + size_t(r) * TK;
-      const int v = int(std::min<int64_t>(n, sc.lim[r] - t0));
-      if (has_bias) {
+    if (has_bias)
+      for (int r = r0; r < M; ++r) {
         const float* b = sc.bias[r];
         const int64_t bst = sc.bias_stride[r];
-        for (int t = 0; t < v; ++t) s[t] += b[(t0 + t) * bst];
+        for (int t = 0; t < n; ++t) St[size_t(t) * ldp + r] += b[(t0 + t) * bst];
       }
-      const vf ninf = vf{} - std::numeric_limits<float>::infinity();
-      vf sv[TK / VW];
+    // ---- online softmax, query rows in lanes (keys >= a row's limit get p = 0)
+    for (int rv = rb0; rv < ldp; rv += VW) {
+      const vi limv = *reinterpret_cast<const viu*>(sc.limi.data() + rv);
       vf mx = ninf;
-      for (int c = 0; c < TK / VW; ++c) {
-        sv[c] = ldv(s + c * VW);
-        sv[c] = (iota + c * VW) < v ? sv[c] : ninf;
-        mx = mx > sv[c] ? mx : sv[c];
+      for (int t = 0; t < n; ++t) {
+        const vf sv = ldv(St + size_t(t) * ldp + rv);
+        const vi tv = vi{} + int32_t(t0 + t);
+        const vf sm = tv < limv ? sv : ninf;
+        mx = mx > sm ? mx : sm;
       }
-      float mt = mx[0];
-      for (int i = 1; i < VW; ++i) mt = std::max(mt, mx[i]);
-      const float m_old = sc.m[r];
-      const float m_new = std::max(m_old, mt);
+      const vf mo = ldv(sc.m.data() + rv);
+      const vf mn = mo > mx ? mo : mx;
+      const vf mu = mn == ninf ? vf{} : mn;  // lanes with no key yet: any finite offset
+      const vf alpha = exp_le0(mo - mu);     // ~0 for fresh lanes (m = -inf), 1 when the max is unchanged
       vf sum = vf{};
-      for (int c = 0; c < TK / VW; ++c) {
-        vf e = exp_le0(sv[c] - m_new);
-        e = (iota + c * VW) < v ? e : vf{};
-        stv(s + c * VW, e);
+      for (int t = 0; t < n; ++t) {
+        float* sp = St + size_t(t) * ldp + rv;
+        const vi tv = vi{} + int32_t(t0 + t);
+        vf e = exp_le0(ldv(sp) - mu);
+        e = tv < limv ? e : vf{};
+        stv(sp, e);
         sum += e;
       }
-      float total = 0.f;
-      for (int i = 0; i < VW; ++i) total += sum[i];
-      if (m_new > m_old) {
-        const float alpha = std::exp(m_old - m_new);  // 0 for the first tile (m_old = -inf)
-        sc.l[r] *= alpha;
+      stv(sc.l.data() + rv, ldv(sc.l.data() + rv) * alpha + sum);
+      stv(sc.m.data() + rv, mn);
+      stv(sc.alpha.data() + rv, alpha);
+    }
+    for (int r = r0; r < M; ++r) {
+      const float a = sc.alpha[r];
+      if (a != 1.0f) {
         float* o = O + size_t(r) * D;
 #pragma omp simd
-        for (int d = 0; d < D; ++d) o[d] *= alpha;
-        sc.m[r] = m_new;
+        for (int d = 0; d < D; ++d) o[d] *= a;
       }
-      sc.l[r] += total;
     }
     // ---- O += P V
     row_groups(r0, M, [&](int r, auto R) {
       constexpr int RR = decltype(R)::value;
-      for (int dc = 0; dc < DV; dc += 2 * VW) pv_block<RR>(S + size_t(r) * TK, vrow, n, dc, O + size_t(r) * D, D);
-      if (DV < D) pv_tail<RR>(S + size_t(r) * TK, vrow, n, DV, O + size_t(r) * D, D);
+      for (int dc = 0; dc < DV; dc += 2 * VW) pv_block<RR>(St + r, ldp, vrow, n, dc, O + size_t(r) * D, D);
+      if (DV < D) pv_tail<RR>(St + r, ldp, vrow, n, DV, O + size_t(r) * D, D);
     });
   }
 }
@@ -336,16 +321,20 @@ void run_attention(const TensorRef& q, const TensorRef& out, const T* kc, const 
         for (int h = 0; h < g; ++h) {
           const int r = int(j - it.j0) * g + h;
           const int hq = it.kvh * g + h;
-          float* qr = sc.q.data() + size_t(r) * D;
-          load_row(Qp + (q0 + j) * sq0 + hq * sq1, qr, D);
-#pragma omp simd
-          for (int d = 0; d < D; ++d) qr[d] *= scale;
+          load_row(Qp + (q0 + j) * sq0 + hq * sq1, sc.q.data(), D);
+          const int ldp = round_rows(M);
+          for (int d = 0; d < D; ++d) sc.qt[size_t(d) * ldp + r] = sc.q[d] * scale;
           sc.lim[r] = causal ? kl - ql + j + 1 : kl;
+          sc.limi[r] = int32_t(sc.lim[r]);
           if (has_bias) sc.bias[r] = bias_row(it.b, hq, sc.bias_stride[r]);
         }
+      for (int r = M; r < round_rows(M); ++r) {  // padding lanes: zero queries that see no key
+        for (int d = 0; d < D; ++d) sc.qt[size_t(d) * round_rows(M) + r] = 0.f;
+        sc.limi[r] = 0;
+      }
       std::fill(sc.o.begin(), sc.o.begin() + size_t(M) * D, 0.f);
-      std::fill(sc.m.begin(), sc.m.begin() + M, -std::numeric_limits<float>::infinity());
-      std::fill(sc.l.begin(), sc.l.begin() + M, 0.f);
+      std::fill(sc.m.begin(), sc.m.begin() + round_rows(M), -std::numeric_limits<float>::infinity());
+      std::fill(sc.l.begin(), sc.l.begin() + round_rows(M), 0.f);
       const int kvh = it.kvh;
       const int64_t b = it.b;
       attend<T>(kc, vc, [&](int64_t t) { return koff(b, kvh, t); }, [&](int64_t t) { return voff(b, kvh, t); }, it.k0, it.k1, M,
