@@ -56,6 +56,7 @@ class FakeSession:
         self.closed = False
         self.turn = 0
         self.audio_samples = 0
+        self.audio: List[np.ndarray] = []  # every pushed chunk (tests inspect it)
         self.sample_rates: List[int] = []
         self.images: list = []
         self.video: list = []
@@ -79,6 +80,7 @@ class FakeSession:
         x = np.asarray(pcm)
         self.sample_rates.append(int(sample_rate))
         self.audio_samples += x.size
+        self.audio.append(x.copy())
         amp = np.abs(x.astype(np.float32) / (32768.0 if x.dtype == np.int16 else 1.0))
         if x.size and float(amp.max()) > 0.015:
             self._voiced = True

@@ -97,3 +97,22 @@ async def collect_turn(client, timeout: float = 20.0):
 
     await asyncio.wait_for(go(), timeout)
     return out
+
+
+def load_engine():
+    """The real tiny engine when `vita_engine.runtime` is available, else the fake (-> (engine, real?))."""
+    try:
+        from vita_engine.runtime import Engine
+    except ImportError:
+        from _fake_engine import FakeEngine
+
+        return FakeEngine(), False
+    return Engine.from_pretrained("tiny", device="cpu"), True
+
+
+def kv_free(engine) -> tuple:
+    """(free, reserved) KV blocks of an engine (real: its KVPool; fake: its page counter)."""
+    kv = getattr(engine, "kv", None)
+    if kv is not None and hasattr(kv, "free_blocks"):
+        return int(kv.free_blocks), int(getattr(kv, "reserved_blocks", 0))
+    return int(engine.kv_free), 0

@@ -84,7 +84,11 @@ class Client:
         self.ready = ready
         limits = ready.info.get("limits") or {}
         self.max_frame_bytes = int(limits.get("max_frame_bytes", 1 << 20))
-        self.stats: Dict[str, int] = {"frames": 0, "samples": 0, "lost": 0, "duplicates": 0, "sent_frames": 0}
+        # frames/samples received; lost/duplicates from `seq`; sample_gaps: a frame whose
+        # start_sample is not where the previous frame of its turn ended
+        self.stats: Dict[str, int] = {"frames": 0, "samples": 0, "lost": 0, "duplicates": 0, "sample_gaps": 0,
+                                      "sent_frames": 0}
+        self._turn_end: Dict[int, int] = {}
         self.next_seq = 0
         self.last_header: Optional[tuple] = None  # (seq, turn, start_sample) of the last audio frame
         self.close_code: Optional[int] = None
@@ -169,8 +173,12 @@ class Client:
             self.stats["lost"] += seq - self.next_seq
             self.next_seq = seq + 1
         self.last_header = (seq, turn, start)
+        n = len(pcm) // 2
+        if turn in self._turn_end and self._turn_end[turn] != start:
+            self.stats["sample_gaps"] += 1
+        self._turn_end[turn] = start + n
         self.stats["frames"] += 1
-        self.stats["samples"] += len(pcm) // 2
+        self.stats["samples"] += n
         return AudioChunk(pcm16_to_float(pcm), OUTPUT_SAMPLE_RATE)
 
     async def events(self) -> AsyncIterator[Any]:

@@ -307,7 +307,12 @@ class _Conn:
                     await self._on_json(msg["text"])
             except P.ProtocolError as e:
                 await self.error(str(e), e.code)
+            except (ValueError, TypeError) as e:  # the runtime rejected this input (its message says why)
+                await self.error(f"{type(e).__name__}: {e}"[:300], "bad_message")
             except Exception as e:  # noqa: BLE001  (a runtime error on one message must not kill the server)
+                if type(e).__name__ == "SessionClosedError":
+                    await self.error(f"the session is closed: {e}"[:300], "closed", fatal=True)
+                    return
                 log.exception("session %s: error handling a client message", self.id)
                 await self.error(f"internal error: {type(e).__name__}: {e}"[:300], "internal")
 
@@ -324,13 +329,14 @@ class _Conn:
                 self.session.push_audio(payload, self.sample_rate)
             return
         self.m.frames_in.labels("image" if kind == P.KIND_IMAGE else "video").inc()
+        # decode (and the runtime's preprocessing inside push_*) off the event loop; awaiting it
+        # keeps the order of this session's inputs
         if kind == P.KIND_IMAGE:
-            img = await asyncio.to_thread(_decode_image, payload, self.cfg.max_image_pixels)
-            self.session.push_image(img)
+            await asyncio.to_thread(lambda: self.session.push_image(_decode_image(payload, self.cfg.max_image_pixels)))
         else:
             ts, raw = payload
-            img = await asyncio.to_thread(_decode_image, raw, self.cfg.max_image_pixels)
-            self.session.push_video_frame(img, ts)
+            await asyncio.to_thread(
+                lambda: self.session.push_video_frame(_decode_image(raw, self.cfg.max_image_pixels), ts))
 
     async def _on_json(self, text: str) -> None:
         self.m.bytes_in.inc(len(text))
@@ -384,16 +390,20 @@ class _Conn:
                     if sr != P.OUTPUT_SAMPLE_RATE:  # the protocol is 24 kHz; resample anything else
                         n = int(round(pcm.size * P.OUTPUT_SAMPLE_RATE / sr))
                         pcm = np.interp(np.linspace(0, pcm.size - 1, n), np.arange(pcm.size), pcm.astype(np.float32))
+                    self._set_turn(ev)
                     self.answering = True
+                    start = getattr(ev, "offset", None)
+                    start = self.turn_samples if start is None else int(start)
+                    self.turn_samples = start + pcm.size
                     if self.muted:
                         continue
-                    frame = P.pack_audio_out(self.seq, self.turn, self.turn_samples, pcm)
-                    self.seq += 1
-                    self.turn_samples += pcm.size
+                    frame = P.pack_audio_out(self.seq, self.turn, start, pcm)
+                    self.seq += 1  # our own numbering: frames dropped on purpose leave no gap
                     if not await self._send(frame, "audio"):
                         return
                     continue
                 if name == "TextDelta":
+                    self._set_turn(ev)
                     self.answering = True
                     if self.muted:
                         continue
@@ -401,6 +411,11 @@ class _Conn:
                     self.m.interrupted.inc()
                 elif name == "Metrics":
                     self._observe(ev.values)
+                elif name == "Error":  # the runtime could not run a turn (e.g. prompt over budget)
+                    self.m.errors.labels("turn_failed").inc()
+                    await self.send_json({"type": "error", "code": "turn_failed", "turn": getattr(ev, "turn", None),
+                                          "message": str(getattr(ev, "message", ev)), "fatal": False})
+                    continue
                 msg = P.event_to_json(ev, self.turn)
                 if name == "TurnEnd":
                     self.m.turns.inc()
@@ -415,6 +430,12 @@ class _Conn:
             log.exception("session %s: event stream failed", self.id)
             await self.error(f"engine error: {type(e).__name__}: {e}"[:300], "internal", fatal=True)
             await self.close(P.CLOSE_INTERNAL, "engine error")
+
+    def _set_turn(self, ev) -> None:
+        t = getattr(ev, "turn", None)
+        if t is not None and int(t) != self.turn:
+            self.turn, self.turn_samples = int(t), 0
+            self.muted = False
 
     def _observe(self, values: dict) -> None:
         for key, hist in (("ttfa_ms", self.m.ttfa), ("response_ms", self.m.response)):
