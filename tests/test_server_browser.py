@@ -31,32 +31,31 @@ def _skip_loudly(why: str):
     pytest.skip(msg)
 
 
-def tone_wav(path: Path, freq: float = 1000.0, sr: int = 48000) -> Path:
-    t = np.arange(int(1.2 * sr)) / sr
-    x = np.round(0.5 * 32767 * np.sin(2 * np.pi * freq * t)).astype(np.int16)
-    return write_wav(path, np.concatenate([np.zeros(sr // 5, np.int16), x, np.zeros(3 * sr, np.int16)]), sr)
-
-
-def speech_wav(path: Path) -> Path:
-    """The fake microphone's input (Chromium loops it): a speech sample from vita_engine.data when
-    the package ships one, else a synthetic voiced signal; followed by silence so the endpointer
-    fires once per loop."""
-    sr, x = 16000, None
+def mic_wav(path: Path, tone_hz: float = 1000.0, sr: int = 48000) -> Path:
+    """The fake microphone's input (Chromium loops it), recorded at 48 kHz: a speech sample from
+    vita_engine.data when the package ships one (else a synthetic voiced signal) with a steady
+    1 kHz tone mixed in (to check the page's resampling to 16 kHz), then 3 s of silence so the
+    endpointer fires once per loop."""
+    x = None
     try:
         from importlib import resources
 
-        from vita_engine.client import read_wav
+        from vita_engine.client import _resample_int16, read_wav
 
         f = resources.files("vita_engine") / "data" / "hello.wav"
         if f.is_file():
             with resources.as_file(f) as p:
-                x, sr = read_wav(p)
+                x, r = read_wav(p)
+            x = _resample_int16(x, r, sr)
     except Exception:  # noqa: BLE001
         x = None
     if x is None:
         x = speechlike(1.2, sr)
-    x = np.concatenate([np.zeros(sr // 5, np.int16), x, np.zeros(int(3.0 * sr), np.int16)])
-    return write_wav(path, x, sr)
+    speech = x.astype(np.float32) / 32768 * (0.5 / max(1e-3, np.abs(x).max() / 32768))
+    t = np.arange(speech.size) / sr
+    y = np.clip(0.6 * speech + 0.25 * np.sin(2 * np.pi * tone_hz * t), -1, 1)
+    y = np.round(y * 32767).astype(np.int16)
+    return write_wav(path, np.concatenate([np.zeros(sr // 5, np.int16), y, np.zeros(3 * sr, np.int16)]), sr)
 
 
 def _launch(pw, wav: Path, profile: str):
@@ -77,7 +76,7 @@ def run_browser_turn(engine, tmp_path: Path, timeout_s: float = 40.0, wav: Path 
         _skip_loudly("the playwright Python package is not installed")
     if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
         _skip_loudly(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    wav = wav or speech_wav(tmp_path / "mic.wav")
+    wav = wav or mic_wav(tmp_path / "mic.wav")
     profile = tempfile.mkdtemp(prefix="vita-chromium-", dir=tmp_path)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     console = []
@@ -116,20 +115,56 @@ def run_browser_turn(engine, tmp_path: Path, timeout_s: float = 40.0, wav: Path 
     return {"stats": stats, "ui": ui, "took_s": took, "console": console}
 
 
-def test_browser_turn_fake_engine(tmp_path):
-    from _fake_engine import FakeEngine
+class _Recording:
+    """Engine proxy whose sessions record every push_audio (to check the page's 16 kHz stream)."""
 
-    eng = FakeEngine(n_text=4, n_chunks=8)
-    # a 1 kHz tone recorded at 48 kHz: checks the worklet's resampling to 16 kHz
-    r = run_browser_turn(eng, tmp_path, timeout_s=30, wav=tone_wav(tmp_path / "tone.wav"))
+    def __init__(self, engine):
+        self.engine, self.audio, self.rates = engine, [], set()
+
+    def session(self, *a, **k):
+        s, rec = self.engine.session(*a, **k), self
+
+        class S:
+            def __getattr__(self, name):
+                return getattr(s, name)
+
+            def push_audio(self, pcm, sample_rate):
+                rec.audio.append(np.array(pcm, copy=True))
+                rec.rates.add(int(sample_rate))
+                return s.push_audio(pcm, sample_rate)
+
+        return S()
+
+
+def test_browser_turn(tmp_path):
+    """The page, the tiny engine (fake if the runtime is unavailable), a looping speech sample
+    (+ a 1 kHz tone) and silence as the microphone: a turn completes (transcript + latency row),
+    the answer audio plays, and the audio that reached the engine is 16 kHz with the tone at
+    1 kHz (the worklet's resampling is right)."""
+    from _server_helpers import load_engine
+
+    eng, real = load_engine()
+    if not real:
+        warnings.warn("vita_engine.runtime is not available: the browser test runs on the FAKE engine",
+                      pytest.PytestWarning)
+    rec = _Recording(eng)
+    try:
+        r = run_browser_turn(rec, tmp_path, timeout_s=40)
+    finally:
+        getattr(eng, "close", lambda: None)()
     st, ui = r["stats"], r["ui"]
+    print("\nbrowser:", {k: st[k] for k in ("framesSent", "framesReceived", "samplesReceived", "samplesPlayed",
+                                             "lost", "turns", "textEvents")}, "metrics:", st["metrics"][:1])
     assert st["framesSent"] > 10 and st["lost"] == 0 and st["duplicates"] == 0, st
-    assert st["samplesPlayed"] > 0 and st["turns"] >= 1
-    assert "hello from the fake" in ui["transcript"] and ui["latency_rows"] >= 1
-    s = eng.sessions[0]
-    assert set(s.sample_rates) == {16000} and s.audio_samples > 16000 * 0.5
-    x = np.concatenate(s.audio).astype(np.float32)
+    assert st["samplesPlayed"] > 0 and st["turns"] >= 1 and st["textEvents"] >= 1
+    assert ui["transcript"].strip() and ui["latency_rows"] >= 1
+    assert "ttfa_ms" in st["metrics"][0]["values"]
+    assert rec.rates == {16000}
+    x = np.concatenate(rec.audio).astype(np.float32)
+    assert x.size > 16000 * 0.5
     spec = np.abs(np.fft.rfft(x * np.hanning(x.size)))
-    peak_hz = np.argmax(spec) * 16000 / x.size
+    hz = np.arange(spec.size) * 16000 / x.size
+    band = (hz > 200) & (hz < 4000)
+    peak_hz = hz[band][np.argmax(spec[band])]
     assert abs(peak_hz - 1000) < 15, peak_hz  # right pitch = right output rate
     assert (ARTIFACTS / "browser_turn.png").stat().st_size > 1000

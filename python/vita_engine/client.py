@@ -77,6 +77,13 @@ def _resample_int16(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     return np.clip(np.round(y), -32768, 32767).astype(np.int16)
 
 
+def _make(cls, *args, **extra):
+    """cls(*args, **the extra fields cls has): the runtime's events carry turn/seq/offset, the
+    stand-ins may not."""
+    names = getattr(cls, "__dataclass_fields__", {})
+    return cls(*args, **{k: v for k, v in extra.items() if k in names})
+
+
 class Client:
     def __init__(self, ws, sample_rate: int, ready: Ready):
         self.ws = ws
@@ -179,7 +186,7 @@ class Client:
         self._turn_end[turn] = start + n
         self.stats["frames"] += 1
         self.stats["samples"] += n
-        return AudioChunk(pcm16_to_float(pcm), OUTPUT_SAMPLE_RATE)
+        return _make(AudioChunk, pcm16_to_float(pcm), OUTPUT_SAMPLE_RATE, turn=turn, seq=seq, offset=start)
 
     async def events(self) -> AsyncIterator[Any]:
         """Events until the server closes the connection (then `close_code` is set)."""
@@ -194,7 +201,10 @@ class Client:
             if isinstance(msg, (bytes, bytearray)):
                 yield self._audio(msg)
                 continue
-            ev = json_to_event(json.loads(msg))
+            m = json.loads(msg)
+            ev = json_to_event(m)
+            if isinstance(ev, TextDelta) and m.get("turn") is not None:
+                ev = _make(TextDelta, ev.text, turn=int(m["turn"]))
             if ev is not None:
                 yield ev
 
