@@ -22,5 +22,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_num_threads", &vita::set_num_threads, py::arg("n"));
 
   vita::bind::register_elementwise(m);
+  vita::bind::register_codec(m);
   vita::bind::register_sampling(m);
 }

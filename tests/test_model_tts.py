@@ -79,17 +79,15 @@ def test_nar_and_ar_logits_match_reference(tiny_ckpt, tiny_model):
 
 
 def test_generate_follows_teacher_forced_logits(tiny_model):
-    from vita_engine.model.tts import sample_topk
-
     tts = tiny_model.tts
     text = [7, 8, 9]
-    toks = tts.generate(text, max_tokens=12, generator=torch.Generator().manual_seed(0))
+    toks = tts.generate(text, max_tokens=12, seed=0)
     assert 0 < len(toks) <= 12
-    logits = tts.ar_logits(text, toks)
+    assert all(0 <= t < tts.config.odim for t in toks)
+    logits = tts.ar_logits(text, toks).clone()
+    logits[:, [tts.bos, tts.sos, tts.pad]] = float("-inf")  # never emitted (not codec ids)
     for i, t in enumerate(toks):  # every sampled token is one of the 2 most likely at its step
         assert t in logits[i].topk(2).indices.tolist()
-    s = sample_topk(torch.tensor([[0.0, 5.0, 4.0, -3.0]]).repeat(200, 1), 2, torch.Generator().manual_seed(1))
-    assert set(s.tolist()) == {1, 2}
 
 
 def test_wrapped_state_dict(tmp_path):

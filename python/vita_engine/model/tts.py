@@ -1,7 +1,10 @@
 """TTS decoder `LLM2TTSCodecAR` (spec §5, §11.6): the input is LLM input-embedding rows of the
 text, each split into (llm_hidden / tts_hidden) consecutive vectors; NAR = num_blocks//2
 bidirectional Llama layers; AR = num_blocks Llama layers as a prefix-LM over [emb(bos), NAR_out],
-then causal steps from sos with a paged KV cache; RMSNorm + out_fnn -> V+4 logits; top-k 2."""
+then causal steps from sos with a paged KV cache; RMSNorm + out_fnn -> V+4 logits; top-k 2.
+
+Sampling (`generate`, `TTSBatchDecoder`) uses `ops.sample_tokens` keyed by (seed, step), so
+`generate(text, seed=s)` equals a stream started with the same seed in a `TTSBatchDecoder`."""
 from __future__ import annotations
 
 from typing import Dict, List, Optional
@@ -13,18 +16,9 @@ from ._ops import OpsHandle
 from .config import TTSConfig
 from .layers import DecoderLayer, PagedKVCache, run_decoder_stack
 
-__all__ = ["TTSDecoder", "sample_topk"]
+__all__ = ["TTSDecoder"]
 
 TTS_IGNORE = ("layers_prefix.*", "*rotary_emb*.inv_freq")
-
-
-def sample_topk(logits: torch.Tensor, k: int = 2, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """softmax, keep the k most likely ids, sample among them (no temperature). logits [..., V] -> [...]."""
-    p = torch.softmax(logits.float(), -1)
-    top_p, top_i = p.topk(k, dim=-1)
-    flat = top_p.reshape(-1, k)
-    pick = torch.multinomial(flat, 1, generator=generator).reshape(top_p.shape[:-1] + (1,))
-    return top_i.gather(-1, pick).squeeze(-1)
 
 
 class TTSDecoder:
@@ -62,9 +56,32 @@ class TTSDecoder:
                                  head_dim=c.hidden // c.num_heads, rope_theta=c.rope_theta, eps=c.rms_eps)
 
     # ---- NAR ---------------------------------------------------------------------------------------
+    def check_text_ids(self, text_ids) -> torch.Tensor:
+        """Validate LLM token ids of one text segment -> int64 [N] on the embedding table's device.
+        Empty, non-integer, multi-row or out-of-range (< 0 or >= LLM vocab) input raises."""
+        if isinstance(text_ids, torch.Tensor):
+            ids = text_ids
+        else:
+            try:
+                ids = torch.as_tensor(text_ids)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(f"TTS: text_ids must be a sequence of integer token ids, got {type(text_ids).__name__} ({e})") from None
+        if ids.numel() == 0:
+            raise ValueError("TTS: text_ids is empty (a TTS segment needs at least one text token)")
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"TTS: text_ids must be integer token ids, got dtype {ids.dtype}")
+        if ids.dim() > 1 and not (ids.dim() == 2 and ids.shape[0] == 1):
+            raise ValueError(f"TTS: text_ids must be 1-D [N] (one segment), got shape {tuple(ids.shape)}")
+        ids = ids.reshape(-1)
+        vocab = self.llm_embed.shape[0]
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"TTS: text_ids must lie in [0, {vocab}) (LLM embedding rows), got min {lo}, max {hi}")
+        return ids.to(device=self.llm_embed.device, dtype=torch.long)
+
     def text_embeddings(self, text_ids) -> torch.Tensor:
         """LLM input-embedding rows [N, llm_hidden] -> [split*N, tts_hidden] (row-major split)."""
-        ids = torch.as_tensor(text_ids, dtype=torch.long, device=self.llm_embed.device).reshape(-1)
+        ids = self.check_text_ids(text_ids)
         e = self.ops.fuse_embeddings(ids, self.llm_embed, None)
         return e.reshape(-1, self.config.hidden).to(self.device, self.dtype)
 
@@ -114,22 +131,20 @@ class TTSDecoder:
         self.ar_prefill(seq, nar)
         return self.ar_step(seq, [self.sos] + codec)
 
-    @torch.inference_mode()
-    def generate(self, text_ids, max_tokens: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                 topk: Optional[int] = None) -> List[int]:
-        """Sample codec tokens (top-k, k = decoder_topk = 2) until eos or max_tokens."""
+    def generate(self, text_ids, max_tokens: Optional[int] = None, *, seed: int = 0, topk: Optional[int] = None,
+                 block_size: int = 16) -> List[int]:
+        """Sample codec tokens (top-k, k = decoder_topk = 2) until eos or max_tokens: a 1-stream
+        `TTSBatchDecoder`, so the result equals any batched run of the same text with the same seed."""
+        from .tts_batch import TTSBatchDecoder
+
         c = self.config
-        max_tokens = c.max_tokens if max_tokens is None else max_tokens
-        nar = self.nar(text_ids)
-        cache = self.new_cache(nar.shape[0] + max_tokens + 2)
-        seq = cache.new_sequence()
-        self.ar_prefill(seq, nar)
-        out: List[int] = []
-        tok = self.sos
-        for _ in range(max_tokens):
-            logits = self.ar_step(seq, [tok])[-1]
-            tok = int(sample_topk(logits, topk or c.topk, generator))
-            if tok == self.eos:
-                break
-            out.append(tok)
-        return out
+        cap = c.max_tokens if max_tokens is None else int(max_tokens)
+        n = self.check_text_ids(text_ids).numel()
+        if cap <= 0:
+            return []
+        nb = -(-(self.split * n + 1 + cap) // block_size)
+        dec = TTSBatchDecoder(self, max_streams=1, block_size=block_size, num_blocks=nb, max_tokens=cap, topk=topk)
+        sid = dec.start(text_ids, seed=seed)
+        while not dec.finished(sid):
+            dec.step([sid])
+        return dec.tokens(sid)

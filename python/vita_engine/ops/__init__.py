@@ -1,5 +1,6 @@
 """Public kernel API on torch tensors (DESIGN §4). `reference` holds the pure-torch references."""
 from . import reference
+from .codec import conv1d, conv_transpose1d
 from .sampling import MAX_TOP_K_CUDA, sample_tokens
 from .elementwise import fuse_embeddings, fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
 
@@ -10,6 +11,8 @@ __all__ = [
     "rotary_embedding",
     "silu_and_mul",
     "fuse_embeddings",
+    "conv1d",
+    "conv_transpose1d",
     "sample_tokens",
     "MAX_TOP_K_CUDA",
 ]

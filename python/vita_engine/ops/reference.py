@@ -228,3 +228,47 @@ def sample_tokens(logits, *, temperature=1.0, top_k=0, seed=0, step=0):
         best = torch.nonzero(score == score.max())[0, 0]
         out[b] = cand[best]
     return out
+
+
+# =====================================================================================================
+# Codec references (pure torch.nn.functional; see ops/codec.py and docs/codec_ops.md)
+# =====================================================================================================
+
+def conv1d_ref(x, weight, bias=None, *, padding=0, dilation: int = 1, lrelu_slope=None, residual=None, alpha: float = 1.0,
+               accum=None, beta: float = 1.0, tanh: bool = False):
+    """out = post(alpha * (conv1d(act(x)) + bias + residual) + beta * accum), computed in x's dtype."""
+    import torch.nn.functional as F
+
+    k = weight.shape[-1]
+    if isinstance(padding, str):
+        span = dilation * (k - 1)
+        padding = (span // 2, span - span // 2)
+    pl, pr = (padding, padding) if isinstance(padding, int) else padding
+    h = x if lrelu_slope is None else F.leaky_relu(x, lrelu_slope)
+    h = F.pad(h, (pl, pr))
+    y = F.conv1d(h, weight, bias, dilation=dilation)
+    if residual is not None:
+        y = y + residual
+    if alpha != 1.0:
+        y = y * alpha
+    if accum is not None:
+        y = y + beta * accum
+    return torch.tanh(y) if tanh else y
+
+
+def conv_transpose1d_ref(x, weight, bias=None, *, stride: int = 1, padding=0, output_padding: int = 0, lrelu_slope=None):
+    """conv_transpose1d(act(x)) with (left, right) padding cropped from the full output."""
+    import torch.nn.functional as F
+
+    pl, pr = (padding, padding) if isinstance(padding, int) else padding
+    h = x if lrelu_slope is None else F.leaky_relu(x, lrelu_slope)
+    y = F.conv_transpose1d(h, weight, bias, stride=stride)
+    full = y.shape[-1]
+    end = full - pr
+    if output_padding:
+        if end + output_padding > full:
+            y = F.pad(y, (0, end + output_padding - full))
+            if bias is not None:
+                y[..., full:] = bias[:, None].to(y.dtype)
+        end += output_padding
+    return y[..., pl:end]

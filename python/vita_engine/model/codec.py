@@ -1,0 +1,623 @@
+"""TiCodec synthesis (VITA-1.5 speech output): codebook lookup + HiFi-GAN v1 style generator.
+
+    tokens -> embedding [B, code_dim, n] -> conv_pre -> per stage: lrelu + ConvTranspose1d,
+    MRF = mean of ResBlock1 over resblock kernels, + global vector where channels == global_dim
+    -> lrelu -> conv_post -> tanh -> waveform (hop = prod(upsample_rates) samples per token, 24 kHz)
+
+Every convolution runs through `vita_engine.ops.conv1d` / `conv_transpose1d` with the activation,
+bias, residual add, MRF mean (alpha = 1/num_kernels, accumulated in place) and final tanh fused.
+The global vector is folded into the bias of the last conv of the last resblock of that stage:
+    mean_k(R_k) + g = (1/nk) * (sum_{k<nk-1} R_k + (R_last + nk*g)).
+
+Streaming (`Codec.stream()`) is exact: every signal of the graph keeps the tail of its samples that
+its consumers still need plus its own output position, each layer computes only samples whose
+receptive field is complete, and `flush()` applies the right-edge zero padding of a full decode.
+For any split of a token sequence into pushes the concatenated output equals `decode()`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..ops._lib import _C, dl, dl_opt, stream_of
+
+__all__ = ["Codec", "CodecStream", "CodecWeightsError"]
+
+LRELU_SLOPE = 0.1
+# HiFi-GAN's Generator (and the TiCodec / AcademiCodec port of it) calls F.leaky_relu(x) with the
+# default slope before conv_post. Override with model.json key "final_leaky_relu_slope".
+FINAL_LRELU_SLOPE = 0.01
+
+
+class CodecWeightsError(ValueError):
+    """The codec state dict is missing keys or has mis-shaped tensors."""
+
+
+def _same_pad(k: int, d: int) -> Tuple[int, int]:
+    span = d * (k - 1)
+    return span // 2, span - span // 2
+
+
+class Codec(torch.nn.Module):
+    """TiCodec generator + quantiser lookup. See the module docstring.
+
+    config: the parsed `vita_tts_ckpt/codec/model.json`. Weights: `load_folded_state_dict(sd)`.
+    """
+
+    def __init__(self, config: dict, device="cpu", dtype=torch.float32):
+        super().__init__()
+        cfg = dict(config)
+
+        def need(key):
+            if key not in cfg:
+                raise ValueError(f"codec config: missing key {key!r} (have {sorted(cfg)})")
+            return cfg[key]
+
+        self.upsample_rates = [int(r) for r in need("upsample_rates")]
+        self.upsample_kernel_sizes = [int(k) for k in need("upsample_kernel_sizes")]
+        if len(self.upsample_rates) != len(self.upsample_kernel_sizes) or not self.upsample_rates:
+            raise ValueError("codec config: upsample_rates and upsample_kernel_sizes must be non-empty and of equal length")
+        self.upsample_initial_channel = int(need("upsample_initial_channel"))
+        if str(cfg.get("resblock", "1")) != "1":
+            raise ValueError(f"codec config: only resblock '1' (ResBlock1) is supported, got {cfg.get('resblock')!r}")
+        self.resblock_kernel_sizes = [int(k) for k in need("resblock_kernel_sizes")]
+        dil = need("resblock_dilation_sizes")
+        if dil and not isinstance(dil[0], (list, tuple)):
+            dil = [dil] * len(self.resblock_kernel_sizes)
+        self.resblock_dilation_sizes = [[int(d) for d in ds] for ds in dil]
+        if len(self.resblock_dilation_sizes) != len(self.resblock_kernel_sizes):
+            raise ValueError("codec config: resblock_dilation_sizes needs one list per resblock kernel size")
+        for k in self.resblock_kernel_sizes:
+            if k % 2 == 0:
+                raise ValueError(f"codec config: resblock kernel sizes must be odd ('same' padding), got {k}")
+        self.n_codes = int(need("n_codes"))
+        if int(cfg.get("n_code_groups", 1)) != 1 or int(cfg.get("residul_layer", 1)) != 1:
+            raise ValueError("codec config: only n_code_groups == 1 and residul_layer == 1 (one codebook) are supported, got "
+                             f"{cfg.get('n_code_groups')} / {cfg.get('residul_layer')}")
+        self.global_code_num = int(need("global_code_num"))
+        self.global_tokens = [int(t) for t in need("global_tokens")]
+        if len(self.global_tokens) != self.global_code_num:
+            raise ValueError(f"codec config: global_tokens has {len(self.global_tokens)} entries, global_code_num is {self.global_code_num}")
+        for t in self.global_tokens:
+            if not 0 <= t < self.n_codes:
+                raise ValueError(f"codec config: global token {t} outside [0, {self.n_codes})")
+        self.code_dim = int(cfg.get("code_dim", 512))
+        self.global_dim = int(cfg.get("global_dim", 128))
+        if self.global_dim % self.global_code_num:
+            raise ValueError(f"codec config: global_dim {self.global_dim} is not divisible by global_code_num {self.global_code_num}")
+        self.lrelu_slope = float(cfg.get("leaky_relu_slope", LRELU_SLOPE))
+        self.final_slope = float(cfg.get("final_leaky_relu_slope", FINAL_LRELU_SLOPE))
+        self.hop_length = int(math.prod(self.upsample_rates))
+        self.sample_rate = int(cfg.get("sampling_rate", 24000))
+        self.num_kernels = len(self.resblock_kernel_sizes)
+        self.channels = [self.upsample_initial_channel // (2 ** (i + 1)) for i in range(len(self.upsample_rates))]
+        self.device = torch.device(device)
+        self.dtype = dtype
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"Codec: dtype must be float32, float16 or bfloat16, got {dtype}")
+        self._shapes = self._expected_shapes()
+        self.loaded = False
+        self._p: Dict[str, torch.Tensor] = {}
+        self._lookahead = None
+
+    # ---- weights ------------------------------------------------------------------------------------
+
+    def _expected_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        U, s = self.upsample_initial_channel, {}
+        s["generator.conv_pre.weight"] = (U, self.code_dim, 7)
+        s["generator.conv_pre.bias"] = (U,)
+        cin = U
+        for i, (k, ch) in enumerate(zip(self.upsample_kernel_sizes, self.channels)):
+            s[f"generator.ups.{i}.weight"] = (cin, ch, k)
+            s[f"generator.ups.{i}.bias"] = (ch,)
+            for j, (rk, ds) in enumerate(zip(self.resblock_kernel_sizes, self.resblock_dilation_sizes)):
+                r = i * self.num_kernels + j
+                for c in ("convs1", "convs2"):
+                    for m in range(len(ds)):
+                        s[f"generator.resblocks.{r}.{c}.{m}.weight"] = (ch, ch, rk)
+                        s[f"generator.resblocks.{r}.{c}.{m}.bias"] = (ch,)
+            cin = ch
+        s["generator.conv_post.weight"] = (1, cin, 7)
+        s["generator.conv_post.bias"] = (1,)
+        s["quantizer.quantizer_modules.0.embedding.weight"] = (self.n_codes, self.code_dim)
+        for g in range(self.global_code_num):
+            s[f"quantizer.quantizer_modules_globaltokens.{g}.embedding.weight"] = (self.n_codes, self.global_dim // self.global_code_num)
+        return s
+
+    def load_folded_state_dict(self, sd: Dict[str, torch.Tensor]) -> "Codec":
+        """Load generator/quantizer tensors (weight norm already folded); extra keys are ignored."""
+        missing = [k for k in self._shapes if k not in sd]
+        bad = [f"{k}: expected {list(v)}, got {list(sd[k].shape)}" for k, v in self._shapes.items()
+               if k in sd and tuple(sd[k].shape) != v]
+        if missing or bad:
+            msg = ["codec state dict does not match the configuration:"]
+            if missing:
+                msg.append(f"  missing {len(missing)} keys: " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+            if bad:
+                msg.append("  mis-shaped: " + "; ".join(bad[:20]))
+            raise CodecWeightsError("\n".join(msg))
+        p = {k: sd[k].detach().to(self.device, self.dtype).contiguous() for k in self._shapes}
+        gvec = torch.cat([sd[f"quantizer.quantizer_modules_globaltokens.{g}.embedding.weight"][t].float()
+                          for g, t in enumerate(self.global_tokens)]).to(self.device)
+        self._gvec = gvec  # float32 [global_dim]
+        # Fold the global add into the bias of the MRF's last conv at the global stages.
+        self._bias_folded = {}
+        for i, ch in enumerate(self.channels):
+            if ch == self.global_dim:
+                r = i * self.num_kernels + self.num_kernels - 1
+                m = len(self.resblock_dilation_sizes[-1]) - 1
+                key = f"generator.resblocks.{r}.convs2.{m}.bias"
+                self._bias_folded[key] = (sd[key].float().to(self.device) + self.num_kernels * gvec).to(self.dtype).contiguous()
+        self._p = p
+        self._emb = p["quantizer.quantizer_modules.0.embedding.weight"]
+        self.loaded = True
+        return self
+
+    def _w(self, key):
+        return self._p[key]
+
+    def _b(self, key, folded=True):
+        if folded and key in self._bias_folded:
+            return self._bias_folded[key]
+        return self._p[key]
+
+    def _check_loaded(self):
+        if not self.loaded:
+            raise RuntimeError("Codec: weights not loaded (call load_folded_state_dict first)")
+
+    # ---- token validation -------------------------------------------------------------------------
+
+    def _tokens(self, codec_tokens, ndim: int = 1, what: str = "codec_tokens") -> torch.Tensor:
+        t = codec_tokens
+        if isinstance(t, np.ndarray):
+            if not np.issubdtype(t.dtype, np.integer):
+                raise TypeError(f"Codec: {what} must hold integers, got numpy dtype {t.dtype}")
+            t = torch.from_numpy(np.ascontiguousarray(t).astype(np.int64))
+        elif isinstance(t, (list, tuple)):
+            try:
+                t = torch.tensor(t) if len(t) else torch.zeros((0,) * ndim, dtype=torch.int64)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(f"Codec: {what} must be a (nested) list of ints of equal lengths ({e})") from None
+            if t.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"Codec: {what} must be integers, got elements of type {t.dtype}")
+        elif isinstance(t, torch.Tensor):
+            if t.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+                raise TypeError(f"Codec: {what} must be an integer tensor, got {t.dtype}")
+        else:
+            raise TypeError(f"Codec: {what} must be a list, numpy array or torch tensor of ints, got {type(t).__name__}")
+        if t.dim() != ndim:
+            shape = "[len]" if ndim == 1 else "[batch, len]"
+            raise ValueError(f"Codec: {what} must be {ndim}-D {shape}, got shape {tuple(t.shape)}")
+        if t.numel():
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= self.n_codes:
+                raise ValueError(f"Codec: {what} must be in [0, {self.n_codes}), got values in [{lo}, {hi}]")
+        return t.to(self.device, torch.int64)
+
+    def _lookup(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, n] ids -> [B, code_dim, n] in self.dtype (time-dense)."""
+        return self._emb[tokens].transpose(1, 2).contiguous()
+
+    # ---- full decode ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def decode(self, codec_tokens, use_reference: bool = False) -> torch.Tensor:
+        """1-D ids (list / numpy / torch int) -> float32 waveform [len * hop_length] on self.device."""
+        self._check_loaded()
+        t = self._tokens(codec_tokens)
+        return self._decode(t[None], use_reference)[0]
+
+    @torch.no_grad()
+    def decode_batch(self, codec_tokens, use_reference: bool = False) -> torch.Tensor:
+        """[B, len] ids (equal lengths) -> float32 waveforms [B, len * hop_length]."""
+        self._check_loaded()
+        t = self._tokens(codec_tokens, ndim=2)
+        return self._decode(t, use_reference)
+
+    def _decode(self, t: torch.Tensor, use_reference: bool) -> torch.Tensor:
+        B, n = t.shape
+        if n == 0 or B == 0:
+            return torch.zeros(B, n * self.hop_length, dtype=torch.float32, device=self.device)
+        x = self._lookup(t)
+        y = self._generator_ref(x) if use_reference else self._generator(x)
+        return y[:, 0].float()
+
+    def _generator(self, x: torch.Tensor) -> torch.Tensor:
+        x = ops.conv1d(x, self._w("generator.conv_pre.weight"), self._b("generator.conv_pre.bias"), padding="same")
+        for i, (u, k) in enumerate(zip(self.upsample_rates, self.upsample_kernel_sizes)):
+            up = ops.conv_transpose1d(x, self._w(f"generator.ups.{i}.weight"), self._b(f"generator.ups.{i}.bias"), stride=u,
+                                      padding=(k - u) // 2, lrelu_slope=self.lrelu_slope)
+            xs = torch.empty_like(up)
+            tmp = torch.empty_like(up)
+            xa = torch.empty_like(up)
+            for j, (rk, ds) in enumerate(zip(self.resblock_kernel_sizes, self.resblock_dilation_sizes)):
+                r = f"generator.resblocks.{i * self.num_kernels + j}"
+                src = up
+                for m, d in enumerate(ds):
+                    ops.conv1d(src, self._w(f"{r}.convs1.{m}.weight"), self._b(f"{r}.convs1.{m}.bias"), padding="same", dilation=d,
+                               lrelu_slope=self.lrelu_slope, out=tmp)
+                    w2, b2 = self._w(f"{r}.convs2.{m}.weight"), self._b(f"{r}.convs2.{m}.bias")
+                    if m < len(ds) - 1:
+                        ops.conv1d(tmp, w2, b2, padding="same", lrelu_slope=self.lrelu_slope, residual=src, out=xa)
+                        src = xa
+                    else:
+                        ops.conv1d(tmp, w2, b2, padding="same", lrelu_slope=self.lrelu_slope, residual=src,
+                                   alpha=1.0 / self.num_kernels, accum=xs if j > 0 else None, beta=1.0, out=xs)
+            x = xs
+        return ops.conv1d(x, self._w("generator.conv_post.weight"), self._b("generator.conv_post.bias"), padding="same",
+                          lrelu_slope=self.final_slope, tanh=True)
+
+    def _generator_ref(self, x: torch.Tensor) -> torch.Tensor:
+        """The same graph with torch.nn.functional (unfused, global vector added explicitly)."""
+        x = F.conv1d(x, self._w("generator.conv_pre.weight"), self._b("generator.conv_pre.bias", False), padding=3)
+        for i, (u, k) in enumerate(zip(self.upsample_rates, self.upsample_kernel_sizes)):
+            x = F.leaky_relu(x, self.lrelu_slope)
+            x = F.conv_transpose1d(x, self._w(f"generator.ups.{i}.weight"), self._b(f"generator.ups.{i}.bias", False), stride=u,
+                                   padding=(k - u) // 2)
+            xs = None
+            for j, (rk, ds) in enumerate(zip(self.resblock_kernel_sizes, self.resblock_dilation_sizes)):
+                r = f"generator.resblocks.{i * self.num_kernels + j}"
+                h = x
+                for m, d in enumerate(ds):
+                    t = F.conv1d(F.leaky_relu(h, self.lrelu_slope), self._w(f"{r}.convs1.{m}.weight"), self._b(f"{r}.convs1.{m}.bias", False),
+                                 padding=d * (rk - 1) // 2, dilation=d)
+                    t = F.conv1d(F.leaky_relu(t, self.lrelu_slope), self._w(f"{r}.convs2.{m}.weight"), self._b(f"{r}.convs2.{m}.bias", False),
+                                 padding=(rk - 1) // 2)
+                    h = t + h
+                xs = h if xs is None else xs + h
+            x = xs / self.num_kernels
+            if x.shape[-2] == self.global_dim:
+                x = x + self._gvec.to(x.dtype)[None, :, None]
+        x = F.leaky_relu(x, self.final_slope)
+        x = F.conv1d(x, self._w("generator.conv_post.weight"), self._b("generator.conv_post.bias", False), padding=3)
+        return torch.tanh(x)
+
+    # ---- streaming --------------------------------------------------------------------------------
+
+    def stream(self, batch: int = 1) -> "CodecStream":
+        """An exact streaming decoder. `push(tokens)` -> new samples; `flush()` -> the rest."""
+        self._check_loaded()
+        return CodecStream(self, batch)
+
+    @property
+    def lookahead_samples(self) -> int:
+        """Output samples held back in steady state: after n tokens, n*hop - lookahead_samples are final."""
+        if self._lookahead is None:
+            n0 = 4096
+            g = _Graph(self, 1, dry=True)
+            g.run(n0, final=False)
+            self._lookahead = n0 * self.hop_length - g.out.end
+        return self._lookahead
+
+    @property
+    def lookahead_tokens(self) -> int:
+        """Tokens that must follow token i before all of token i's samples are final (from the layer config)."""
+        return -(-self.lookahead_samples // self.hop_length)
+
+    @torch.no_grad()
+    def push_many(self, streams: Sequence["CodecStream"], token_lists: Sequence) -> List[torch.Tensor]:
+        """Advance many single-sequence streams of this codec. Streams in the same state (tokens pushed
+        so far) receiving the same number of tokens are stacked into one batched step, so each kernel
+        runs once per group; the rest run alone. Returns the new samples of each stream, in order."""
+        if len(streams) != len(token_lists):
+            raise ValueError(f"push_many: {len(streams)} streams but {len(token_lists)} token lists")
+        toks = [self._tokens(t) for t in token_lists]
+        groups: Dict[tuple, List[int]] = {}
+        for idx, (s, t) in enumerate(zip(streams, toks)):
+            if not isinstance(s, CodecStream) or s.codec is not self:
+                raise TypeError("push_many: every stream must come from this codec's stream()")
+            if s.batch != 1:
+                raise ValueError("push_many: streams must be single-sequence (stream(batch=1))")
+            groups.setdefault((s._graph.n_tokens, s._graph.finished, int(t.numel())), []).append(idx)
+        out: List[Optional[torch.Tensor]] = [None] * len(streams)
+        for key, idxs in groups.items():
+            if len(idxs) == 1:
+                i = idxs[0]
+                out[i] = streams[i].push(toks[i])
+                continue
+            merged = _Graph.stack([streams[i]._graph for i in idxs])
+            y = merged.push(torch.stack([toks[i] for i in idxs]))
+            for row, (i, g) in enumerate(zip(idxs, merged.unstack())):
+                streams[i]._graph = g
+                out[i] = y[row]
+        return out  # type: ignore[return-value]
+
+
+# ---- streaming graph ----------------------------------------------------------------------------------
+
+class _Sig:
+    """A [B, C, time] signal known on [0, end); buf holds [start, start + cap) (absolute indices)."""
+
+    def __init__(self, B, C, dtype, device, dry):
+        self.B, self.C, self.dtype, self.device, self.dry = B, C, dtype, device, dry
+        self.start = 0
+        self.end = 0
+        self.total = None  # full length once the input is final
+        self.buf = None if dry else torch.empty(B, C, 0, dtype=dtype, device=device)
+        self.consumers: List["_Node"] = []
+
+    def keep_from(self) -> int:
+        if not self.consumers:
+            return self.end
+        return max(0, min(c.need_from(self) for c in self.consumers))
+
+    def view(self, a: int, b: int) -> torch.Tensor:
+        assert self.start <= a <= b <= self.start + self.buf.shape[-1], (self.start, a, b, self.buf.shape)
+        return self.buf[:, :, a - self.start: b - self.start]
+
+    def reserve(self, b: int) -> None:
+        """Make room for writing up to absolute index b (drops samples no consumer needs)."""
+        if self.dry or b <= self.start + self.buf.shape[-1]:
+            return
+        keep = min(self.keep_from(), self.end)
+        live = self.end - keep
+        cap = max(2 * (b - keep), 64)
+        nb = torch.empty(self.B, self.C, cap, dtype=self.dtype, device=self.device)
+        if live > 0:
+            nb[:, :, :live] = self.view(keep, self.end)
+        self.buf, self.start = nb, keep
+
+
+class _Node:
+    out: _Sig
+
+    def need_from(self, sig: _Sig) -> int:
+        raise NotImplementedError
+
+    def limit(self) -> int:
+        """How far the output can be computed now."""
+        raise NotImplementedError
+
+    def compute(self, t0: int, t1: int) -> None:
+        raise NotImplementedError
+
+
+class _Conv(_Node):
+    """Stride-1 conv, 'same'-style padding (pl, pr); optional lrelu / residual / accumulate / tanh."""
+
+    def __init__(self, x: _Sig, out: _Sig, w, b, K, d, slope, residual: Optional[_Sig] = None, alpha=1.0, accum=False, tanh=False):
+        self.x, self.out, self.w, self.b, self.K, self.d, self.slope = x, out, w, b, K, d, slope
+        self.pl, self.pr = _same_pad(K, d)
+        self.residual, self.alpha, self.accum, self.tanh = residual, alpha, accum, tanh
+        x.consumers.append(self)
+        if residual is not None:
+            residual.consumers.append(self)
+
+    def full_len(self):
+        return self.x.total + self.pl + self.pr - self.d * (self.K - 1)
+
+    def need_from(self, sig):
+        return self.out.end if sig is self.residual else self.out.end - self.pl
+
+    def limit(self):
+        lim = self.full_len() if self.x.total is not None else self.x.end - (self.d * (self.K - 1) - self.pl)
+        if self.residual is not None:
+            lim = min(lim, self.residual.end)
+        return max(lim, self.out.end)
+
+    def compute(self, t0, t1):
+        lo, hi = t0 - self.pl, t1 + self.d * (self.K - 1) - self.pl
+        a, b = max(lo, 0), min(hi, self.x.end)
+        pad_l = a - lo
+        pad_r = hi - lo - pad_l - (b - a)
+        o = self.out.view(t0, t1)
+        res = self.residual.view(t0, t1) if self.residual is not None else None
+        ops.conv1d(self.x.view(a, b), self.w, self.b, padding=(pad_l, pad_r), dilation=self.d, lrelu_slope=self.slope, residual=res,
+                   alpha=self.alpha, accum=o if self.accum else None, beta=1.0, tanh=self.tanh, out=o)
+
+
+class _ConvT(_Node):
+    def __init__(self, x: _Sig, out: _Sig, w, b, K, s, p, slope):
+        self.x, self.out, self.w, self.b, self.K, self.s, self.p, self.slope = x, out, w, b, K, s, p, slope
+        x.consumers.append(self)
+
+    def full_len(self):
+        n = self.x.total
+        return 0 if n == 0 else (n - 1) * self.s - 2 * self.p + self.K
+
+    def _j0(self, t0):
+        return max(0, -(-(t0 + self.p - self.K + 1) // self.s))
+
+    def need_from(self, sig):
+        return self._j0(self.out.end)
+
+    def limit(self):
+        lim = self.full_len() if self.x.total is not None else self.s * self.x.end - self.p
+        return max(lim, self.out.end)
+
+    def compute(self, t0, t1):
+        j0 = self._j0(t0)
+        j1 = min(self.x.end, (t1 - 1 + self.p) // self.s + 1)
+        j1 = max(j1, j0)
+        o = self.out.view(t0, t1)
+        x = self.x.view(j0, j1)
+        _C.conv_transpose1d(dl(x), dl(self.w), dl_opt(self.b), dl(o), self.s, t0 + self.p - self.s * j0, self.slope, stream_of(o))
+
+
+class _MRF(_Node):
+    """The last convs of all resblocks of a stage: they accumulate into one output, so they advance together."""
+
+    def __init__(self, convs: List[_Conv]):
+        self.convs = convs
+        self.out = convs[0].out
+
+    def limit(self):
+        return min(c.limit() for c in self.convs)
+
+    def compute(self, t0, t1):
+        for c in self.convs:
+            c.compute(t0, t1)
+
+
+class _Graph:
+    """The generator as a list of streaming nodes over [B, C, time] signals."""
+
+    def __init__(self, codec: Codec, B: int, dry: bool = False):
+        self.codec, self.B, self.dry = codec, B, dry
+        c = codec
+        dt, dev = c.dtype, c.device
+        sigs: List[_Sig] = []
+
+        def sig(C):
+            s = _Sig(B, C, dt, dev, dry)
+            sigs.append(s)
+            return s
+
+        W = (lambda k: None) if dry else c._w
+        Bf = (lambda k: None) if dry else c._b
+        nodes: List[_Node] = []
+        self.emb = sig(c.code_dim)
+        x = sig(c.upsample_initial_channel)
+        nodes.append(_Conv(self.emb, x, W("generator.conv_pre.weight"), Bf("generator.conv_pre.bias"), 7, 1, None))
+        for i, (u, k) in enumerate(zip(c.upsample_rates, c.upsample_kernel_sizes)):
+            ch = c.channels[i]
+            up = sig(ch)
+            nodes.append(_ConvT(x, up, W(f"generator.ups.{i}.weight"), Bf(f"generator.ups.{i}.bias"), k, u, (k - u) // 2, c.lrelu_slope))
+            xs = sig(ch)
+            last = []
+            for j, (rk, ds) in enumerate(zip(c.resblock_kernel_sizes, c.resblock_dilation_sizes)):
+                r = f"generator.resblocks.{i * c.num_kernels + j}"
+                src = up
+                for m, d in enumerate(ds):
+                    t = sig(ch)
+                    nodes.append(_Conv(src, t, W(f"{r}.convs1.{m}.weight"), Bf(f"{r}.convs1.{m}.bias"), rk, d, c.lrelu_slope))
+                    w2, b2 = W(f"{r}.convs2.{m}.weight"), Bf(f"{r}.convs2.{m}.bias")
+                    if m < len(ds) - 1:
+                        nxt = sig(ch)
+                        nodes.append(_Conv(t, nxt, w2, b2, rk, 1, c.lrelu_slope, residual=src))
+                        src = nxt
+                    else:
+                        last.append(_Conv(t, xs, w2, b2, rk, 1, c.lrelu_slope, residual=src, alpha=1.0 / c.num_kernels, accum=j > 0))
+            nodes.append(_MRF(last))
+            x = xs
+        self.out = sig(1)
+        nodes.append(_Conv(x, self.out, W("generator.conv_post.weight"), Bf("generator.conv_post.bias"), 7, 1, c.final_slope, tanh=True))
+        self.nodes, self.sigs = nodes, sigs
+        self.n_tokens = 0
+        self.finished = False
+        self.emitted = 0
+
+    def run(self, n_tokens: int, final: bool):
+        """Dry or real pass: advance every node as far as its inputs allow."""
+        self.emb.end = n_tokens
+        if final:
+            self.emb.total = n_tokens
+        for node in self.nodes:
+            t0 = node.out.end
+            t1 = node.limit()
+            if final and self._inputs_final(node):
+                node.out.total = node.full_len() if not isinstance(node, _MRF) else node.convs[0].full_len()
+            if t1 > t0:
+                if not self.dry:
+                    node.out.reserve(t1)
+                    node.compute(t0, t1)
+                node.out.end = t1
+
+    @staticmethod
+    def _inputs_final(node) -> bool:
+        if isinstance(node, _MRF):
+            return all(_Graph._inputs_final(c) for c in node.convs)
+        ok = node.x.total is not None
+        res = getattr(node, "residual", None)
+        return ok and (res is None or res.total is not None)
+
+    def push(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [B, n] validated ids -> [B, new_samples] float32."""
+        if self.finished:
+            raise RuntimeError("CodecStream: push after flush()")
+        n = tokens.shape[1]
+        if n:
+            self.emb.reserve(self.n_tokens + n)
+            self.emb.view(self.n_tokens, self.n_tokens + n).copy_(self.codec._lookup(tokens))
+            self.n_tokens += n
+        self.run(self.n_tokens, final=False)
+        return self._take()
+
+    def flush(self) -> torch.Tensor:
+        if self.finished:
+            return torch.zeros(self.B, 0, dtype=torch.float32, device=self.codec.device)
+        self.run(self.n_tokens, final=True)
+        self.finished = True
+        return self._take()
+
+    def _take(self) -> torch.Tensor:
+        a, b = self.emitted, self.out.end
+        self.emitted = b
+        if b <= a:
+            return torch.zeros(self.B, 0, dtype=torch.float32, device=self.codec.device)
+        return self.out.view(a, b)[:, 0].float().clone()
+
+    # batching of independent streams in the same state
+    @staticmethod
+    def stack(graphs: List["_Graph"]) -> "_Graph":
+        g0 = graphs[0]
+        m = _Graph(g0.codec, sum(g.B for g in graphs))
+        for idx, s in enumerate(m.sigs):
+            parts = [g.sigs[idx] for g in graphs]
+            keep = min(min(p.keep_from(), p.end) for p in parts)
+            keep = max(keep, max(p.start for p in parts))
+            s.start, s.end, s.total = keep, parts[0].end, parts[0].total
+            s.buf = torch.cat([p.view(keep, p.end) for p in parts], 0) if parts[0].end > keep else \
+                torch.empty(s.B, s.C, 0, dtype=s.dtype, device=s.device)
+        m.n_tokens, m.finished, m.emitted = g0.n_tokens, g0.finished, g0.emitted
+        m._parts = [g.B for g in graphs]
+        return m
+
+    def unstack(self) -> List["_Graph"]:
+        out = []
+        row = 0
+        for nb in self._parts:
+            g = _Graph(self.codec, nb)
+            for s, src in zip(g.sigs, self.sigs):
+                s.start, s.end, s.total = src.start, src.end, src.total
+                s.buf = src.buf[row:row + nb]
+            g.n_tokens, g.finished, g.emitted = self.n_tokens, self.finished, self.emitted
+            out.append(g)
+            row += nb
+        return out
+
+
+class CodecStream:
+    """Exact streaming codec decode (see `Codec.stream`).
+
+    push(tokens) -> float32 samples whose receptive field is complete (1-D for batch 1, else
+    [batch, n] with tokens [batch, n]); flush() -> the remaining samples (right-edge zero padding as in
+    decode()). `lookahead_tokens`: tokens that must follow a token before its samples are final.
+    """
+
+    def __init__(self, codec: Codec, batch: int = 1):
+        self.codec = codec
+        self.batch = int(batch)
+        if self.batch < 1:
+            raise ValueError(f"Codec.stream: batch must be >= 1, got {batch}")
+        self._graph = _Graph(codec, self.batch)
+        self.lookahead_tokens = codec.lookahead_tokens
+        self.lookahead_samples = codec.lookahead_samples
+
+    @property
+    def tokens_pushed(self) -> int:
+        return self._graph.n_tokens
+
+    @property
+    def samples_emitted(self) -> int:
+        return self._graph.emitted
+
+    @torch.no_grad()
+    def push(self, tokens) -> torch.Tensor:
+        if self.batch == 1:
+            t = self.codec._tokens(tokens)[None]
+            return self._graph.push(t)[0]
+        t = self.codec._tokens(tokens, ndim=2, what="tokens")
+        if t.shape[0] != self.batch:
+            raise ValueError(f"CodecStream.push: tokens must be [{self.batch}, n], got {tuple(t.shape)}")
+        return self._graph.push(t)
+
+    @torch.no_grad()
+    def flush(self) -> torch.Tensor:
+        y = self._graph.flush()
+        return y[0] if self.batch == 1 else y
