@@ -68,12 +68,10 @@ class FakeSession:
         self._text_pending = False
         self._interrupt = False
         self._in_turn = False
-        self._wake: Optional[asyncio.Event] = None
 
     # -- input --------------------------------------------------------------------------------------
     def _poke(self):
-        if self._wake is not None:
-            self._wake.set()
+        pass
 
     def push_audio(self, pcm, sample_rate):
         assert not self.closed, "push_audio on a closed session"
@@ -116,16 +114,11 @@ class FakeSession:
     # -- output -------------------------------------------------------------------------------------
     async def events(self):
         e = self.engine
-        self._wake = asyncio.Event()
         while not self.closed:
             now = time.monotonic()
             due = self._text_pending or (self._voiced and now - self._last_voice >= e.pause_s)
-            if not due:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), 0.02)
-                except asyncio.TimeoutError:
-                    pass
+            if not due:  # poll (asyncio.wait_for can swallow a cancellation on Python < 3.12)
+                await asyncio.sleep(0.01)
                 continue
             self._text_pending = self._voiced = False
             last_voice = self._last_voice

@@ -120,3 +120,20 @@ def kv_free(engine) -> tuple:
     if kv is not None and hasattr(kv, "free_blocks"):
         return int(kv.free_blocks), int(getattr(kv, "reserved_blocks", 0))
     return int(engine.kv_free), 0
+
+
+def speech_sample(name: str):
+    """A bundled speech sample (vita_engine.data) as int16 at 16 kHz, or None when not shipped."""
+    try:
+        from vita_engine.data import load_sample
+    except ImportError:
+        return None
+    try:
+        x, sr = load_sample(name)
+    except FileNotFoundError:
+        return None
+    if sr != 16000:
+        from vita_engine.client import _resample_int16
+
+        return _resample_int16(np.round(x * 32767).astype(np.int16), sr, 16000)
+    return np.round(np.clip(x, -1, 1) * 32767).astype(np.int16)

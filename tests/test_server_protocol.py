@@ -345,3 +345,32 @@ def test_interrupted_event_dataclasses_roundtrip():
     fr = P.pack_audio_out(7, 2, 4800, np.array([0.0, 0.5, -1.0], np.float32))
     seq, turn, start, pcm = P.unpack_audio_out(fr)
     assert (seq, turn, start) == (7, 2, 4800) and np.frombuffer(pcm, "<i2").tolist() == [0, 16384, -32767]
+
+
+def test_session_freed_even_if_event_stream_ignores_cancellation():
+    """The server closes the session first (its events() then ends) and never waits unboundedly."""
+    import time
+
+    from _fake_engine import FakeSession
+
+    class Stubborn(FakeSession):
+        async def events(self):
+            while not self.closed:
+                try:
+                    await asyncio.sleep(0.01)
+                except asyncio.CancelledError:
+                    continue  # swallow, as a buggy engine might
+            return
+            yield
+
+    eng = FakeEngine()
+    eng.session = lambda system_prompt=None: eng.sessions.append(Stubborn(eng, system_prompt)) or eng.sessions[-1]
+    with running_server(eng) as srv:
+        async def go():
+            c = await connect(srv.ws_url)
+            await c.close()
+
+        run(go())
+        t = time.monotonic()
+        _wait(lambda: healthz(srv)["sessions_active"] == 0)
+        assert time.monotonic() - t < 2 and eng.sessions[0].closed

@@ -222,16 +222,25 @@ class _Conn:
             finally:
                 for t in (pump, dog):
                     t.cancel()
-                await asyncio.gather(pump, dog, return_exceptions=True)
+                self._close_session()  # its events() stream ends too
+                # bounded: an engine whose event stream ignores cancellation must not pin the slot
+                _, late = await asyncio.wait({pump, dog}, timeout=5.0)
+                if late:
+                    log.warning("session %s: event stream did not stop within 5 s of the disconnect", self.id)
         finally:
-            if self.session is not None:
-                try:
-                    self.session.close()  # frees its KV pages and stops its work
-                except Exception:  # noqa: BLE001
-                    log.exception("session.close failed")
+            self._close_session()
             self.srv.active -= 1
             self.m.sessions_active.dec()
             await self.close(P.CLOSE_NORMAL)
+
+    def _close_session(self) -> None:
+        s = self.session
+        if s is not None and not getattr(self, "_session_close_called", False):
+            self._session_close_called = True
+            try:
+                s.close()  # frees its KV pages and stops its work
+            except Exception:  # noqa: BLE001
+                log.exception("session %s: close failed", self.id)
 
     async def _recv_hello(self) -> Optional[dict]:
         while True:
