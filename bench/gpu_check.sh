@@ -6,8 +6,9 @@
 #   usage: bash bench/gpu_check.sh [--quick]     (logs go to $OUT or ./artifacts/gpu_check)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-artifacts/gpu_check}
-mkdir -p "$out"
+final=${OUT:-artifacts/gpu_check}
+out=$(mktemp -d)   # logs collect here; packed into $final/logs.tgz at the end (few files travel back)
+mkdir -p "$final"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
 summary="$out/summary.txt"
@@ -42,6 +43,14 @@ if [ -z "${VITA_CUTLASS_DIR:-}" ] && ! $py -c "import cutlass_library" 2>/dev/nu
   fi
 fi
 
+# Python packages the tests need that a machine without a registry may lack: carried wheels.
+missing=""
+for m in silero_vad soxr; do $py -c "import $m" 2>/dev/null || missing="$missing $m"; done
+if [ -n "$missing" ] && ls .whl/*.whl >/dev/null 2>&1; then
+  wh=$(for m in $missing; do ls .whl/${m}-*.whl 2>/dev/null; done)
+  [ -n "$wh" ] && $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/vita_site $wh && export PYTHONPATH=$PYTHONPATH:/tmp/vita_site
+fi
+
 mode=cpu
 [ $has_gpu = 1 ] && mode=cuda
 command -v nvcc >/dev/null 2>&1 && [ $has_gpu = 0 ] && mode=${GPU_CHECK_BUILD:-cpu}
@@ -54,6 +63,11 @@ if [ $has_gpu = 1 ]; then
   stage bench_ops 90 $py bench/ops_ratio.py --device cuda --json "$out/ops.json"
   [ -f bench/gpu_attention_check.py ] && TAIL=60 stage bench_attention 240 $py bench/gpu_attention_check.py
   [ -f bench/codec_rtf.py ] && stage bench_codec 90 $py bench/codec_rtf.py --device cuda
+  [ -f bench/tts_step.py ] && stage bench_tts 60 $py bench/tts_step.py --device cuda
+  if [ "${1:-}" != "--quick" ]; then
+    stage runtime_1 100 $py -m vita_engine.cli bench --dims full --device cuda --sessions 1 --turns 3 --json
+    stage runtime_16 120 $py -m vita_engine.cli bench --dims full --device cuda --sessions 16 --turns 2 --json
+  fi
 else
   stage bench_ops 240 $py bench/ops_ratio.py --device cpu --json "$out/ops.json"
 fi
@@ -61,6 +75,22 @@ fi
 echo
 echo "================ summary ================"
 cat "$summary"
-for f in bench_ops bench_attention bench_codec; do
-  [ -f "$out/$f.log" ] && { echo "--- $f"; grep -E "ratio|GB/s|TFLOP|RTF|PASS|FAIL|rms_norm|silu|rotary|fuse|decode|prefill" "$out/$f.log" | tail -40; }
+for f in bench_ops bench_attention bench_codec bench_tts; do
+  [ -f "$out/$f.log" ] && { echo "--- $f"; grep -E "ratio|GB/s|TFLOP|RTF|FAIL|SUMMARY|rms_norm|silu|rotary|fuse|decode|prefill|batch" "$out/$f.log" | tail -40; }
 done
+for f in runtime_1 runtime_16; do
+  [ -f "$out/$f.log" ] && { echo "--- $f"; $py - "$out/$f.log" <<'PY'
+import json, sys
+txt = open(sys.argv[1]).read()
+try:
+    d = json.loads(txt[txt.index("{"):])
+    print(d.get("sessions"), "sessions", d.get("turns_done"), "turns")
+    for k, m in d.get("metrics", {}).items():
+        print(f"  {k:<24} p50 {m['p50']:>9} p90 {m['p90']:>9} p99 {m['p99']:>9}")
+except Exception as e:
+    print("unreadable:", e, txt[-500:])
+PY
+  }
+done
+cp "$summary" "$final/summary.txt" 2>/dev/null
+tar -C "$out" -czf "$final/logs.tgz" . 2>/dev/null

@@ -2,6 +2,8 @@
 
 `vita-engine check` runs every available kernel once on small random inputs against its torch
 reference, on every available backend, and prints what is available.
+`vita-engine demo` runs one spoken turn end to end (tiny model by default) and prints the latency
+report; `vita-engine bench` drives N concurrent sessions and prints p50/p90/p99 per stage.
 """
 from __future__ import annotations
 
@@ -115,14 +117,13 @@ def _serve(args) -> int:
     if not loopback and token is None:
         print(f"vita-engine serve: WARNING: listening on {args.host} without --token: anyone who can reach "
               "this port can use the model", file=sys.stderr)
-    import torch
-
     from vita_engine.runtime import Engine
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
     kw = {"device": args.device}
-    if dtype is not None:
-        kw["dtype"] = dtype
+    if args.dtype:
+        kw["dtype"] = _dtype(args.dtype)
+    if args.max_new_tokens:
+        kw["max_new_tokens"] = args.max_new_tokens
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(args.model, **kw)
     print(f"vita-engine serve: model {args.model!r} on {args.device} loaded in {time.perf_counter() - t0:.1f} s; "
@@ -142,6 +143,7 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--max-sessions", type=int, default=16, help="concurrent sessions; beyond: refused with 1013")
     s.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
     s.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the engine's)")
+    s.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: the engine's)")
     s.add_argument("--max-frame-bytes", type=int, default=2 << 20)
     s.add_argument("--max-session-s", type=float, default=3600.0)
     s.add_argument("--idle-timeout-s", type=float, default=120.0)
@@ -156,6 +158,102 @@ def _has_cuda() -> bool:
         return vita_engine.cuda_available()
     except Exception:  # noqa: BLE001
         return False
+def _dtype(name):
+    import torch
+
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float16": torch.float16, "fp16": torch.float16}[name]
+
+
+def _read_wav(path):
+    import wave
+
+    import numpy as np
+
+    with wave.open(str(path), "rb") as w:
+        if w.getsampwidth() != 2:
+            raise SystemExit(f"{path}: only 16-bit PCM WAV is supported")
+        ch, sr = w.getnchannels(), w.getframerate()
+        x = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    if ch > 1:
+        x = x.reshape(-1, ch)
+    return x, sr
+
+
+def _write_wav(path, pcm, sr):
+    import wave
+
+    import numpy as np
+
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(int(sr))
+        w.writeframes((np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+def _demo(args) -> int:
+    import torch
+
+    from vita_engine.runtime import Engine
+    from vita_engine.runtime import _compat
+    from vita_engine.runtime.session import feed_audio, summarize_turn
+
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    opts = dict(max_new_tokens=args.max_new_tokens)
+    if args.model == "tiny":
+        opts["tts_max_tokens"] = 64  # spec §10: the tiny TTS decodes at most 64 tokens per segment
+    if args.device == "cpu":
+        opts["cpu_threads"] = args.threads
+    eng = Engine.from_pretrained(args.model, device=args.device, dtype=_dtype(args.dtype), **opts)
+    try:
+        s = eng.session()
+        if args.audio:
+            x, sr = _read_wav(args.audio)
+        else:
+            x, sr = _compat.load_sample("question.wav")
+        if args.image:
+            from PIL import Image
+
+            s.push_image(Image.open(args.image).convert("RGB"))
+        feed_audio(s, x, sr, chunk_ms=args.chunk_ms, realtime=not args.fast)
+        res = summarize_turn(s.collect(timeout=args.timeout))
+        s.close()
+    finally:
+        eng.close()
+    stages = {k: round(v, 2) for k, v in res.metrics.items() if k.endswith("_ms") and k not in ("ttfa_ms", "response_ms")}
+    report = {
+        "model": str(eng.path), "device": args.device, "dtype": args.dtype,
+        "ttfa_ms": round(res.metrics.get("ttfa_ms", float("nan")), 2),
+        "response_ms": round(res.metrics.get("response_ms", float("nan")), 2),
+        "stages": stages,
+        "audio_in_seconds": round(len(x) / sr, 3),
+        "audio_out_seconds": round(res.audio.size / res.sample_rate, 3),
+        "text": res.text,
+        "interrupted": res.interrupted,
+    }
+    if args.out:
+        _write_wav(args.out, res.audio, res.sample_rate)
+        report["out"] = str(args.out)
+    if args.json:
+        print(json.dumps(report, indent=1, ensure_ascii=False))
+    else:
+        print(f"model            : {report['model']} ({args.device}, {args.dtype})")
+        print(f"input            : {report['audio_in_seconds']} s of audio ({'as fast as possible' if args.fast else 'real-time paced'})")
+        print(f"answer text      : {res.text!r}")
+        print(f"answer audio     : {report['audio_out_seconds']} s at {res.sample_rate} Hz" + (f" -> {args.out}" if args.out else ""))
+        print(f"ttfa_ms          : {report['ttfa_ms']}   (end-of-turn decision -> first output sample)")
+        print(f"response_ms      : {report['response_ms']}   (last voiced input sample -> first output sample)")
+        for k, v in stages.items():
+            print(f"  {k:<22}: {v}")
+    return 0
+
+
+def _bench(args) -> int:
+    from vita_engine.runtime.bench import run_bench
+
+    return run_bench(args)
 
 
 def main(argv=None) -> int:
@@ -165,6 +263,37 @@ def main(argv=None) -> int:
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=_check)
     _add_serve_parser(sub)
+
+    d = sub.add_parser("demo", help="run one spoken turn end to end and print the latency report")
+    d.add_argument("--model", default="tiny", help='checkpoint folder, or "tiny" (default: the bundled tiny random model)')
+    d.add_argument("--audio", help="16-bit PCM WAV to speak (default: the bundled question sample)")
+    d.add_argument("--image", help="image to show with the question")
+    d.add_argument("--out", help="write the spoken answer to this WAV file")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"])
+    d.add_argument("--fast", action="store_true", help="feed the audio as fast as possible instead of in real time")
+    d.add_argument("--chunk-ms", type=float, default=40.0, help="input chunk size")
+    d.add_argument("--max-new-tokens", type=int, default=48)
+    d.add_argument("--threads", type=int, default=1, help="CPU threads (torch intra-op)")
+    d.add_argument("--timeout", type=float, default=300.0)
+    d.set_defaults(fn=_demo)
+
+    b = sub.add_parser("bench", help="N concurrent sessions with real-time-paced audio: latency distributions")
+    b.add_argument("--sessions", type=int, default=1)
+    b.add_argument("--turns", type=int, default=3)
+    b.add_argument("--dims", default="tiny", choices=["tiny", "full"], help="tiny checkpoint, or random weights at the real VITA-1.5 dimensions (GPU)")
+    b.add_argument("--model", default=None, help="checkpoint folder (overrides --dims)")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA")
+    b.add_argument("--max-new-tokens", type=int, default=32)
+    b.add_argument("--fast", action="store_true", help="feed audio as fast as possible")
+    b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--tts-max-tokens", type=int, default=None, help="codec tokens per TTS segment (default 64 tiny, 120 full)")
+    b.add_argument("--use-reference", action="store_true", help="run every op on its pure-torch reference")
+    b.add_argument("--plot", help="save a per-stage breakdown plot (needs matplotlib)")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(fn=_bench)
     args = p.parse_args(argv)
     return args.fn(args)
 

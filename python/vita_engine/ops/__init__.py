@@ -2,6 +2,7 @@
 from . import reference
 from .codec import conv1d, conv_transpose1d
 from .sampling import MAX_TOP_K_CUDA, sample_tokens
+from .attention import PagedAttentionPlan, paged_attention, store_kv, varlen_attention
 from .elementwise import fuse_embeddings, fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
 
 __all__ = [
@@ -15,4 +16,8 @@ __all__ = [
     "conv_transpose1d",
     "sample_tokens",
     "MAX_TOP_K_CUDA",
+    "store_kv",
+    "paged_attention",
+    "varlen_attention",
+    "PagedAttentionPlan",
 ]

@@ -1,0 +1,206 @@
+"""`Engine`: one copy of the weights, one paged KV pool, one scheduler thread, many sessions."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from . import _compat
+from .chat import ChatFormat
+from .events import CapacityError
+from .kv_pool import KVPool
+from .metrics import MetricsStore
+from .scheduler import Scheduler
+from .session import Session
+from .state import SessionState
+
+__all__ = ["Engine", "DEFAULT_OPTIONS", "tiny_checkpoint"]
+
+DEFAULT_OPTIONS: Dict[str, Any] = dict(
+    max_sessions=16,            # session slots
+    session_max_tokens=4096,    # per-session KV budget (history trimmed to stay inside)
+    kv_blocks=None,             # pool pages; default max_sessions * session_max_tokens / block_size
+    block_size=16,
+    prefill_chunk_tokens=512,   # prefill tokens per scheduler tick (over all sessions)
+    max_new_tokens=256,
+    temperature=0.0,            # greedy by default (deterministic)
+    top_k=0,
+    seed=0,
+    vad=None,                   # VADConfig or dict of its fields (reference thresholds by default)
+    speculative=True,           # prefill at the VAD's speculative pause
+    barge_in=True,              # new speech while answering interrupts the answer
+    preroll_ms=300,             # audio kept before the detected speech start
+    max_video_frames=4,
+    max_push_seconds=60.0,
+    tts_max_streams=64,
+    tts_max_tokens=None,        # per TTS segment (default: the decoder config's 1000)
+    cpu_threads=None,           # torch intra-op threads for the scheduler (CPU)
+    nvtx=None,                  # NVTX ranges per stage (default: on when CUDA and nvtx are available)
+    use_reference=False,        # run every op on its pure-torch reference
+)
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("VITA_ENGINE_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "vita_engine"
+
+
+def tiny_checkpoint(seed: int = 0) -> Path:
+    """The tiny random checkpoint (spec §10) in a cache folder, written once (atomically)."""
+    from ..testing import make_tiny_checkpoint
+
+    d = _cache_root() / f"tiny-seed{seed}"
+    if (d / "config.json").is_file() and (d / "vita_tts_ckpt" / "codec" / "final.pt").is_file():
+        return d
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=d.parent))
+    make_tiny_checkpoint(tmp / "ckpt", seed=seed)
+    try:
+        os.replace(tmp / "ckpt", d)
+    except OSError:  # another process won the race
+        pass
+    return d
+
+
+class Engine:
+    """See DESIGN §6. Create with `Engine.from_pretrained(path_or_"tiny", device=..., dtype=...)`."""
+
+    def __init__(self, model, path, options: Dict[str, Any]):
+        o = self.options = dict(DEFAULT_OPTIONS)
+        unknown = set(options) - set(DEFAULT_OPTIONS)
+        if unknown:
+            raise TypeError(f"Engine: unknown options {sorted(unknown)}; known: {sorted(DEFAULT_OPTIONS)}")
+        o.update(options)
+        if o["nvtx"] is None:
+            o["nvtx"] = model.llm.device.type == "cuda"
+        self.model, self.path = model, Path(path)
+        self.device = model.llm.device
+        if model.audio is None:
+            warnings.warn("this checkpoint has no audio encoder: push_audio turns are unavailable", stacklevel=3)
+        eos = []
+        gc = self.path / "generation_config.json"
+        if gc.is_file():
+            import json
+
+            v = json.loads(gc.read_text()).get("eos_token_id")
+            eos = [v] if isinstance(v, int) else list(v or [])
+        self.chat = ChatFormat(self.path, eos)
+        v = o["vad"]
+        self.vad_config = v if v is not None and not isinstance(v, dict) else _compat.VADConfig(**(v or {}))
+        bs = int(o["block_size"])
+        nblocks = o["kv_blocks"] or int(o["max_sessions"]) * -(-int(o["session_max_tokens"]) // bs)
+        self.kv = KVPool.for_llm(model.llm, int(nblocks), bs)
+        self.tts = None
+        if model.tts is not None:
+            self.tts = _compat.TTSBatchDecoder(model.tts, max_streams=int(o["tts_max_streams"]), block_size=bs,
+                                               max_tokens=o["tts_max_tokens"])
+        self.codec = model.codec if model.codec is not None else _compat.load_codec_fallback(self.path)
+        self.metrics = MetricsStore()
+        self._lock = threading.Lock()
+        self._sessions: Dict[int, Session] = {}
+        self._next_sid = 0
+        self._closed = False
+        self._scheduler = Scheduler(self)
+
+    @classmethod
+    def from_pretrained(cls, path="tiny", device="cpu", dtype=torch.float32, **options) -> "Engine":
+        """`path`: a VITA-1.5 checkpoint folder, or "tiny" (the tiny random model, cached on disk)."""
+        from ..model import VitaModel
+
+        if str(path) == "tiny":
+            path = tiny_checkpoint()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = VitaModel.from_pretrained(path, device=device, dtype=dtype,
+                                              use_reference=bool(options.get("use_reference", False)))
+        return cls(model, path, options)
+
+    # ---- sessions ----------------------------------------------------------------------------------
+    def session(self, system_prompt: Optional[str] = None, *, seed: Optional[int] = None,
+                temperature: Optional[float] = None, top_k: Optional[int] = None,
+                max_new_tokens: Optional[int] = None) -> Session:
+        """A new conversation. Raises CapacityError when the engine is full (session slots or KV
+        pages); existing sessions are never slowed down or evicted to make room."""
+        o = self.options
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise TypeError(f"session: system_prompt must be str or None, got {type(system_prompt).__name__}")
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("Engine is closed")
+            if len(self._sessions) >= int(o["max_sessions"]):
+                raise CapacityError(f"engine full: {len(self._sessions)} of max_sessions={o['max_sessions']} sessions "
+                                    f"open; close one or raise max_sessions")
+            blocks = self.kv.reserve(int(o["session_max_tokens"]))
+            sid = self._next_sid
+            self._next_sid += 1
+            s = Session(self, sid, system_prompt, o["seed"] if seed is None else seed,
+                        o["temperature"] if temperature is None else temperature,
+                        o["top_k"] if top_k is None else top_k,
+                        o["max_new_tokens"] if max_new_tokens is None else max_new_tokens)
+            self._sessions[sid] = s
+        vad = _compat.StreamingVAD(dataclasses.replace(self.vad_config) if dataclasses.is_dataclass(self.vad_config) else self.vad_config)
+        fe = _compat.IncrementalAudioFrontend(self.model.audio) if self.model.audio is not None else None
+        st = SessionState(s, self.kv.new_sequence(), blocks, vad, fe, int(o["preroll_ms"]) * 16)
+        s._state = st
+        self._scheduler.add(st)
+        return s
+
+    def _session_closed(self, s: Session) -> None:
+        with self._lock:
+            self._sessions.pop(s.id, None)
+
+    @property
+    def num_sessions(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    # ---- inputs ------------------------------------------------------------------------------------
+    def _preprocess_image(self, img, max_tiles):
+        v = self.model.vision
+        if v is None:
+            raise ValueError("this checkpoint has no vision tower: images are not supported")
+        if isinstance(img, torch.Tensor) and img.dim() == 4:
+            return img.to(v.device if hasattr(v, "device") else self.device)
+        try:
+            return v.preprocess(img, max_tiles=max_tiles)
+        except (TypeError, ValueError):
+            raise
+        except Exception as e:
+            raise ValueError(f"push_image: cannot preprocess {type(img).__name__}: {e}") from e
+
+    # ---- metrics / lifecycle -----------------------------------------------------------------------
+    def metrics_summary(self) -> Dict[str, Dict[str, float]]:
+        """p50/p90/p99 (and n, mean, max) of every §7 key across all finished turns and sessions."""
+        return self.metrics.summary()
+
+    @property
+    def stats(self) -> dict:
+        return {"sessions": self.num_sessions, "kv_blocks": self.kv.num_blocks, "kv_free_blocks": self.kv.free_blocks,
+                "kv_reserved_blocks": self.kv.reserved_blocks, "ticks": self._scheduler.ticks,
+                "llm_forwards": self._scheduler.llm.forwards, "llm_rows": self._scheduler.llm.rows,
+                "tick_errors": self._scheduler.tick_errors}
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            sessions = list(self._sessions.values())
+        for s in sessions:
+            s.close()
+        self._scheduler.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.close()

@@ -1,0 +1,121 @@
+"""Paged KV allocator shared by every session of an Engine (one pool for all LLM layers).
+
+Pages ("blocks") of `block_size` tokens live in per-layer tensors `[num_blocks, block_size, Hkv, D]`
+(the layout of `ops.store_kv` / `ops.paged_attention`). A session holds one `SeqKV` (its block list
+and length) for its whole life: history is never re-encoded between turns.
+
+Admission control: each session *reserves* `session_tokens` worth of pages when it is created; the
+reservation is a count, not pages. A new session is admitted only while the sum of reservations fits
+the pool, so running sessions can always grow up to their budget (the scheduler trims a session's
+history to stay inside it) and a full engine refuses new sessions with `CapacityError` instead of
+slowing or corrupting the others.
+"""
+from __future__ import annotations
+
+import threading
+from typing import List
+
+import torch
+
+from .events import CapacityError
+
+__all__ = ["KVPool", "SeqKV"]
+
+
+class KVPool:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype=torch.float32, device="cpu"):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"KVPool: num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.num_blocks, self.block_size, self.device = num_blocks, block_size, torch.device(device)
+        self._free: List[int] = list(range(num_blocks - 1, -1, -1))
+        self._reserved = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_llm(cls, llm, num_blocks: int, block_size: int = 16) -> "KVPool":
+        c = llm.config
+        return cls(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, llm.dtype, llm.device)
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def reserved_blocks(self) -> int:
+        return self._reserved
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-int(tokens) // self.block_size)
+
+    # ---- admission ---------------------------------------------------------------------------------
+    def reserve(self, tokens: int) -> int:
+        """Reserve pages for a new session of up to `tokens` tokens -> blocks reserved, or CapacityError."""
+        n = self.blocks_for(tokens)
+        with self._lock:
+            if self._reserved + n > self.num_blocks:
+                raise CapacityError(
+                    f"KV cache full: a new session needs {n} pages ({tokens} tokens) but only "
+                    f"{self.num_blocks - self._reserved} of {self.num_blocks} pages are unreserved; "
+                    f"close sessions or start the engine with a larger kv_blocks / smaller session_max_tokens")
+            self._reserved += n
+        return n
+
+    def unreserve(self, blocks: int) -> None:
+        with self._lock:
+            self._reserved = max(0, self._reserved - blocks)
+
+    # ---- pages -------------------------------------------------------------------------------------
+    def alloc(self, n: int) -> List[int]:
+        with self._lock:
+            if n > len(self._free):
+                raise CapacityError(f"KV cache: {n} pages needed, {len(self._free)} free")
+            out = [self._free.pop() for _ in range(n)]
+        return out
+
+    def release(self, blocks: List[int]) -> None:
+        if not blocks:
+            return
+        with self._lock:
+            self._free.extend(reversed(blocks))
+
+    def new_sequence(self) -> "SeqKV":
+        return SeqKV(self)
+
+
+class SeqKV:
+    """One session's pages and cached length. Not thread-safe: owned by the scheduler thread."""
+
+    def __init__(self, pool: KVPool):
+        self.pool = pool
+        self.blocks: List[int] = []
+        self.length = 0
+
+    def append(self, n: int) -> torch.Tensor:
+        """Grow by n tokens (allocating pages) -> their slot indices (int64 [n], on the pool device)."""
+        bs = self.pool.block_size
+        need = -(-(self.length + n) // bs) - len(self.blocks)
+        if need > 0:
+            self.blocks += self.pool.alloc(need)
+        pos = torch.arange(self.length, self.length + n)
+        blk = torch.tensor(self.blocks, dtype=torch.int64)[pos // bs]
+        self.length += n
+        return (blk * bs + pos % bs).to(self.pool.device)
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` tokens; pages past them go back to the pool."""
+        length = max(0, min(int(length), self.length))
+        keep = -(-length // self.pool.block_size)
+        self.pool.release(self.blocks[keep:])
+        del self.blocks[keep:]
+        self.length = length
+
+    def release(self) -> None:
+        self.truncate(0)

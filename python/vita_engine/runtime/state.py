@@ -1,0 +1,98 @@
+"""Scheduler-side state of a session and of its turn in flight (owned by the scheduler thread)."""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any, Deque, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .metrics import TurnClock
+
+__all__ = ["Segment", "Turn", "TurnRecord", "SessionState"]
+
+
+@dataclass
+class Segment:
+    """A piece of answer text handed to the TTS, with the LLM tokens it covers."""
+    text: str
+    tok_start: int
+    tok_end: int
+    text_ids: List[int]
+    sid: Optional[int] = None          # TTS stream id once started
+    codec: List[int] = field(default_factory=list)
+    pushed: int = 0                    # codec tokens pushed to the codec stream
+    tts_done: bool = False
+
+
+@dataclass
+class TurnRecord:
+    """What a finished turn left in the KV cache, kept to replay it after evicting older turns."""
+    x_user: torch.Tensor               # spliced input embeddings of the user block + assistant header
+    answer_ids: List[int]
+
+
+@dataclass
+class Turn:
+    idx: int
+    kind: str                          # "audio" | "text"
+    clock: TurnClock
+    x: torch.Tensor                    # prompt embeddings still to prefill ([n, hidden])
+    kv_start: int                      # session KV length before this turn
+    restore: Tuple[Any, ...]           # (needs_close, unfed_ids, sys_len, records) to undo the turn
+    record_x: torch.Tensor             # user-block embeddings for the history record
+    max_new_tokens: int
+    speculative: bool = False
+    spec_end_ms: Optional[float] = None
+    state: str = "prefill"             # prefill | ready | decode | speak
+    prefilled: int = 0
+    held_token: Optional[int] = None
+    tokens: List[int] = field(default_factory=list)
+    n_fed: int = 0
+    llm_done: bool = False
+    detok: Any = None
+    segmenter: Any = None
+    seg_tokens: int = 0                # tokens whose text went into the segmenter
+    segments: List[Segment] = field(default_factory=list)
+    head: int = 0                      # first segment not fully pushed to the codec
+    codec_stream: Any = None
+    samples: int = 0                   # PCM samples emitted
+    text: str = ""
+
+    @property
+    def prompt_end(self) -> int:
+        return self.kv_start + int(self.x.shape[0])
+
+
+class SessionState:
+    def __init__(self, session, seq, reserved_blocks: int, vad, frontend, preroll_samples: int):
+        self.session = session
+        self.seq = seq
+        self.reserved_blocks = reserved_blocks
+        self.vad, self.frontend = vad, frontend
+        self.preroll = preroll_samples
+        self.n_samples = 0                                 # 16 kHz samples seen
+        self.arrivals: Deque[Tuple[int, float]] = collections.deque(maxlen=4096)  # (end sample, wall time)
+        self.hist = np.zeros(0, np.float32)                # recent audio (pre-roll)
+        self.utt_start: Optional[int] = None               # sample index of the utterance's first sample
+        self.pending_images: List[Any] = []                # [pixel_values or features]
+        self.pending_frames: List[Tuple[float, Any]] = []
+        self.queued_texts: Deque[Tuple[str, float]] = collections.deque()
+        self.records: List[TurnRecord] = []
+        self.sys_len: Optional[int] = None                 # KV length of the system prompt
+        self.needs_close = False
+        self.unfed_ids: List[int] = []                     # answer tokens emitted but not in the KV
+        self.turn: Optional[Turn] = None
+        self.next_turn = 0
+        self.gen_step = 0
+        self.chunk_seq = 0
+        self.closed = False
+        self.stats = {"prefill_tokens": 0, "turn_prefill_tokens": [], "decode_tokens": 0, "evictions": 0,
+                      "interrupts": 0, "codec_tokens": 0, "audio_samples": 0}
+
+    def arrival_time(self, sample: int) -> Optional[float]:
+        for end, t in self.arrivals:
+            if end >= sample:
+                return t
+        return self.arrivals[-1][1] if self.arrivals else None
