@@ -99,6 +99,65 @@ def _extra_cases(ops, ref, rnd, dev, dt):
         yield "varlen_attention", lambda: ops.varlen_attention(q, k, v, cu), lambda: ref.varlen_attention(q, k, v, cu)
 
 
+def _serve(args) -> int:
+    """`vita-engine serve`: load the engine once, serve /ws, the browser page, /healthz, /metrics."""
+    import ipaddress
+    import logging
+    import os
+
+    from vita_engine.server import ServerConfig, create_app, serve
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token = args.token or os.environ.get("VITA_TOKEN") or None
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback and token is None:
+        print(f"vita-engine serve: WARNING: listening on {args.host} without --token: anyone who can reach "
+              "this port can use the model", file=sys.stderr)
+    from vita_engine.runtime import Engine
+
+    kw = {"device": args.device}
+    if args.dtype:
+        kw["dtype"] = _dtype(args.dtype)
+    if args.max_new_tokens:
+        kw["max_new_tokens"] = args.max_new_tokens
+    t0 = time.perf_counter()
+    engine = Engine.from_pretrained(args.model, **kw)
+    print(f"vita-engine serve: model {args.model!r} on {args.device} loaded in {time.perf_counter() - t0:.1f} s; "
+          f"http://{args.host}:{args.port}/  (WebSocket /ws, /healthz, /metrics)", file=sys.stderr)
+    cfg = ServerConfig(token=token, max_sessions=args.max_sessions, max_frame_bytes=args.max_frame_bytes,
+                       max_session_s=args.max_session_s, idle_timeout_s=args.idle_timeout_s)
+    serve(create_app(engine, cfg), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _add_serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="real-time WebSocket server + browser page (docs/protocol.md)")
+    s.add_argument("--model", default="tiny", help='checkpoint folder, or "tiny" (default)')
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--token", default=None, help="require this bearer token (or env VITA_TOKEN)")
+    s.add_argument("--max-sessions", type=int, default=16, help="concurrent sessions; beyond: refused with 1013")
+    s.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    s.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the engine's)")
+    s.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: the engine's)")
+    s.add_argument("--max-frame-bytes", type=int, default=2 << 20)
+    s.add_argument("--max-session-s", type=float, default=3600.0)
+    s.add_argument("--idle-timeout-s", type=float, default=120.0)
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(fn=lambda a: _serve(a))
+
+
+def _has_cuda() -> bool:
+    try:
+        import vita_engine
+
+        return vita_engine.cuda_available()
+    except Exception:  # noqa: BLE001
+        return False
 def _dtype(name):
     import torch
 
@@ -203,6 +262,7 @@ def main(argv=None) -> int:
     c = sub.add_parser("check", help="run every kernel once against its torch reference and print the backends")
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=_check)
+    _add_serve_parser(sub)
 
     d = sub.add_parser("demo", help="run one spoken turn end to end and print the latency report")
     d.add_argument("--model", default="tiny", help='checkpoint folder, or "tiny" (default: the bundled tiny random model)')

@@ -1,0 +1,549 @@
+"""The real-time server: an ASGI (Starlette) app with one WebSocket per conversation at `/ws`, the
+browser page at `/`, `/healthz` and `/metrics`. The wire protocol is in docs/protocol.md.
+
+    app = create_app(engine, ServerConfig(token="s3cret", max_sessions=16))
+    serve(app, host="127.0.0.1", port=8000)              # blocking (uvicorn)
+    with BackgroundServer(app) as srv: ... srv.ws_url     # tests / bench: a thread on a free port
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import itertools
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from . import protocol as P
+from .metrics import ServerMetrics
+
+log = logging.getLogger("vita_engine.server")
+STATIC_DIR = Path(__file__).with_name("static")
+
+
+@dataclass
+class ServerConfig:
+    token: Optional[str] = None  # bearer token; None = no auth (bind to loopback then)
+    max_sessions: int = 16  # concurrent WebSocket sessions; beyond: refusal + close 1013
+    max_frame_bytes: int = 2 << 20  # largest client binary frame handled (audio or image)
+    max_json_bytes: int = 64 << 10  # largest client JSON message
+    max_session_s: float = 3600.0  # a session is closed (4001) after this long
+    idle_timeout_s: float = 120.0  # ... or (4000) after this long without any client message
+    hello_timeout_s: float = 10.0  # the first message (hello) must arrive within this
+    max_image_pixels: int = 4096 * 4096  # decoded image size limit (decompression bombs)
+    max_text_chars: int = 8000  # `text` messages and the system prompt
+    min_sample_rate: int = 8000
+    max_sample_rate: int = 48000
+
+    @property
+    def transport_max_bytes(self) -> int:
+        """WebSocket message size the transport accepts (uvicorn ws_max_size): above the protocol
+        limit so oversized frames are read and answered with an `error`; beyond it: close 1009."""
+        return max(4 * self.max_frame_bytes, self.max_frame_bytes + (1 << 20))
+
+    def public(self) -> dict:
+        d = asdict(self)
+        d.pop("token")
+        d["auth"] = self.token is not None
+        return d
+
+
+def _is_capacity_error(e: BaseException) -> bool:
+    try:
+        from vita_engine.runtime import CapacityError  # type: ignore
+
+        if isinstance(e, CapacityError):
+            return True
+    except Exception:  # noqa: BLE001
+        pass
+    return type(e).__name__ == "CapacityError"
+
+
+def _token_ok(expected: Optional[str], got: Any) -> bool:
+    if expected is None:
+        return True
+    if not isinstance(got, str):
+        return False
+    return hmac.compare_digest(got.encode("utf-8"), expected.encode("utf-8"))
+
+
+def _bearer(ws: WebSocket) -> Optional[str]:
+    h = ws.headers.get("authorization", "")
+    if h[:7].lower() == "bearer ":
+        return h[7:].strip()
+    return None
+
+
+def _decode_image(data: bytes, max_pixels: int):
+    """JPEG/PNG bytes -> RGB PIL image; ProtocolError if it does not decode or is too large."""
+    from PIL import Image
+
+    try:
+        im = Image.open(io.BytesIO(data))
+        w, h = im.size
+        if w * h > max_pixels or w < 1 or h < 1:
+            raise P.ProtocolError(f"image of {w}x{h} pixels exceeds the {max_pixels}-pixel limit", "bad_image")
+        im.load()
+        return im.convert("RGB")
+    except P.ProtocolError:
+        raise
+    except Exception as e:  # noqa: BLE001  (PIL raises many types for corrupt data)
+        raise P.ProtocolError(f"image does not decode: {type(e).__name__}: {e}"[:300], "bad_image") from None
+
+
+class _Conn:
+    """One WebSocket conversation: a receive loop (client -> session), an event pump
+    (session -> client) and a watchdog (idle / session-length limits)."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, server: "VitaServer", ws: WebSocket):
+        self.srv, self.ws, self.cfg, self.m = server, ws, server.config, server.metrics
+        self.id = f"s{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        self.session = None
+        self.sample_rate = 16000
+        self.send_lock = asyncio.Lock()
+        self.closed = False
+        self.t0 = time.monotonic()
+        self.last_rx = self.t0
+        self.seq = 0  # next output audio frame's sequence number (session-wide, from 0)
+        self.turn = 0  # the turn whose output is streaming now (runtime numbering)
+        self.turn_samples = 0  # output samples of self.turn sent so far
+        self.answering = False  # some output of self.turn was produced
+        self.muted = False  # client asked to interrupt: drop this turn's remaining audio
+
+    # -- sending ----------------------------------------------------------------------------------
+    async def send_json(self, obj: dict) -> bool:
+        return await self._send(json.dumps(obj), "json")
+
+    async def _send(self, data, kind: str) -> bool:
+        if self.closed:
+            return False
+        try:
+            async with self.send_lock:
+                if isinstance(data, (bytes, bytearray)):
+                    await self.ws.send_bytes(bytes(data))
+                else:
+                    await self.ws.send_text(data)
+        except Exception:  # noqa: BLE001  (peer gone)
+            self.closed = True
+            return False
+        self.m.frames_out.labels(kind).inc()
+        self.m.bytes_out.inc(len(data))
+        return True
+
+    async def error(self, message: str, code: str = "error", fatal: bool = False) -> None:
+        self.m.errors.labels(code).inc()
+        await self.send_json({"type": "error", "message": message, "code": code, "fatal": fatal})
+
+    async def close(self, code: int, reason: str = "") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            async with self.send_lock:
+                if self.ws.application_state != WebSocketState.DISCONNECTED:
+                    await self.ws.close(code=code, reason=reason[:120])
+        except Exception:  # noqa: BLE001
+            pass
+
+    async def refuse(self, message: str, code: str, close_code: int) -> None:
+        self.m.sessions_refused.labels(code).inc()
+        await self.error(message, code, fatal=True)
+        await self.close(close_code, message)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def run(self) -> None:
+        ws = self.ws
+        await ws.accept()
+        header_token = _bearer(ws)
+        try:
+            hello = await asyncio.wait_for(self._recv_hello(), self.cfg.hello_timeout_s)
+        except asyncio.TimeoutError:
+            await self.refuse(f"no hello within {self.cfg.hello_timeout_s:g} s", "hello_timeout", P.CLOSE_POLICY)
+            return
+        if hello is None:
+            return
+        if not (_token_ok(self.cfg.token, header_token) or _token_ok(self.cfg.token, hello.get("token"))):
+            await self.refuse("unauthorized: missing or invalid token", "unauthorized", P.CLOSE_POLICY)
+            return
+        try:
+            opts = self._check_hello(hello)
+        except P.ProtocolError as e:
+            await self.refuse(str(e), e.code, P.CLOSE_POLICY)
+            return
+        if self.srv.active >= self.cfg.max_sessions:
+            await self.refuse(f"server busy: {self.srv.active}/{self.cfg.max_sessions} sessions in use, try again later",
+                              "capacity", P.CLOSE_TRY_AGAIN)
+            return
+        self.srv.active += 1  # no await between the check and here: single event loop
+        self.m.sessions_active.inc()
+        try:
+            try:
+                self.session = self.srv.engine.session(system_prompt=opts.get("system_prompt"))
+            except Exception as e:  # noqa: BLE001
+                if _is_capacity_error(e):
+                    await self.refuse(f"server busy: {e}", "capacity", P.CLOSE_TRY_AGAIN)
+                else:
+                    log.exception("session creation failed")
+                    await self.error(f"could not start a session: {type(e).__name__}: {e}", "internal", fatal=True)
+                    await self.close(P.CLOSE_INTERNAL, "session creation failed")
+                return
+            self.m.sessions_total.inc()
+            ignored = sorted(set(hello.get("options") or {}) - {"system_prompt"})
+            await self.send_json({"type": "ready", "session": self.id, "protocol": P.PROTOCOL_VERSION,
+                                  "sample_rate": self.sample_rate, "format": "pcm16",
+                                  "output": {"sample_rate": P.OUTPUT_SAMPLE_RATE, "format": "pcm16",
+                                             "header_bytes": P.AUDIO_OUT_HEADER_SIZE},
+                                  "limits": {"max_frame_bytes": self.cfg.max_frame_bytes,
+                                             "max_json_bytes": self.cfg.max_json_bytes,
+                                             "max_session_s": self.cfg.max_session_s,
+                                             "idle_timeout_s": self.cfg.idle_timeout_s},
+                                  "ignored_options": ignored})
+            pump = asyncio.create_task(self._pump(), name=f"pump-{self.id}")
+            dog = asyncio.create_task(self._watchdog(), name=f"watchdog-{self.id}")
+            try:
+                await self._recv_loop()
+            finally:
+                for t in (pump, dog):
+                    t.cancel()
+                self._close_session()  # its events() stream ends too
+                # bounded: an engine whose event stream ignores cancellation must not pin the slot
+                _, late = await asyncio.wait({pump, dog}, timeout=5.0)
+                if late:
+                    log.warning("session %s: event stream did not stop within 5 s of the disconnect", self.id)
+        finally:
+            self._close_session()
+            self.srv.active -= 1
+            self.m.sessions_active.dec()
+            await self.close(P.CLOSE_NORMAL)
+
+    def _close_session(self) -> None:
+        s = self.session
+        if s is not None and not getattr(self, "_session_close_called", False):
+            self._session_close_called = True
+            try:
+                s.close()  # frees its KV pages and stops its work
+            except Exception:  # noqa: BLE001
+                log.exception("session %s: close failed", self.id)
+
+    async def _recv_hello(self) -> Optional[dict]:
+        while True:
+            msg = await self.ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                self.closed = True
+                return None
+            self.last_rx = time.monotonic()
+            text = msg.get("text")
+            if text is None:
+                await self.refuse("the first message must be a JSON hello", "bad_hello", P.CLOSE_POLICY)
+                return None
+            try:
+                hello = P.parse_json_in(text, self.cfg.max_json_bytes)
+            except P.ProtocolError as e:
+                await self.refuse(f"bad hello: {e}", "bad_hello", P.CLOSE_POLICY)
+                return None
+            if hello["type"] != "hello":
+                await self.refuse(f'the first message must be a "hello", got "{hello["type"]}"', "bad_hello",
+                                  P.CLOSE_POLICY)
+                return None
+            return hello
+
+    def _check_hello(self, hello: dict) -> dict:
+        sr = hello.get("sample_rate", 16000)
+        if not isinstance(sr, int) or isinstance(sr, bool) or not (self.cfg.min_sample_rate <= sr <= self.cfg.max_sample_rate):
+            raise P.ProtocolError(f"hello.sample_rate must be an integer in [{self.cfg.min_sample_rate}, "
+                                  f"{self.cfg.max_sample_rate}], got {sr!r}", "bad_hello")
+        fmt = hello.get("format", "pcm16")
+        if fmt != "pcm16":
+            raise P.ProtocolError(f'hello.format must be "pcm16", got {fmt!r}', "bad_hello")
+        opts = hello.get("options") or {}
+        if not isinstance(opts, dict):
+            raise P.ProtocolError("hello.options must be an object", "bad_hello")
+        sp = opts.get("system_prompt")
+        if sp is not None and (not isinstance(sp, str) or len(sp) > self.cfg.max_text_chars):
+            raise P.ProtocolError(f"options.system_prompt must be a string of at most {self.cfg.max_text_chars} "
+                                  "characters", "bad_hello")
+        self.sample_rate = sr
+        return opts
+
+    async def _watchdog(self) -> None:
+        while not self.closed:
+            now = time.monotonic()
+            if now - self.t0 >= self.cfg.max_session_s:
+                self.m.errors.labels("session_limit").inc()
+                await self.send_json({"type": "error", "code": "session_limit", "fatal": True,
+                                      "message": f"session longer than {self.cfg.max_session_s:g} s: closing"})
+                await self.close(P.CLOSE_SESSION_LIMIT, "max session length")
+                return
+            if now - self.last_rx >= self.cfg.idle_timeout_s:
+                self.m.errors.labels("idle_timeout").inc()
+                await self.send_json({"type": "error", "code": "idle_timeout", "fatal": True,
+                                      "message": f"no message for {self.cfg.idle_timeout_s:g} s: closing"})
+                await self.close(P.CLOSE_IDLE, "idle timeout")
+                return
+            wait = min(self.t0 + self.cfg.max_session_s, self.last_rx + self.cfg.idle_timeout_s) - now
+            await asyncio.sleep(max(0.01, min(wait, 1.0)))
+
+    async def _recv_loop(self) -> None:
+        while not self.closed:
+            try:
+                msg = await self.ws.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return
+            if msg["type"] == "websocket.disconnect":
+                return
+            self.last_rx = time.monotonic()
+            try:
+                if msg.get("bytes") is not None:
+                    await self._on_binary(msg["bytes"])
+                elif msg.get("text") is not None:
+                    await self._on_json(msg["text"])
+            except P.ProtocolError as e:
+                await self.error(str(e), e.code)
+            except (ValueError, TypeError) as e:  # the runtime rejected this input (its message says why)
+                await self.error(f"{type(e).__name__}: {e}"[:300], "bad_message")
+            except Exception as e:  # noqa: BLE001  (a runtime error on one message must not kill the server)
+                if type(e).__name__ == "SessionClosedError":
+                    await self.error(f"the session is closed: {e}"[:300], "closed", fatal=True)
+                    return
+                log.exception("session %s: error handling a client message", self.id)
+                await self.error(f"internal error: {type(e).__name__}: {e}"[:300], "internal")
+
+    async def _on_binary(self, data: bytes) -> None:
+        self.m.bytes_in.inc(len(data))
+        try:
+            kind, payload = P.parse_binary_in(data, self.cfg.max_frame_bytes)
+        except P.ProtocolError:
+            self.m.frames_in.labels("invalid").inc()
+            raise
+        if kind == P.KIND_AUDIO:
+            self.m.frames_in.labels("audio").inc()
+            if payload.size:
+                self.session.push_audio(payload, self.sample_rate)
+            return
+        self.m.frames_in.labels("image" if kind == P.KIND_IMAGE else "video").inc()
+        # decode (and the runtime's preprocessing inside push_*) off the event loop; awaiting it
+        # keeps the order of this session's inputs
+        if kind == P.KIND_IMAGE:
+            await asyncio.to_thread(lambda: self.session.push_image(_decode_image(payload, self.cfg.max_image_pixels)))
+        else:
+            ts, raw = payload
+            await asyncio.to_thread(
+                lambda: self.session.push_video_frame(_decode_image(raw, self.cfg.max_image_pixels), ts))
+
+    async def _on_json(self, text: str) -> None:
+        self.m.bytes_in.inc(len(text))
+        try:
+            msg = P.parse_json_in(text, self.cfg.max_json_bytes)
+        except P.ProtocolError:
+            self.m.frames_in.labels("invalid").inc()
+            raise
+        t = msg["type"]
+        self.m.frames_in.labels("control").inc()
+        if t == "interrupt":
+            if self.answering:
+                self.muted = True  # no more audio of this turn goes out, even before the runtime reacts
+            self.session.interrupt()
+        elif t == "playback":
+            pos = msg.get("position_s")
+            if isinstance(pos, bool) or not isinstance(pos, (int, float)) or not math.isfinite(pos) or pos < 0:
+                raise P.ProtocolError(f"playback.position_s must be a finite number >= 0, got {pos!r}", "bad_message")
+            self.session.playback_position(float(pos))
+        elif t == "text":
+            s = msg.get("text")
+            if not isinstance(s, str) or not s or len(s) > self.cfg.max_text_chars:
+                raise P.ProtocolError(f"text.text must be a non-empty string of at most {self.cfg.max_text_chars} "
+                                      "characters", "bad_message")
+            self.session.push_text(s)
+        elif t == "end_turn":
+            end = getattr(self.session, "end_turn", None)
+            if callable(end):
+                end()
+            else:  # no explicit end-of-turn in this runtime: let its endpointer see a pause
+                self.session.push_audio(np.zeros(self.sample_rate, dtype=np.int16), self.sample_rate)
+        elif t == "hello":
+            raise P.ProtocolError("hello was already received", "bad_message")
+        elif t == "ping":
+            await self.send_json({"type": "pong", "t": msg.get("t")})
+        else:
+            raise P.ProtocolError(f'unknown message type "{t}"', "unknown_type")
+
+    async def _pump(self) -> None:
+        """Forward the session's events to the client, in order."""
+        try:
+            async for ev in self.session.events():
+                if self.closed:
+                    return
+                name = type(ev).__name__
+                if name == "AudioChunk":
+                    pcm = np.asarray(ev.pcm)
+                    if pcm.size == 0:
+                        continue
+                    sr = int(getattr(ev, "sample_rate", P.OUTPUT_SAMPLE_RATE))
+                    if sr != P.OUTPUT_SAMPLE_RATE:  # the protocol is 24 kHz; resample anything else
+                        n = int(round(pcm.size * P.OUTPUT_SAMPLE_RATE / sr))
+                        pcm = np.interp(np.linspace(0, pcm.size - 1, n), np.arange(pcm.size), pcm.astype(np.float32))
+                    self._set_turn(ev)
+                    self.answering = True
+                    start = getattr(ev, "offset", None)
+                    start = self.turn_samples if start is None else int(start)
+                    self.turn_samples = start + pcm.size
+                    if self.muted:
+                        continue
+                    frame = P.pack_audio_out(self.seq, self.turn, start, pcm)
+                    self.seq += 1  # our own numbering: frames dropped on purpose leave no gap
+                    if not await self._send(frame, "audio"):
+                        return
+                    continue
+                if name == "TextDelta":
+                    self._set_turn(ev)
+                    self.answering = True
+                    if self.muted:
+                        continue
+                elif name == "Interrupted":
+                    self.m.interrupted.inc()
+                elif name == "Metrics":
+                    self._observe(ev.values)
+                elif name == "Error":  # the runtime could not run a turn (e.g. prompt over budget)
+                    self.m.errors.labels("turn_failed").inc()
+                    await self.send_json({"type": "error", "code": "turn_failed", "turn": getattr(ev, "turn", None),
+                                          "message": str(getattr(ev, "message", ev)), "fatal": False})
+                    continue
+                msg = P.event_to_json(ev, self.turn)
+                if name == "TurnEnd":
+                    self.m.turns.inc()
+                    self.turn = int(ev.turn) + 1
+                    self.turn_samples = 0
+                    self.answering = self.muted = False
+                if msg is not None and not await self._send(msg, "json"):
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            log.exception("session %s: event stream failed", self.id)
+            await self.error(f"engine error: {type(e).__name__}: {e}"[:300], "internal", fatal=True)
+            await self.close(P.CLOSE_INTERNAL, "engine error")
+
+    def _set_turn(self, ev) -> None:
+        t = getattr(ev, "turn", None)
+        if t is not None and int(t) != self.turn:
+            self.turn, self.turn_samples = int(t), 0
+            self.muted = False
+
+    def _observe(self, values: dict) -> None:
+        for key, hist in (("ttfa_ms", self.m.ttfa), ("response_ms", self.m.response)):
+            v = values.get(key)
+            if isinstance(v, (int, float)) and math.isfinite(v) and v >= 0:
+                hist.observe(float(v) / 1e3)
+
+
+class VitaServer:
+    def __init__(self, engine, config: Optional[ServerConfig] = None):
+        self.engine = engine
+        self.config = config or ServerConfig()
+        self.metrics = ServerMetrics()
+        self.active = 0
+        self.started = time.time()
+
+    async def ws(self, websocket: WebSocket) -> None:
+        conn = _Conn(self, websocket)
+        try:
+            await conn.run()
+        except Exception:  # noqa: BLE001  (never let one connection take the server down)
+            log.exception("connection %s failed", conn.id)
+            await conn.close(P.CLOSE_INTERNAL, "internal error")
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "sessions_active": self.active, "max_sessions": self.config.max_sessions,
+                             "uptime_s": round(time.time() - self.started, 1), "protocol": P.PROTOCOL_VERSION})
+
+    async def prometheus(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=self.metrics.content_type)
+
+    async def index(self, request: Request) -> Response:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def create_app(engine, config: Optional[ServerConfig] = None) -> Starlette:
+    srv = VitaServer(engine, config)
+    app = Starlette(routes=[
+        Route("/", srv.index),
+        Route("/healthz", srv.healthz),
+        Route("/metrics", srv.prometheus),
+        WebSocketRoute("/ws", srv.ws),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ])
+    app.state.vita = srv
+    return app
+
+
+def _uvicorn_config(app: Starlette, host: str, port: int, log_level: str = "info"):
+    import uvicorn
+
+    cfg: ServerConfig = app.state.vita.config
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, ws="websockets-sansio",
+                          ws_max_size=cfg.transport_max_bytes, ws_ping_interval=20.0, ws_ping_timeout=20.0,
+                          lifespan="off", access_log=False)
+
+
+def serve(app: Starlette, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    import uvicorn
+
+    uvicorn.Server(_uvicorn_config(app, host, port, log_level)).run()
+
+
+class BackgroundServer:
+    """Run the app with uvicorn in a daemon thread on a free loopback port (tests, bench)."""
+
+    def __init__(self, app: Starlette, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.app, self.host = app, host
+        self.server = uvicorn.Server(_uvicorn_config(app, host, port, log_level))
+        self.server.install_signal_handlers = lambda: None  # not the main thread
+        self.thread = threading.Thread(target=self.server.run, name="vita-server", daemon=True)
+        self.port = None
+
+    def start(self, timeout: float = 10.0) -> "BackgroundServer":
+        self.thread.start()
+        t_end = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > t_end:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.port}/ws"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

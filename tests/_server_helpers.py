@@ -1,0 +1,139 @@
+"""Helpers for the server tests: run an app on a loopback port in a thread, make test audio."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import urllib.request
+import wave
+from pathlib import Path
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def running_server(engine, **config):
+    from vita_engine.server import BackgroundServer, ServerConfig, create_app
+
+    app = create_app(engine, ServerConfig(**config))
+    with BackgroundServer(app) as srv:
+        srv.vita = app.state.vita
+        yield srv
+
+
+def run(coro, timeout: float = 30.0):
+    """Run a coroutine in a fresh event loop with an overall time bound."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def http_get(url: str, timeout: float = 5.0):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.headers.get("content-type", ""), r.read().decode()
+
+
+def healthz(srv) -> dict:
+    return json.loads(http_get(srv.url + "/healthz")[2])
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    """Value of one sample in Prometheus text format (0.0 when absent)."""
+    key = name + (("{" + labels + "}") if labels else "")
+    for line in text.splitlines():
+        if line.startswith(key + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def speechlike(seconds: float, sr: int = 16000, seed: int = 0) -> np.ndarray:
+    """A voiced, syllable-modulated harmonic signal (int16) that energy/VAD front ends take for speech."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    f0 = 140 + 20 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    x = sum((0.6 / k) * np.sin(k * phase) for k in range(1, 12))
+    env = 0.55 + 0.45 * np.sin(2 * np.pi * 4.0 * t) ** 2
+    x = x * env + 0.02 * rng.standard_normal(t.size)
+    x = x / np.abs(x).max() * 0.5
+    return np.round(x * 32767).astype(np.int16)
+
+
+def write_wav(path: Path, pcm: np.ndarray, sr: int) -> Path:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sr)
+        w.writeframes(np.asarray(pcm, dtype="<i2").tobytes())
+    return path
+
+
+def png_bytes(w: int = 32, h: int = 24) -> bytes:
+    from PIL import Image
+
+    im = Image.fromarray((np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8))
+    b = io.BytesIO()
+    im.save(b, format="PNG")
+    return b.getvalue()
+
+
+def jpeg_bytes(w: int = 64, h: int = 48) -> bytes:
+    from PIL import Image
+
+    im = Image.fromarray((np.random.default_rng(1).random((h, w, 3)) * 255).astype(np.uint8))
+    b = io.BytesIO()
+    im.save(b, format="JPEG", quality=80)
+    return b.getvalue()
+
+
+async def collect_turn(client, timeout: float = 20.0):
+    """Events up to and including the next TurnEnd -> list (raises on timeout)."""
+    out = []
+
+    async def go():
+        async for ev in client.events():
+            out.append(ev)
+            if type(ev).__name__ == "TurnEnd":
+                return
+
+    await asyncio.wait_for(go(), timeout)
+    return out
+
+
+def load_engine():
+    """The real tiny engine when `vita_engine.runtime` is available, else the fake (-> (engine, real?))."""
+    try:
+        from vita_engine.runtime import Engine
+    except ImportError:
+        from _fake_engine import FakeEngine
+
+        return FakeEngine(), False
+    # the tiny random model rarely stops by itself: bound the answers so the tests stay fast
+    try:
+        return Engine.from_pretrained("tiny", device="cpu", max_new_tokens=24), True
+    except TypeError:  # a runtime without that option
+        return Engine.from_pretrained("tiny", device="cpu"), True
+
+
+def kv_free(engine) -> tuple:
+    """(free, reserved) KV blocks of an engine (real: its KVPool; fake: its page counter)."""
+    kv = getattr(engine, "kv", None)
+    if kv is not None and hasattr(kv, "free_blocks"):
+        return int(kv.free_blocks), int(getattr(kv, "reserved_blocks", 0))
+    return int(engine.kv_free), 0
+
+
+def speech_sample(name: str):
+    """A bundled speech sample (vita_engine.data) as int16 at 16 kHz, or None when not shipped."""
+    try:
+        from vita_engine.data import load_sample
+    except ImportError:
+        return None
+    try:
+        x, sr = load_sample(name)
+    except FileNotFoundError:
+        return None
+    if sr != 16000:
+        from vita_engine.client import _resample_int16
+
+        return _resample_int16(np.round(x * 32767).astype(np.int16), sr, 16000)
+    return np.round(np.clip(x, -1, 1) * 32767).astype(np.int16)
