@@ -699,42 +699,52 @@ namespace detail {
 
 // Tensor-core decode over the paged cache (q_len <= kDecodeMaxQ); writes out (one split) or the
 // split partials into a.workspace (the caller merges them).
+// Launch parameters of the paged layout shared by the tensor-core decode and prefill kernels;
+// rows_per_tile is the kernel's query-row tile (kDM for decode, kBM for prefill).
+PrefillParams paged_params(const PagedAttentionArgs& a, int64_t es, int max_q_len, int rows_per_tile) {
+  const int64_t Hq = a.q.size(1), Hkv = a.k_cache.size(2);
+  PrefillParams p{};
+  p.q = a.q.data;
+  p.sq_t = a.q.stride(0), p.sq_h = a.q.stride(1);
+  p.out = a.out.data;
+  p.so_t = a.out.stride(0), p.so_h = a.out.stride(1);
+  p.k = a.k_cache.data;
+  p.v = a.v_cache.data;
+  p.sk_b = a.k_cache.stride(0), p.sk_o = a.k_cache.stride(1), p.sk_h = a.k_cache.stride(2);
+  p.sv_b = a.v_cache.stride(0), p.sv_o = a.v_cache.stride(1), p.sv_h = a.v_cache.stride(2);
+  p.block_table = a.block_table.ptr<int>();
+  p.sbt_b = a.block_table.stride(0);
+  p.sbt_i = a.block_table.ndim > 1 ? a.block_table.stride(1) : 1;
+  p.block_size = int(a.k_cache.size(1));
+  p.bs_shift = pow2_shift(p.block_size);
+  p.kv_lens = a.kv_lens.ptr<int>();
+  p.skv = a.kv_lens.stride(0);
+  p.cu_q = a.cu_q_lens.ptr<int>();
+  p.scu = a.cu_q_lens.stride(0);
+  p.bias = nullptr;
+  p.group = int(Hq / Hkv);
+  p.row_tiles = int(ceil_div(int64_t(max_q_len) * p.group, rows_per_tile));
+  p.scale_log2 = a.scale * kLog2eP;
+  p.causal = a.causal;
+  auto m16 = [&](int64_t st) { return (st * es) % 16 == 0; };
+  p.vec_q = al16(p.q) && m16(p.sq_t) && m16(p.sq_h);
+  p.vec_kv = al16(p.k) && al16(p.v) && m16(p.sk_b) && m16(p.sk_o) && m16(p.sk_h) && m16(p.sv_b) && m16(p.sv_o) && m16(p.sv_h);
+  p.vec_out = al4(p.out) && p.so_t % 2 == 0 && p.so_h % 2 == 0;
+  return p;
+}
+
+// Tensor-core decode over the paged cache (q_len <= kDecodeMaxQ); writes out (one split) or the
+// split partials into a.workspace (the caller merges them).
 void decode_paged_mma(const PagedAttentionArgs& a, int max_q_len, int num_splits, cudaStream_t s) {
   const char* op = "paged_attention";
   const int64_t Hq = a.q.size(1), D = a.q.size(2), B = a.kv_lens.size(0), Hkv = a.k_cache.size(2);
   prefill_dispatch(a.q.dtype, D, op, [&](auto tag, auto dtag) {
     using T = decltype(tag);
     constexpr int kD = decltype(dtag)::value;
-    const int64_t es = sizeof(T);
-    PrefillParams p{};
-    p.q = a.q.data;
-    p.sq_t = a.q.stride(0), p.sq_h = a.q.stride(1);
-    p.out = a.out.data;
-    p.so_t = a.out.stride(0), p.so_h = a.out.stride(1);
-    p.k = a.k_cache.data;
-    p.v = a.v_cache.data;
-    p.sk_b = a.k_cache.stride(0), p.sk_o = a.k_cache.stride(1), p.sk_h = a.k_cache.stride(2);
-    p.sv_b = a.v_cache.stride(0), p.sv_o = a.v_cache.stride(1), p.sv_h = a.v_cache.stride(2);
-    p.block_table = a.block_table.ptr<int>();
-    p.sbt_b = a.block_table.stride(0);
-    p.sbt_i = a.block_table.ndim > 1 ? a.block_table.stride(1) : 1;
-    p.block_size = int(a.k_cache.size(1));
-    p.bs_shift = pow2_shift(p.block_size);
-    p.kv_lens = a.kv_lens.ptr<int>();
-    p.skv = a.kv_lens.stride(0);
-    p.cu_q = a.cu_q_lens.ptr<int>();
-    p.scu = a.cu_q_lens.stride(0);
-    p.bias = nullptr;
-    p.group = int(Hq / Hkv);
-    p.row_tiles = int(ceil_div(int64_t(max_q_len) * p.group, kDM));
-    p.scale_log2 = a.scale * kLog2eP;
-    p.causal = a.causal;
+    PrefillParams p = paged_params(a, sizeof(T), max_q_len, kDM);
     p.ws = num_splits > 1 ? a.workspace.ptr<float>() : nullptr;
     p.Hq = int(Hq);
     p.num_splits = num_splits;
-    auto m16 = [&](int64_t st) { return (st * es) % 16 == 0; };
-    p.vec_q = al16(p.q) && m16(p.sq_t) && m16(p.sq_h);
-    p.vec_kv = al16(p.k) && al16(p.v) && m16(p.sk_b) && m16(p.sk_o) && m16(p.sk_h) && m16(p.sv_b) && m16(p.sv_o) && m16(p.sv_h);
     p.vec_out = false;
     launch_decode_mma<T, kD>(p, B, Hkv, s, op);
   });
@@ -742,39 +752,11 @@ void decode_paged_mma(const PagedAttentionArgs& a, int max_q_len, int num_splits
 
 void prefill_paged(const PagedAttentionArgs& a, int max_q_len, cudaStream_t s) {
   const char* op = "paged_attention";
-  const int64_t Hq = a.q.size(1), D = a.q.size(2), B = a.kv_lens.size(0), Hkv = a.k_cache.size(2);
+  const int64_t D = a.q.size(2), B = a.kv_lens.size(0), Hkv = a.k_cache.size(2);
   prefill_dispatch(a.q.dtype, D, op, [&](auto tag, auto dtag) {
     using T = decltype(tag);
     constexpr int kD = decltype(dtag)::value;
-    const int64_t es = sizeof(T);
-    PrefillParams p{};
-    p.q = a.q.data;
-    p.sq_t = a.q.stride(0), p.sq_h = a.q.stride(1);
-    p.out = a.out.data;
-    p.so_t = a.out.stride(0), p.so_h = a.out.stride(1);
-    p.k = a.k_cache.data;
-    p.v = a.v_cache.data;
-    p.sk_b = a.k_cache.stride(0), p.sk_o = a.k_cache.stride(1), p.sk_h = a.k_cache.stride(2);
-    p.sv_b = a.v_cache.stride(0), p.sv_o = a.v_cache.stride(1), p.sv_h = a.v_cache.stride(2);
-    p.block_table = a.block_table.ptr<int>();
-    p.sbt_b = a.block_table.stride(0);
-    p.sbt_i = a.block_table.ndim > 1 ? a.block_table.stride(1) : 1;
-    p.block_size = int(a.k_cache.size(1));
-    p.bs_shift = pow2_shift(p.block_size);
-    p.kv_lens = a.kv_lens.ptr<int>();
-    p.skv = a.kv_lens.stride(0);
-    p.cu_q = a.cu_q_lens.ptr<int>();
-    p.scu = a.cu_q_lens.stride(0);
-    p.bias = nullptr;
-    p.group = int(Hq / Hkv);
-    p.row_tiles = int(ceil_div(int64_t(max_q_len) * p.group, kBM));
-    p.scale_log2 = a.scale * kLog2eP;
-    p.causal = a.causal;
-    auto m16 = [&](int64_t st) { return (st * es) % 16 == 0; };
-    p.vec_q = al16(p.q) && m16(p.sq_t) && m16(p.sq_h);
-    p.vec_kv = al16(p.k) && al16(p.v) && m16(p.sk_b) && m16(p.sk_o) && m16(p.sk_h) && m16(p.sv_b) && m16(p.sv_o) && m16(p.sv_h);
-    p.vec_out = al4(p.out) && p.so_t % 2 == 0 && p.so_h % 2 == 0;
-    launch_prefill<T, kD, true, false>(p, B, Hkv, s, op);
+    launch_prefill<T, kD, true, false>(paged_params(a, sizeof(T), max_q_len, kBM), B, Hkv, s, op);
   });
 }
 
