@@ -408,18 +408,24 @@ class Scheduler:
         if t.detok is None:
             t.detok = IncrementalDetokenizer(fmt)
             t.segmenter = _compat.TextSegmenter()
-        delta = t.detok.push(tok)
+        self._text(st, t, t.detok.push(tok))
+        if len(t.tokens) >= t.max_new_tokens:
+            self._llm_done(st, t)
+
+    def _text(self, st: SessionState, t: Turn, delta: str) -> None:
+        """One stable text delta: to the client (TextDelta) and to the TTS segmenter (same text)."""
         if delta:
             t.text += delta
             st.session._sink.put(TextDelta(delta, t.idx))
             for seg in t.segmenter.push(delta):
                 self._add_segment(st, t, seg, len(t.tokens))
-        if len(t.tokens) >= t.max_new_tokens:
-            self._llm_done(st, t)
 
     def _llm_done(self, st: SessionState, t: Turn) -> None:
         t.llm_done = True
         t.state = "speak"
+        if t.detok is not None:
+            # the answer is over: what the detokenizer held back (an incomplete trailing character) goes out
+            self._text(st, t, t.detok.flush())
         if t.segmenter is not None:
             for seg in t.segmenter.flush():
                 self._add_segment(st, t, seg, len(t.tokens))
