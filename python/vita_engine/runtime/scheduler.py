@@ -500,6 +500,9 @@ class Scheduler:
             if tok is None:
                 seg.tts_done = True
                 tts.release(sid)
+                if not seg.codec:  # the TTS ended the segment at once (eos first): it has no audio
+                    st.stats["tts_empty_segments"] = st.stats.get("tts_empty_segments", 0) + 1
+                    t.tts_empty = getattr(t, "tts_empty", 0) + 1  # type: ignore[attr-defined]
             else:
                 seg.codec.append(int(tok))
                 t.clock.mark("first_codec_token", now)
@@ -585,6 +588,8 @@ class Scheduler:
         vals["audio_out_s"] = t.samples / float(getattr(self.e.codec, "sample_rate", 24000) or 24000)
         spoken = [g for g in t.segments if g.text_ids]
         vals["tts_segments"] = float(len(spoken))
+        if getattr(t, "tts_empty", 0):
+            vals["tts_empty_segments"] = float(t.tts_empty)  # type: ignore[attr-defined]
         if any(g.dropped for g in spoken):
             vals["tts_dropped_segments"] = float(sum(g.dropped for g in spoken))
         sink = st.session._sink

@@ -507,7 +507,6 @@ class _Conn:
                     return
                 continue
             ev, n_q = item
-            self.q_msgs -= 1
             if ev is _END:
                 await flush()
                 return
@@ -516,6 +515,7 @@ class _Conn:
                 await self.error(ev.message, "internal", fatal=True)
                 await self.close(P.CLOSE_INTERNAL, "engine error")
                 return
+            self.q_msgs -= 1
             name = type(ev).__name__
             if name == "AudioChunk":
                 pcm = np.asarray(ev.pcm)
