@@ -96,17 +96,43 @@ class ChatFormat:
 
 
 class IncrementalDetokenizer:
-    """Text deltas from a growing token list (holds back incomplete UTF-8; strips a leading ☞)."""
+    """Text deltas from a growing token list.
+
+    Each `push(tok)` decodes the accumulated ids with the tokenizer and returns only the new STABLE
+    suffix: a trailing run of U+FFFD (the bytes of a multi-byte character split across tokens, not
+    yet complete) is held back until a later token completes it. `flush()` (end of the answer) returns
+    what is still held, so the concatenation of all deltas equals `fmt.decode(ids)` exactly (with a
+    leading `☞` answer marker and the spaces after it stripped, spec §1), and a delta contains U+FFFD
+    only where the full decode does. Never decodes a token alone."""
 
     def __init__(self, fmt: ChatFormat):
         self.fmt, self.ids, self.text = fmt, [], ""
+        self.mismatches = 0  # decodes that rewrote already emitted text (never for byte-level BPE)
+
+    def _decoded(self) -> str:
+        full = self.fmt.decode(self.ids)
+        if full.startswith("\u261e"):
+            full = full.lstrip("\u261e").lstrip(" ")
+        return full
+
+    def _delta(self, stable: str) -> str:
+        if stable.startswith(self.text):
+            delta = stable[len(self.text):]
+            self.text = stable
+            return delta
+        if len(stable) <= len(self.text) and self.text.startswith(stable):
+            return ""  # held back more than before (cannot happen for UTF-8 lossy decoding)
+        self.mismatches += 1  # the tokenizer rewrote emitted text: emit nothing older, keep going
+        return ""
 
     def push(self, tok: int) -> str:
-        self.ids.append(tok)
-        full = self.fmt.decode(self.ids)
-        if full.endswith("\ufffd"):
+        self.ids.append(int(tok))
+        full = self._decoded()
+        # a trailing U+FFFD run may be an incomplete character: hold it back until it completes
+        return self._delta(full.rstrip("\ufffd"))
+
+    def flush(self) -> str:
+        """The held-back tail (end of the answer): whatever the full decode has beyond the emitted text."""
+        if not self.ids:
             return ""
-        full = full.lstrip("☞").lstrip(" ") if full.startswith("☞") else full
-        delta = full[len(self.text):] if full.startswith(self.text) else ""
-        self.text = full if full.startswith(self.text) else self.text
-        return delta
+        return self._delta(self._decoded())

@@ -40,6 +40,8 @@ DEFAULT_OPTIONS: Dict[str, Any] = dict(
     max_push_seconds=60.0,
     tts_max_streams=64,
     tts_max_tokens=None,        # per TTS segment (default: the decoder config's 1000)
+    tts_capacity_wait_s=10.0,   # a TTS segment waits this long for a free stream slot/pages, then is
+                                # dropped with an Error event (at once when no stream could free any)
     cpu_threads=None,           # torch intra-op threads for the scheduler (CPU)
     nvtx=None,                  # NVTX ranges per stage (default: on when CUDA and nvtx are available)
     use_reference=False,        # run every op on its pure-torch reference

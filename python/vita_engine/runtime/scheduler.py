@@ -408,21 +408,34 @@ class Scheduler:
         if t.detok is None:
             t.detok = IncrementalDetokenizer(fmt)
             t.segmenter = _compat.TextSegmenter()
-        delta = t.detok.push(tok)
+        self._text(st, t, t.detok.push(tok))
+        if len(t.tokens) >= t.max_new_tokens:
+            self._llm_done(st, t)
+
+    def _text(self, st: SessionState, t: Turn, delta: str) -> None:
+        """One stable text delta: to the client (TextDelta) and to the TTS segmenter (same text)."""
         if delta:
             t.text += delta
             st.session._sink.put(TextDelta(delta, t.idx))
             for seg in t.segmenter.push(delta):
                 self._add_segment(st, t, seg, len(t.tokens))
-        if len(t.tokens) >= t.max_new_tokens:
-            self._llm_done(st, t)
 
     def _llm_done(self, st: SessionState, t: Turn) -> None:
         t.llm_done = True
         t.state = "speak"
+        if t.detok is not None:
+            # the answer is over: what the detokenizer held back (an incomplete trailing character) goes out
+            self._text(st, t, t.detok.flush())
         if t.segmenter is not None:
             for seg in t.segmenter.flush():
                 self._add_segment(st, t, seg, len(t.tokens))
+        if self.e.tts is not None and t.text.strip() and not any(g.text_ids for g in t.segments):
+            # the answer has text but nothing the segmenter calls speakable (no letter or digit: only
+            # symbols, or U+FFFD of invalid bytes, as the random tiny model often answers): speak it as it
+            # is rather than ending the turn without audio (pieces of <= 120 characters)
+            txt = " ".join(t.text.split())
+            for i in range(0, len(txt), 120):
+                self._add_segment(st, t, txt[i:i + 120], len(t.tokens))
         # the last sampled token is not fed: it joins the next turn's prompt with <|im_end|>
         st.stats["turn_answer_tokens"] = len(t.tokens)
 
@@ -451,8 +464,21 @@ class Scheduler:
                     try:
                         with nvtx_range("tts_nar", self._nvtx):
                             seg.sid = tts.start(seg.text_ids, seed=(st.session.seed * 1000003 + t.idx * 1009 + si) % (2**62))
-                    except _compat.TTSCapacityError:
-                        break  # retry next tick, keep the order
+                    except _compat.TTSCapacityError as ex:
+                        now = time.perf_counter()
+                        if seg.waiting_since is None:
+                            seg.waiting_since = now
+                            st.stats["tts_capacity_waits"] = st.stats.get("tts_capacity_waits", 0) + 1
+                        if tts.active() and now - seg.waiting_since < float(self.o["tts_capacity_wait_s"]):
+                            break  # streams in flight will free capacity: retry next tick, keep the order
+                        # nothing can free capacity (no stream in flight) or waited too long: never drop silently
+                        seg.tts_done, seg.dropped = True, True
+                        st.stats["tts_dropped_segments"] = st.stats.get("tts_dropped_segments", 0) + 1
+                        st.session._sink.put(Error(t.idx, f"TTS capacity exhausted: answer segment {si} "
+                                                          f"({len(seg.text_ids)} text tokens) is not spoken "
+                                                          f"after {now - seg.waiting_since:.1f} s: {ex}"))
+                        log.warning("session %d turn %d: TTS segment dropped: %s", st.session.id, t.idx, ex)
+                        continue
                     if "tts_nar_ms" not in t.clock.ms:
                         t.clock.add("tts_nar_ms", (time.perf_counter() - t0) * 1e3)
                     busy = True
@@ -474,6 +500,9 @@ class Scheduler:
             if tok is None:
                 seg.tts_done = True
                 tts.release(sid)
+                if not seg.codec:  # the TTS ended the segment at once (eos first): it has no audio
+                    st.stats["tts_empty_segments"] = st.stats.get("tts_empty_segments", 0) + 1
+                    t.tts_empty = getattr(t, "tts_empty", 0) + 1  # type: ignore[attr-defined]
             else:
                 seg.codec.append(int(tok))
                 t.clock.mark("first_codec_token", now)
@@ -557,6 +586,12 @@ class Scheduler:
         vals = t.clock.values()
         vals["answer_tokens"] = float(kept)
         vals["audio_out_s"] = t.samples / float(getattr(self.e.codec, "sample_rate", 24000) or 24000)
+        spoken = [g for g in t.segments if g.text_ids]
+        vals["tts_segments"] = float(len(spoken))
+        if getattr(t, "tts_empty", 0):
+            vals["tts_empty_segments"] = float(t.tts_empty)  # type: ignore[attr-defined]
+        if any(g.dropped for g in spoken):
+            vals["tts_dropped_segments"] = float(sum(g.dropped for g in spoken))
         sink = st.session._sink
         if interrupted:
             sink.put(Interrupted(t.idx))

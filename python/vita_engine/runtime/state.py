@@ -24,6 +24,8 @@ class Segment:
     codec: List[int] = field(default_factory=list)
     pushed: int = 0                    # codec tokens pushed to the codec stream
     tts_done: bool = False
+    waiting_since: Optional[float] = None  # first TTSCapacityError (the segment waits for a free slot/pages)
+    dropped: bool = False              # never spoken: TTS capacity exhausted (reported with an Error event)
 
 
 @dataclass

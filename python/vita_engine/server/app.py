@@ -49,6 +49,16 @@ class ServerConfig:
     max_text_chars: int = 8000  # `text` messages and the system prompt
     min_sample_rate: int = 8000
     max_sample_rate: int = 48000
+    # output flow control: audio (seconds at 24 kHz) produced for the client but not yet taken by
+    # the transport; beyond it the client reads too slowly: error "slow_client", close 4002
+    send_queue_s: float = 4.0
+    send_queue_messages: int = 20000  # same, for queued JSON events (text deltas ...)
+    slow_client_close_timeout_s: float = 5.0  # how long the error + close may take to go out
+    # outgoing audio is coalesced into frames of at least audio_frame_ms (the engine emits one chunk
+    # per scheduler tick: 12 samples for the tiny model on CPU); a partial frame is sent once its
+    # first sample has waited audio_max_hold_ms (one frame period), and at every turn boundary
+    audio_frame_ms: float = 20.0
+    audio_max_hold_ms: float = 20.0
 
     @property
     def transport_max_bytes(self) -> int:
@@ -106,6 +116,14 @@ def _decode_image(data: bytes, max_pixels: int):
         raise P.ProtocolError(f"image does not decode: {type(e).__name__}: {e}"[:300], "bad_image") from None
 
 
+class _Fail:
+    def __init__(self, message: str):
+        self.message = message
+
+
+_END = object()  # the session's event stream ended
+
+
 class _Conn:
     """One WebSocket conversation: a receive loop (client -> session), an event pump
     (session -> client) and a watchdog (idle / session-length limits)."""
@@ -126,6 +144,12 @@ class _Conn:
         self.turn_samples = 0  # output samples of self.turn sent so far
         self.answering = False  # some output of self.turn was produced
         self.muted = False  # client asked to interrupt: drop this turn's remaining audio
+        # output path: _pump (engine events) -> self.evq -> _writer (coalesce audio, send)
+        self.evq: "asyncio.Queue" = asyncio.Queue()
+        self.q_samples = 0  # output audio samples (24 kHz) queued: not yet taken by the transport
+        self.q_msgs = 0  # events queued
+        self.slow = False
+        self._recv_task: Optional[asyncio.Task] = None
 
     # -- sending ----------------------------------------------------------------------------------
     async def send_json(self, obj: dict) -> bool:
@@ -213,18 +237,22 @@ class _Conn:
                                   "limits": {"max_frame_bytes": self.cfg.max_frame_bytes,
                                              "max_json_bytes": self.cfg.max_json_bytes,
                                              "max_session_s": self.cfg.max_session_s,
-                                             "idle_timeout_s": self.cfg.idle_timeout_s},
+                                             "idle_timeout_s": self.cfg.idle_timeout_s,
+                                             "send_queue_s": self.cfg.send_queue_s,
+                                             "audio_frame_ms": self.cfg.audio_frame_ms},
                                   "ignored_options": ignored})
-            pump = asyncio.create_task(self._pump(), name=f"pump-{self.id}")
+            writer = asyncio.create_task(self._writer(), name=f"writer-{self.id}")
+            pump = asyncio.create_task(self._pump(writer), name=f"pump-{self.id}")
             dog = asyncio.create_task(self._watchdog(), name=f"watchdog-{self.id}")
+            self._recv_task = asyncio.create_task(self._recv_loop(), name=f"recv-{self.id}")
             try:
-                await self._recv_loop()
+                await asyncio.wait({self._recv_task})  # ends on disconnect, or cancelled (slow client)
             finally:
-                for t in (pump, dog):
+                for t in (self._recv_task, pump, dog, writer):
                     t.cancel()
                 self._close_session()  # its events() stream ends too
                 # bounded: an engine whose event stream ignores cancellation must not pin the slot
-                _, late = await asyncio.wait({pump, dog}, timeout=5.0)
+                _, late = await asyncio.wait({pump, dog, writer}, timeout=5.0)
                 if late:
                     log.warning("session %s: event stream did not stop within 5 s of the disconnect", self.id)
         finally:
@@ -384,61 +412,167 @@ class _Conn:
         else:
             raise P.ProtocolError(f'unknown message type "{t}"', "unknown_type")
 
-    async def _pump(self) -> None:
-        """Forward the session's events to the client, in order."""
+    async def _pump(self, writer: asyncio.Task) -> None:
+        """Move the session's events to the send queue (`self.evq`) as they come, so the engine is
+        never held up by the network; when a client reads so slowly that more than `send_queue_s`
+        of audio (or `send_queue_messages` events) waits for the transport, close it (slow_client)."""
+        lim = self.cfg.send_queue_s * P.OUTPUT_SAMPLE_RATE
         try:
             async for ev in self.session.events():
                 if self.closed:
                     return
-                name = type(ev).__name__
-                if name == "AudioChunk":
+                n = 0
+                if type(ev).__name__ == "AudioChunk":
                     pcm = np.asarray(ev.pcm)
-                    if pcm.size == 0:
-                        continue
                     sr = int(getattr(ev, "sample_rate", P.OUTPUT_SAMPLE_RATE))
-                    if sr != P.OUTPUT_SAMPLE_RATE:  # the protocol is 24 kHz; resample anything else
-                        n = int(round(pcm.size * P.OUTPUT_SAMPLE_RATE / sr))
-                        pcm = np.interp(np.linspace(0, pcm.size - 1, n), np.arange(pcm.size), pcm.astype(np.float32))
-                    self._set_turn(ev)
-                    self.answering = True
-                    start = getattr(ev, "offset", None)
-                    start = self.turn_samples if start is None else int(start)
-                    self.turn_samples = start + pcm.size
-                    if self.muted:
-                        continue
-                    frame = P.pack_audio_out(self.seq, self.turn, start, pcm)
-                    self.seq += 1  # our own numbering: frames dropped on purpose leave no gap
-                    if not await self._send(frame, "audio"):
-                        return
-                    continue
-                if name == "TextDelta":
-                    self._set_turn(ev)
-                    self.answering = True
-                    if self.muted:
-                        continue
-                elif name == "Interrupted":
-                    self.m.interrupted.inc()
-                elif name == "Metrics":
-                    self._observe(ev.values)
-                elif name == "Error":  # the runtime could not run a turn (e.g. prompt over budget)
-                    self.m.errors.labels("turn_failed").inc()
-                    await self.send_json({"type": "error", "code": "turn_failed", "turn": getattr(ev, "turn", None),
-                                          "message": str(getattr(ev, "message", ev)), "fatal": False})
-                    continue
-                msg = P.event_to_json(ev, self.turn)
-                if name == "TurnEnd":
-                    self.m.turns.inc()
-                    self.turn = int(ev.turn) + 1
-                    self.turn_samples = 0
-                    self.answering = self.muted = False
-                if msg is not None and not await self._send(msg, "json"):
+                    n = int(round(pcm.size * P.OUTPUT_SAMPLE_RATE / sr)) if sr != P.OUTPUT_SAMPLE_RATE else pcm.size
+                self.q_samples += n
+                self.q_msgs += 1
+                self.evq.put_nowait((ev, n))
+                if self.q_samples > lim or self.q_msgs > self.cfg.send_queue_messages:
+                    await self._slow_client(writer)
                     return
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001
             log.exception("session %s: event stream failed", self.id)
-            await self.error(f"engine error: {type(e).__name__}: {e}"[:300], "internal", fatal=True)
-            await self.close(P.CLOSE_INTERNAL, "engine error")
+            self.evq.put_nowait((_Fail(f"engine error: {type(e).__name__}: {e}"[:300]), 0))
+            return
+        self.evq.put_nowait((_END, 0))
+
+    async def _slow_client(self, writer: asyncio.Task) -> None:
+        """The client does not keep up: stop its session and close with a clear error (nothing is
+        dropped silently: the queued output is discarded and the error says so)."""
+        self.slow = True
+        queued_s = self.q_samples / P.OUTPUT_SAMPLE_RATE
+        msg = (f"client reads too slowly: {queued_s:.1f} s of audio and {self.q_msgs} events waiting to be sent "
+               f"(limit send_queue_s={self.cfg.send_queue_s:g}); the queued output is discarded and the session closed")
+        log.warning("session %s: %s", self.id, msg)
+        self.m.errors.labels("slow_client").inc()
+        self.closed = True  # nobody else sends from now on
+        writer.cancel()
+        await asyncio.wait({writer}, timeout=1.0)
+        self._close_session()  # stop generating for this client
+        err = json.dumps({"type": "error", "code": "slow_client", "fatal": True, "message": msg,
+                          "queued_audio_s": round(queued_s, 3), "queued_events": self.q_msgs})
+        t = self.cfg.slow_client_close_timeout_s
+        try:
+            await asyncio.wait_for(self.send_lock.acquire(), t)
+            try:
+                await asyncio.wait_for(self.ws.send_text(err), t)
+                await asyncio.wait_for(self.ws.close(code=P.CLOSE_SLOW_CLIENT, reason="slow client"), t)
+            finally:
+                self.send_lock.release()
+        except Exception:  # noqa: BLE001  (stalled or gone: the connection is dropped below)
+            log.warning("session %s: slow client: the close did not go out within %g s", self.id, t)
+        if self._recv_task is not None:
+            self._recv_task.cancel()  # run() ends and releases the slot
+
+    async def _writer(self) -> None:
+        """Forward the queued events to the client, in order, coalescing audio into frames of at
+        least `audio_frame_ms` (a partial frame waits at most `audio_max_hold_ms`, and goes out
+        before any non-text event: a turn's audio always precedes its metrics/turn_end)."""
+        cfg, sr = self.cfg, P.OUTPUT_SAMPLE_RATE
+        frame_n = max(1, int(round(cfg.audio_frame_ms * sr / 1000)))
+        max_hold = max(0.0, cfg.audio_max_hold_ms / 1000)
+        loop = asyncio.get_running_loop()
+        pend: list = []  # float32 pieces of the frame being built
+        st = {"n": 0, "q": 0, "start": 0, "turn": 0, "t0": 0.0}
+
+        async def flush() -> bool:
+            if not pend:
+                return True
+            pcm = pend[0] if len(pend) == 1 else np.concatenate(pend)
+            n_q = st["q"]
+            pend.clear()
+            st["n"] = st["q"] = 0
+            if self.muted:  # interrupted while the frame was being built: dropped on purpose, unnumbered
+                self.q_samples -= n_q
+                return True
+            frame = P.pack_audio_out(self.seq, st["turn"], st["start"], pcm)
+            self.seq += 1  # our own numbering: frames dropped on purpose leave no gap
+            ok = await self._send(frame, "audio")
+            self.q_samples -= n_q
+            return ok
+
+        while True:
+            try:
+                if st["n"]:
+                    wait = st["t0"] + max_hold - loop.time()
+                    item = await asyncio.wait_for(self.evq.get(), max(0.0, wait))
+                else:
+                    item = await self.evq.get()
+            except asyncio.TimeoutError:
+                if not await flush():
+                    return
+                continue
+            ev, n_q = item
+            if ev is _END:
+                await flush()
+                return
+            if isinstance(ev, _Fail):
+                await flush()
+                await self.error(ev.message, "internal", fatal=True)
+                await self.close(P.CLOSE_INTERNAL, "engine error")
+                return
+            self.q_msgs -= 1
+            name = type(ev).__name__
+            if name == "AudioChunk":
+                pcm = np.asarray(ev.pcm)
+                if pcm.size == 0:
+                    self.q_samples -= n_q
+                    continue
+                esr = int(getattr(ev, "sample_rate", sr))
+                if esr != sr:  # the protocol is 24 kHz; resample anything else
+                    k = int(round(pcm.size * sr / esr))
+                    pcm = np.interp(np.linspace(0, pcm.size - 1, k), np.arange(pcm.size), pcm.astype(np.float32))
+                t_ev = getattr(ev, "turn", None)
+                if st["n"] and t_ev is not None and int(t_ev) != st["turn"] and not await flush():
+                    return  # the previous turn's frame goes out (or is dropped if muted) first
+                self._set_turn(ev)
+                self.answering = True
+                start = getattr(ev, "offset", None)
+                start = self.turn_samples if start is None else int(start)
+                self.turn_samples = start + pcm.size
+                if self.muted:
+                    self.q_samples -= n_q
+                    continue
+                if st["n"] and (self.turn != st["turn"] or start != st["start"] + st["n"]):
+                    if not await flush():  # never coalesce across turns or sample gaps
+                        return
+                if not st["n"]:
+                    st["start"], st["turn"], st["t0"] = start, self.turn, loop.time()
+                pend.append(np.asarray(pcm, dtype=np.float32).reshape(-1))
+                st["n"] += pcm.size
+                st["q"] += n_q
+                if st["n"] >= frame_n and not await flush():
+                    return
+                continue
+            if name != "TextDelta" and not await flush():  # a turn's audio goes out before its end
+                return
+            if name == "TextDelta":
+                self._set_turn(ev)
+                self.answering = True
+                if self.muted:
+                    continue
+            elif name == "Interrupted":
+                self.m.interrupted.inc()
+            elif name == "Metrics":
+                self._observe(ev.values)
+            elif name == "Error":  # the runtime could not run a turn (e.g. prompt over budget)
+                self.m.errors.labels("turn_failed").inc()
+                if not await self.send_json({"type": "error", "code": "turn_failed", "turn": getattr(ev, "turn", None),
+                                             "message": str(getattr(ev, "message", ev)), "fatal": False}):
+                    return
+                continue
+            msg = P.event_to_json(ev, self.turn)
+            if name == "TurnEnd":
+                self.m.turns.inc()
+                self.turn = int(ev.turn) + 1
+                self.turn_samples = 0
+                self.answering = self.muted = False
+            if msg is not None and not await self._send(msg, "json"):
+                return
 
     def _set_turn(self, ev) -> None:
         t = getattr(ev, "turn", None)

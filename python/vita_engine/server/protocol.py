@@ -33,6 +33,7 @@ CLOSE_INTERNAL = 1011
 CLOSE_TRY_AGAIN = 1013  # capacity: max sessions reached or the engine is out of KV memory
 CLOSE_IDLE = 4000  # no client message for idle_timeout_s
 CLOSE_SESSION_LIMIT = 4001  # session older than max_session_s
+CLOSE_SLOW_CLIENT = 4002  # the client read its output too slowly (send queue over send_queue_s)
 
 MAGIC_JPEG = b"\xff\xd8\xff"
 MAGIC_PNG = b"\x89PNG\r\n\x1a\n"
