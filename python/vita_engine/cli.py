@@ -129,7 +129,8 @@ def _serve(args) -> int:
     print(f"vita-engine serve: model {args.model!r} on {args.device} loaded in {time.perf_counter() - t0:.1f} s; "
           f"http://{args.host}:{args.port}/  (WebSocket /ws, /healthz, /metrics)", file=sys.stderr)
     cfg = ServerConfig(token=token, max_sessions=args.max_sessions, max_frame_bytes=args.max_frame_bytes,
-                       max_session_s=args.max_session_s, idle_timeout_s=args.idle_timeout_s)
+                       max_session_s=args.max_session_s, idle_timeout_s=args.idle_timeout_s,
+                       send_queue_s=args.send_queue_s, audio_frame_ms=args.audio_frame_ms, audio_max_hold_ms=args.audio_frame_ms)
     serve(create_app(engine, cfg), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -147,6 +148,9 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--max-frame-bytes", type=int, default=2 << 20)
     s.add_argument("--max-session-s", type=float, default=3600.0)
     s.add_argument("--idle-timeout-s", type=float, default=120.0)
+    s.add_argument("--send-queue-s", type=float, default=4.0,
+                   help="seconds of queued output audio after which a client that does not read is closed (4002)")
+    s.add_argument("--audio-frame-ms", type=float, default=20.0, help="outgoing audio is coalesced into frames of this length")
     s.add_argument("--log-level", default="info")
     s.set_defaults(fn=lambda a: _serve(a))
 
