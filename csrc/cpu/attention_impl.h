@@ -74,13 +74,13 @@ inline void qk_block(const float* qt, int ldp, int rv, const float* const* krow,
     for (int i = 0; i < NV; ++i) stv(st + size_t(k) * ldp + rv + i * VW, acc[k][i]);
 }
 
-// o[r * D + dc + j] += sum_{t < n} p[t * ldp + r] * vrow[t][dc + j] for R rows, 2 * VW channels.
+// o[r * ldo + dc + j] += sum_{t < n} p[t * ldp + r] * vrow[t][dc + j] for R rows, 2 * VW channels.
 template <int R>
-inline void pv_block(const float* p, int ldp, const float* const* vrow, int n, int dc, float* o, int D) {
+inline void pv_block(const float* p, int ldp, const float* const* vrow, int n, int dc, float* o, int ldo) {
   vf acc[R][2];
   for (int r = 0; r < R; ++r) {
-    acc[r][0] = ldv(o + r * D + dc);
-    acc[r][1] = ldv(o + r * D + dc + VW);
+    acc[r][0] = ldv(o + r * ldo + dc);
+    acc[r][1] = ldv(o + r * ldo + dc + VW);
   }
   for (int t = 0; t < n; ++t) {
     const vf v0 = ldv(vrow[t] + dc), v1 = ldv(vrow[t] + dc + VW);
@@ -91,18 +91,42 @@ inline void pv_block(const float* p, int ldp, const float* const* vrow, int n, i
     }
   }
   for (int r = 0; r < R; ++r) {
-    stv(o + r * D + dc, acc[r][0]);
-    stv(o + r * D + dc + VW, acc[r][1]);
+    stv(o + r * ldo + dc, acc[r][0]);
+    stv(o + r * ldo + dc + VW, acc[r][1]);
   }
 }
 
 template <int R>
-inline void pv_tail(const float* p, int ldp, const float* const* vrow, int n, int d0, float* o, int D) {
+inline void pv_tail(const float* p, int ldp, const float* const* vrow, int n, int d0, int D, float* o, int ldo) {
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < n; ++t) {
       const float pr = p[size_t(t) * ldp + r];
-      for (int d = d0; d < D; ++d) o[r * D + d] += pr * vrow[t][d];
+      for (int d = d0; d < D; ++d) o[r * ldo + d] += pr * vrow[t][d];
     }
+}
+
+// Packed V column block (vb[t * 2VW + j], channels [c * 2VW, c * 2VW + 2VW) of the tile, zero past D):
+// o[r * ldo + j] += sum_{t < n} p[t * ldp + r] * vb[t * 2VW + j] for R rows.
+template <int R>
+inline void pv_packed(const float* p, int ldp, const float* vb, int n, float* o, int ldo) {
+  vf acc[R][2];
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = ldv(o + r * ldo);
+    acc[r][1] = ldv(o + r * ldo + VW);
+  }
+  for (int t = 0; t < n; ++t) {
+    const vf v0 = ldv(vb + t * 2 * VW), v1 = ldv(vb + t * 2 * VW + VW);
+    const float* pt = p + size_t(t) * ldp;
+    for (int r = 0; r < R; ++r) {
+      const float pr = pt[r];
+      acc[r][0] += pr * v0;
+      acc[r][1] += pr * v1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    stv(o + r * ldo, acc[r][0]);
+    stv(o + r * ldo + VW, acc[r][1]);
+  }
 }
 
 // Register block of query rows for the micro-kernels: RB rows x 2 vectors of accumulators
@@ -130,16 +154,18 @@ inline void row_groups(int r0, int M, F&& f) {
 constexpr int KB = VW == 16 ? 8 : 4;  // keys per S micro-kernel (x 2 row vectors of accumulators)
 
 inline int round_rows(int M) { return (M + VW - 1) / VW * VW; }
+// O scratch row stride: D rounded up to the packed V column block (2 * VW channels).
+inline int round_cols(int D) { return (D + 2 * VW - 1) / (2 * VW) * (2 * VW); }
 
 struct Scratch {
-  std::vector<float> q, qt, o, m, l, alpha, st, kn, vn, zero;
+  std::vector<float> q, qt, o, m, l, alpha, st, kn, vn, vp, zero;
   std::vector<int64_t> lim;
   std::vector<int32_t> limi;
   std::vector<const float*> bias;
   std::vector<int64_t> bias_stride;
   Scratch(int rows, int D)
-      : q(size_t(D)), qt(size_t(D) * round_rows(rows)), o(size_t(rows) * D), m(round_rows(rows)), l(round_rows(rows)),
-        alpha(round_rows(rows)), st(size_t(TK) * round_rows(rows)), kn(size_t(TK) * D), vn(size_t(TK) * D), zero(D + 8, 0.f),
+      : q(size_t(D)), qt(size_t(D) * round_rows(rows)), o(size_t(rows) * round_cols(D)), m(round_rows(rows)), l(round_rows(rows)),
+        alpha(round_rows(rows)), st(size_t(TK) * round_rows(rows)), kn(size_t(TK) * D), vn(size_t(TK) * D), vp(size_t(TK) * round_cols(D)), zero(D + 8, 0.f),
         lim(rows), limi(round_rows(rows)), bias(rows), bias_stride(rows) {}
 };
 
@@ -156,6 +182,13 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
   float* O = sc.o.data();
   float* St = sc.st.data();
   const int DV = D - D % (2 * VW);
+  constexpr int W = 2 * VW;
+  const int Dp = round_cols(D), nc = Dp / W;  // O row stride, packed V column blocks
+  // Query blocks (prefill): K rows copied into a contiguous tile and V into column blocks of W
+  // channels, so that both stay in L1 (paged rows sit at a large power-of-two stride and alias
+  // a few cache sets) and every row group reuses the same V slice. Decode (few rows) streams the
+  // cache rows directly: there the copy would cost as much as the compute.
+  const bool pack = M > W;
   const vf ninf = vf{} - std::numeric_limits<float>::infinity();
   for (int64_t t0 = k_begin; t0 < k_end; t0 += TK) {
     const int n = int(std::min<int64_t>(TK, k_end - t0));
@@ -167,7 +200,16 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
     for (int t = 0; t < n; ++t) {
       const T* kp = kc + koff(t0 + t);
       const T* vp = vc + voff(t0 + t);
-      if constexpr (std::is_same_v<T, float>) {
+      if (pack) {
+        load_row(kp, sc.kn.data() + size_t(t) * D, D);
+        krow[t] = sc.kn.data() + size_t(t) * D;
+        for (int c = 0; c < nc; ++c) {
+          float* dst = sc.vp.data() + (size_t(c) * TK + t) * W;
+          const int w = std::min(W, D - c * W);
+          load_row(vp + c * W, dst, w);
+          for (int j = w; j < W; ++j) dst[j] = 0.f;
+        }
+      } else if constexpr (std::is_same_v<T, float>) {
         krow[t] = kp;
         vrow[t] = vp;
       } else {
@@ -223,17 +265,26 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
     for (int r = r0; r < M; ++r) {
       const float a = sc.alpha[r];
       if (a != 1.0f) {
-        float* o = O + size_t(r) * D;
+        float* o = O + size_t(r) * Dp;
 #pragma omp simd
-        for (int d = 0; d < D; ++d) o[d] *= a;
+        for (int d = 0; d < Dp; ++d) o[d] *= a;
       }
     }
     // ---- O += P V
-    row_groups(r0, M, [&](int r, auto R) {
-      constexpr int RR = decltype(R)::value;
-      for (int dc = 0; dc < DV; dc += 2 * VW) pv_block<RR>(St + r, ldp, vrow, n, dc, O + size_t(r) * D, D);
-      if (DV < D) pv_tail<RR>(St + r, ldp, vrow, n, DV, O + size_t(r) * D, D);
-    });
+    if (pack) {  // column block outer: its V slice (TK x W floats) stays in L1 for every row group
+      for (int c = 0; c < nc; ++c) {
+        const float* vb = sc.vp.data() + size_t(c) * TK * W;
+        row_groups(r0, M, [&](int r, auto R) {
+          pv_packed<decltype(R)::value>(St + r, ldp, vb, n, O + size_t(r) * Dp + c * W, Dp);
+        });
+      }
+    } else {
+      row_groups(r0, M, [&](int r, auto R) {
+        constexpr int RR = decltype(R)::value;
+        for (int dc = 0; dc < DV; dc += 2 * VW) pv_block<RR>(St + r, ldp, vrow, n, dc, O + size_t(r) * Dp, Dp);
+        if (DV < D) pv_tail<RR>(St + r, ldp, vrow, n, DV, D, O + size_t(r) * Dp, Dp);
+      });
+    }
   }
 }
 
@@ -282,8 +333,9 @@ void run_attention(const TensorRef& q, const TensorRef& out, const T* kc, const 
     } else if (groups < want_items && kl >= 2 * kMinSplitKeys) {
       ns = std::min<int64_t>({ceil_div(want_items, groups), kl / kMinSplitKeys, 16});
     }
-    for (int64_t j0 = 0; j0 < ql; j0 += BQ) {
-      const int64_t j1 = std::min<int64_t>(ql, j0 + BQ);
+    const int64_t bq = ceil_div(ql, ceil_div(ql, BQ));  // equal query blocks (same count as BQ)
+    for (int64_t j0 = 0; j0 < ql; j0 += bq) {
+      const int64_t j1 = std::min<int64_t>(ql, j0 + bq);
       const int64_t kmax = causal ? std::min<int64_t>(kl, kl - ql + j1) : kl;
       if (kmax <= 0) continue;  // only when kv_len < q_len (rejected by the bindings)
       const int64_t chunk = ceil_div(ceil_div(kmax, std::min<int64_t>(ns, ceil_div(kmax, TK))), TK) * TK;
@@ -308,6 +360,7 @@ void run_attention(const TensorRef& q, const TensorRef& out, const T* kc, const 
   T* Op = out.ptr<T>();
   const int64_t sq0 = q.stride(0), sq1 = q.stride(1), so0 = out.stride(0), so1 = out.stride(1);
   const int maxM = BQ * g;
+  const int Dp = round_cols(D);
 
   parallel_for(int64_t(items.size()), 1, [&](int64_t ib, int64_t ie) {
     Scratch sc(maxM, D);
@@ -332,7 +385,7 @@ void run_attention(const TensorRef& q, const TensorRef& out, const T* kc, const 
         for (int d = 0; d < D; ++d) sc.qt[size_t(d) * round_rows(M) + r] = 0.f;
         sc.limi[r] = 0;
       }
-      std::fill(sc.o.begin(), sc.o.begin() + size_t(M) * D, 0.f);
+      std::fill(sc.o.begin(), sc.o.begin() + size_t(M) * Dp, 0.f);
       std::fill(sc.m.begin(), sc.m.begin() + round_rows(M), -std::numeric_limits<float>::infinity());
       std::fill(sc.l.begin(), sc.l.begin() + round_rows(M), 0.f);
       const int kvh = it.kvh;
@@ -344,7 +397,7 @@ void run_attention(const TensorRef& q, const TensorRef& out, const T* kc, const 
           const int64_t j = it.j0 + r / g;
           const int hq = it.kvh * g + r % g;
           const float inv = sc.l[r] > 0.f ? 1.0f / sc.l[r] : 0.f;
-          const float* o = sc.o.data() + size_t(r) * D;
+          const float* o = sc.o.data() + size_t(r) * Dp;
 #pragma omp simd
           for (int d = 0; d < D; ++d) row[d] = o[d] * inv;
           store_row(row.data(), Op + (q0 + j) * so0 + hq * so1, D);
@@ -354,7 +407,7 @@ void run_attention(const TensorRef& q, const TensorRef& out, const T* kc, const 
         for (int r = 0; r < M; ++r, p += D + 2) {
           p[0] = sc.m[r];
           p[1] = sc.l[r];
-          std::memcpy(p + 2, sc.o.data() + size_t(r) * D, sizeof(float) * D);
+          std::memcpy(p + 2, sc.o.data() + size_t(r) * Dp, sizeof(float) * D);
         }
       }
     }
