@@ -13,8 +13,13 @@
 // Long histories with few items are split over the key range; each split writes (m, l, O) partials
 // that a second pass merges with log-sum-exp weights.
 //
-// This file is included by attention.cpp (VITA_ATTN_VW 8: AVX2 / generic) and attention_avx512.cpp
-// (VITA_ATTN_VW 16), after <algorithm>, <cmath>, <cstring>, <limits>, <vector>, <immintrin.h>,
+// Query blocks (prefill) copy each K tile contiguous and pack V in column blocks (L1-resident; paged
+// rows alias a few cache sets). bfloat16 query blocks on AVX512-BF16 CPUs (attention_avx512bf16.cpp,
+// VITA_ATTN_BF16DP) use AMX tiles when the CPU and kernel allow (attend_amx), else vdpbf16ps
+// (attend_dp); VITA_CPU_ISA=avx512bf16 skips AMX, =avx512 skips both, =avx2 forces the baseline.
+//
+// This file is included by attention.cpp (VITA_ATTN_VW 8: AVX2 / generic), attention_avx512.cpp
+// (VITA_ATTN_VW 16) and attention_avx512bf16.cpp (16, with VITA_ATTN_BF16DP), after <algorithm>, <cmath>, <cstring>, <limits>, <vector>, <immintrin.h>,
 // "vec.h", "vita/kernels/attention.h" and "vita/parallel.h", inside a private namespace.
 // No include guard on purpose.
 
@@ -157,16 +162,71 @@ inline int round_rows(int M) { return (M + VW - 1) / VW * VW; }
 // O scratch row stride: D rounded up to the packed V column block (2 * VW channels).
 inline int round_cols(int D) { return (D + 2 * VW - 1) / (2 * VW) * (2 * VW); }
 
+// dst[0, 2VW) = src[0, w) as float32, zero past w (one packed V column block row).
+template <class T>
+inline void pack_seg(const T* src, float* dst, int w) {
+  if (w == 2 * VW) {
+    if constexpr (std::is_same_v<T, float>) {
+      stv(dst, ldv(src));
+      stv(dst + VW, ldv(src + VW));
+      return;
+    } else if constexpr (std::is_same_v<T, bf16_t>) {
+      typedef uint16_t vh __attribute__((vector_size(VW * 2), aligned(2)));
+      typedef uint32_t vu __attribute__((vector_size(VW * 4)));
+      const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+      for (int i = 0; i < 2; ++i) {
+        const vu u = __builtin_convertvector(*reinterpret_cast<const vh*>(s + i * VW), vu) << 16;
+        stv(dst + i * VW, (vf)u);
+      }
+      return;
+    }
+  }
+  load_row(src, dst, w);
+  for (int j = w; j < 2 * VW; ++j) dst[j] = 0.f;
+}
+
+// dst[0, n) = src[0, n) as float32.
+template <class T>
+inline void pack_row(const T* src, float* dst, int n) {
+  int i = 0;
+  for (; i + 2 * VW <= n; i += 2 * VW) pack_seg(src + i, dst + i, 2 * VW);
+  if (i < n) load_row(src + i, dst + i, n - i);
+}
+
+// Prefetch one cache row (n elements) into L2.
+template <class T>
+inline void prefetch_row(const T* p, int n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (size_t b = 0; b < size_t(n) * sizeof(T); b += 64) __builtin_prefetch(c + b, 0, 2);
+}
+
 struct Scratch {
   std::vector<float> q, qt, o, m, l, alpha, st, kn, vn, vp, zero;
+#if defined(VITA_ATTN_BF16DP)
+  std::vector<uint32_t> qt2, pb, vb2, kbt, vv;
+  std::vector<uint16_t> kb16, qa, pa;
+  std::vector<float> s2;
+#endif
   std::vector<int64_t> lim;
   std::vector<int32_t> limi;
   std::vector<const float*> bias;
   std::vector<int64_t> bias_stride;
   Scratch(int rows, int D)
-      : q(size_t(D)), qt(size_t(D) * round_rows(rows)), o(size_t(rows) * round_cols(D)), m(round_rows(rows)), l(round_rows(rows)),
+      : q(size_t(D)), qt(size_t(D) * round_rows(rows)), o(size_t(round_rows(rows)) * round_cols(D)), m(round_rows(rows)), l(round_rows(rows)),
         alpha(round_rows(rows)), st(size_t(TK) * round_rows(rows)), kn(size_t(TK) * D), vn(size_t(TK) * D), vp(size_t(TK) * round_cols(D)), zero(D + 8, 0.f),
-        lim(rows), limi(round_rows(rows)), bias(rows), bias_stride(rows) {}
+        lim(rows), limi(round_rows(rows)), bias(rows), bias_stride(rows) {
+#if defined(VITA_ATTN_BF16DP)
+    qt2.resize(size_t(D / 2) * round_rows(rows));
+    pb.resize(size_t(TK / 2) * round_rows(rows));
+    vb2.resize(size_t(TK / 2) * round_cols(D));
+    kb16.resize(size_t(TK) * D);
+    kbt.resize(size_t(D / 2) * TK);
+    vv.resize(size_t(TK / 2) * D);
+    qa.resize(size_t(round_rows(rows)) * D);
+    pa.resize(size_t(round_rows(rows)) * TK);
+    s2.resize(size_t(round_rows(rows)) * TK);
+#endif
+  }
 };
 
 // Streams keys [k_begin, k_end) of one (sequence, kv head) through the M query rows held in sc
@@ -201,14 +261,13 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
       const T* kp = kc + koff(t0 + t);
       const T* vp = vc + voff(t0 + t);
       if (pack) {
-        load_row(kp, sc.kn.data() + size_t(t) * D, D);
-        krow[t] = sc.kn.data() + size_t(t) * D;
-        for (int c = 0; c < nc; ++c) {
-          float* dst = sc.vp.data() + (size_t(c) * TK + t) * W;
-          const int w = std::min(W, D - c * W);
-          load_row(vp + c * W, dst, w);
-          for (int j = w; j < W; ++j) dst[j] = 0.f;
+        if (t0 + TK + t < k_end) {  // the next tile's rows into L2 while this one is computed
+          prefetch_row(kc + koff(t0 + TK + t), D);
+          prefetch_row(vc + voff(t0 + TK + t), D);
         }
+        pack_row(kp, sc.kn.data() + size_t(t) * D, D);
+        krow[t] = sc.kn.data() + size_t(t) * D;
+        for (int c = 0; c < nc; ++c) pack_seg(vp + c * W, sc.vp.data() + (size_t(c) * TK + t) * W, std::min(W, D - c * W));
       } else if constexpr (std::is_same_v<T, float>) {
         krow[t] = kp;
         vrow[t] = vp;
@@ -222,12 +281,16 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
     const int np = (n + KB - 1) / KB * KB;
     for (int t = n; t < np; ++t) krow[t] = sc.zero.data();
     // ---- S^T = K Q^T
-    {  // row-vector pairs outer (their Q^T slice stays in L1), key blocks inner
+    // keys in sub-tiles of QKT (their K rows stay in L1 next to one Q^T slice), row-vector pairs
+    // (one Q^T slice, reused by every key block of the sub-tile), key blocks innermost
+    constexpr int QKT = 32;
+    for (int tq = 0; tq < np; tq += QKT) {
+      const int te = std::min(np, tq + QKT);
       int rv = rb0;
       for (; rv + 2 * VW <= ldp; rv += 2 * VW)
-        for (int t = 0; t < np; t += KB) qk_block<KB, 2>(sc.qt.data(), ldp, rv, krow + t, D, St + size_t(t) * ldp);
+        for (int t = tq; t < te; t += KB) qk_block<KB, 2>(sc.qt.data(), ldp, rv, krow + t, D, St + size_t(t) * ldp);
       if (rv < ldp)
-        for (int t = 0; t < np; t += KB) qk_block<KB, 1>(sc.qt.data(), ldp, rv, krow + t, D, St + size_t(t) * ldp);
+        for (int t = tq; t < te; t += KB) qk_block<KB, 1>(sc.qt.data(), ldp, rv, krow + t, D, St + size_t(t) * ldp);
     }
     if (has_bias)
       for (int r = r0; r < M; ++r) {
@@ -287,6 +350,359 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
     }
   }
 }
+
+
+#if defined(VITA_ATTN_BF16DP)
+// ---- bfloat16 prefill with AVX512-BF16 (vdpbf16ps: 2 bf16 products per float lane, float32
+// accumulation). Only built by attention_avx512bf16.cpp and used for bf16 query blocks without
+// bias. Operands are "pair words" (uint32: element 2i in the low half, 2i+1 in the high half):
+// Q^T pairs qt2[dp * ldp + r] = (Q[r][2dp], Q[r][2dp+1]) (unscaled, exact input values; the scale
+// is applied to the float32 scores), K rows used as they are (a broadcast word = 2 channels),
+// P pairs pb[tp * ldp + r] = (P[2tp][r], P[2tp+1][r]) rounded to bf16 (the row sum uses the same
+// rounded values), V pairs per column block vb2[(c * TK/2 + tp) * W + j] = (V[2tp][cW+j], V[2tp+1][cW+j]).
+typedef uint32_t vu __attribute__((vector_size(VW * 4)));
+typedef uint32_t vuu __attribute__((vector_size(VW * 4), aligned(4)));
+typedef uint16_t vh __attribute__((vector_size(VW * 2), aligned(2)));
+
+inline vf dpbf(vf acc, vf a, vf b) { return (vf)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b); }
+inline vf bcast_word(uint32_t w) { return (vf)(vu{} + w); }
+inline vu bf16_rne(vf x) {  // finite x -> bf16 bits in the low half of each lane
+  const vu u = (vu)x;
+  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
+template <int KB_, int NV>
+inline void qk_dp(const uint32_t* qt2, int ldp, int rv, const uint16_t* const* krow, int D, float* st) {
+  vf acc[KB_][NV];
+  for (int k = 0; k < KB_; ++k)
+    for (int i = 0; i < NV; ++i) acc[k][i] = vf{};
+  for (int dp = 0; dp < D / 2; ++dp) {
+    vf q[NV];
+    for (int i = 0; i < NV; ++i) q[i] = ldv(reinterpret_cast<const float*>(qt2 + size_t(dp) * ldp + rv + i * VW));
+    for (int k = 0; k < KB_; ++k) {
+      uint32_t w;
+      std::memcpy(&w, krow[k] + 2 * dp, 4);
+      const vf kw = bcast_word(w);
+      for (int i = 0; i < NV; ++i) acc[k][i] = dpbf(acc[k][i], kw, q[i]);
+    }
+  }
+  for (int k = 0; k < KB_; ++k)
+    for (int i = 0; i < NV; ++i) stv(st + size_t(k) * ldp + rv + i * VW, acc[k][i]);
+}
+
+template <int R>
+inline void pv_dp(const uint32_t* pb, int ldp, const uint32_t* vb, int n2, float* o, int ldo) {
+  vf acc[R][2];
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = ldv(o + r * ldo);
+    acc[r][1] = ldv(o + r * ldo + VW);
+  }
+  for (int tp = 0; tp < n2; ++tp) {
+    const vf v0 = ldv(reinterpret_cast<const float*>(vb + tp * 2 * VW));
+    const vf v1 = ldv(reinterpret_cast<const float*>(vb + tp * 2 * VW + VW));
+    const uint32_t* pt = pb + size_t(tp) * ldp;
+    for (int r = 0; r < R; ++r) {
+      const vf pr = bcast_word(pt[r]);
+      acc[r][0] = dpbf(acc[r][0], pr, v0);
+      acc[r][1] = dpbf(acc[r][1], pr, v1);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    stv(o + r * ldo, acc[r][0]);
+    stv(o + r * ldo + VW, acc[r][1]);
+  }
+}
+
+// attend() for bf16 with the dot-product kernels (same contract; sc.qt2 holds the Q^T pairs and
+// scores are multiplied by `scale`).
+template <class KOff, class VOff>
+void attend_dp(const bf16_t* kc, const bf16_t* vc, KOff koff, VOff voff, int64_t k_begin, int64_t k_end, int M, int D, float scale,
+               Scratch& sc) {
+  constexpr int W = 2 * VW;
+  const uint16_t* krow[TK];
+  const int ldp = round_rows(M);
+  const int Dp = round_cols(D), nc = Dp / W;
+  float* O = sc.o.data();
+  float* St = sc.st.data();
+  uint32_t* pb = sc.pb.data();
+  uint32_t* vb2 = sc.vb2.data();
+  uint16_t* kt = sc.kb16.data();
+  const vf ninf = vf{} - std::numeric_limits<float>::infinity();
+  const uint16_t* zero16 = reinterpret_cast<const uint16_t*>(sc.zero.data());
+  for (int64_t t0 = k_begin; t0 < k_end; t0 += TK) {
+    const int n = int(std::min<int64_t>(TK, k_end - t0));
+    const int n2 = (n + 1) / 2;
+    int r0 = 0;
+    while (r0 < M && sc.lim[r0] <= t0) ++r0;
+    if (r0 == M) break;
+    const int rb0 = r0 / VW * VW;
+    // ---- K rows copied (bf16, contiguous), V rows interleaved in pairs per column block
+    for (int t = 0; t < n; ++t) {
+      if (t0 + TK + t < k_end) {
+        prefetch_row(kc + koff(t0 + TK + t), D);
+        prefetch_row(vc + voff(t0 + TK + t), D);
+      }
+      std::memcpy(kt + size_t(t) * D, kc + koff(t0 + t), sizeof(uint16_t) * D);
+      krow[t] = kt + size_t(t) * D;
+    }
+    for (int tp = 0; tp < n2; ++tp) {
+      const uint16_t* va = reinterpret_cast<const uint16_t*>(vc + voff(t0 + 2 * tp));
+      const uint16_t* vbr = 2 * tp + 1 < n ? reinterpret_cast<const uint16_t*>(vc + voff(t0 + 2 * tp + 1)) : zero16;
+      for (int c = 0; c < nc; ++c) {
+        uint32_t* dst = vb2 + (size_t(c) * (TK / 2) + tp) * W;
+        if (c * W + W <= D) {
+          for (int i = 0; i < 2; ++i) {
+            const vu lo = __builtin_convertvector(*reinterpret_cast<const vh*>(va + c * W + i * VW), vu);
+            const vu hi = __builtin_convertvector(*reinterpret_cast<const vh*>(vbr + c * W + i * VW), vu);
+            *reinterpret_cast<vuu*>(dst + i * VW) = lo | (hi << 16);
+          }
+        } else {
+          for (int j = 0; j < W; ++j) {
+            const int d = c * W + j;
+            dst[j] = d < D ? uint32_t(va[d]) | (uint32_t(vbr[d]) << 16) : 0u;
+          }
+        }
+      }
+    }
+    const int np = (n + KB - 1) / KB * KB;
+    for (int t = n; t < np; ++t) krow[t] = zero16;
+    // ---- S^T = K Q^T (unscaled)
+    constexpr int QKT = 32;
+    for (int tq = 0; tq < np; tq += QKT) {
+      const int te = std::min(np, tq + QKT);
+      int rv = rb0;
+      for (; rv + 2 * VW <= ldp; rv += 2 * VW)
+        for (int t = tq; t < te; t += KB) qk_dp<KB, 2>(sc.qt2.data(), ldp, rv, krow + t, D, St + size_t(t) * ldp);
+      if (rv < ldp)
+        for (int t = tq; t < te; t += KB) qk_dp<KB, 1>(sc.qt2.data(), ldp, rv, krow + t, D, St + size_t(t) * ldp);
+    }
+    // ---- online softmax; P rounded to bf16 and stored in pairs
+    for (int rv = rb0; rv < ldp; rv += VW) {
+      const vi limv = *reinterpret_cast<const viu*>(sc.limi.data() + rv);
+      vf mx = ninf;
+      for (int t = 0; t < n; ++t) {
+        const vf sv = ldv(St + size_t(t) * ldp + rv) * scale;
+        const vi tv = vi{} + int32_t(t0 + t);
+        const vf sm = tv < limv ? sv : ninf;
+        mx = mx > sm ? mx : sm;
+      }
+      const vf mo = ldv(sc.m.data() + rv);
+      const vf mn = mo > mx ? mo : mx;
+      const vf mu = mn == ninf ? vf{} : mn;
+      const vf alpha = exp_le0(mo - mu);
+      vf sum = vf{};
+      for (int tp = 0; tp < n2; ++tp) {
+        const int t = 2 * tp;
+        const vi tv = vi{} + int32_t(t0 + t);
+        vf e0 = exp_le0(ldv(St + size_t(t) * ldp + rv) * scale - mu);
+        e0 = tv < limv ? e0 : vf{};
+        vf e1 = vf{};
+        if (t + 1 < n) {
+          e1 = exp_le0(ldv(St + size_t(t + 1) * ldp + rv) * scale - mu);
+          e1 = (tv + 1) < limv ? e1 : vf{};
+        }
+        const vu b0 = bf16_rne(e0), b1 = bf16_rne(e1);
+        sum += (vf)(b0 << 16) + (vf)(b1 << 16);
+        *reinterpret_cast<vuu*>(pb + size_t(tp) * ldp + rv) = b0 | (b1 << 16);
+      }
+      stv(sc.l.data() + rv, ldv(sc.l.data() + rv) * alpha + sum);
+      stv(sc.m.data() + rv, mn);
+      stv(sc.alpha.data() + rv, alpha);
+    }
+    for (int r = r0; r < M; ++r) {
+      const float a = sc.alpha[r];
+      if (a != 1.0f) {
+        float* o = O + size_t(r) * Dp;
+#pragma omp simd
+        for (int d = 0; d < Dp; ++d) o[d] *= a;
+      }
+    }
+    // ---- O += P V
+    for (int c = 0; c < nc; ++c) {
+      const uint32_t* vb = vb2 + size_t(c) * (TK / 2) * W;
+      row_groups(r0, M, [&](int r, auto R) {
+        pv_dp<decltype(R)::value>(pb + r, ldp, vb, n2, O + size_t(r) * Dp + c * W, Dp);
+      });
+    }
+  }
+}
+
+// ---- bfloat16 prefill with AMX tiles (TDPBF16PS, float32 accumulation), when the CPU has
+// AMX-BF16 and the kernel granted tile data (arch_prctl ARCH_REQ_XCOMP_PERM). Scores in natural
+// layout S[r][t] = Q K^T: A = Q rows (qa[r * D + d], unscaled bf16), B = K^T pair words
+// (kbt[dp * TK + t] = (K[t][2dp], K[t][2dp+1])). Row softmax on S (scale applied in float32),
+// P rounded to bf16 row-major (pa[r * TK + t]); O[r][c] += P V with B = V pair words
+// (vv[tp * D + c] = (V[2tp][c], V[2tp+1][c])), C tiles loaded from / stored to O (float32).
+// All eight tiles are 16 rows x 64 bytes. Needs D % 64 == 0.
+inline bool amx_ready() {
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 22) & 1) || !((d >> 24) & 1)) return false;  // AMX-BF16, AMX-TILE
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  }();
+  const char* e = std::getenv("VITA_CPU_ISA");
+  return ok && !(e && std::strcmp(e, "avx512bf16") == 0);
+}
+
+// Horizontal max / sum of a 16-lane vector (tree of shuffles).
+inline float hmax16(vf x) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  v8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7), b = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  a = a > b ? a : b;
+  v4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3), d = __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  c = c > d ? c : d;
+  return std::max(std::max(c[0], c[1]), std::max(c[2], c[3]));
+}
+inline float hsum16(vf x) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  const v8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (c[0] + c[1]) + (c[2] + c[3]);
+}
+
+struct alignas(64) TileCfg {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  TileCfg() {
+    for (int i = 0; i < 8; ++i) colsb[i] = 64, rows[i] = 16;
+  }
+};
+
+template <class KOff, class VOff>
+void attend_amx(const bf16_t* kc, const bf16_t* vc, KOff koff, VOff voff, int64_t k_begin, int64_t k_end, int M, int D, float scale,
+                Scratch& sc) {
+  static_assert(TK == 64 && VW == 16, "AMX tiling assumes 64-key tiles and 16-row lanes");
+  static const TileCfg cfg;
+  _tile_loadconfig(&cfg);
+  const int ldp = round_rows(M);
+  const int Dp = round_cols(D);
+  float* O = sc.o.data();
+  float* S = sc.s2.data();
+  uint16_t* pa = sc.pa.data();
+  uint32_t* kbt = sc.kbt.data();
+  uint32_t* vv = sc.vv.data();
+  const uint16_t* qa = sc.qa.data();
+  const uint16_t* zero16 = reinterpret_cast<const uint16_t*>(sc.zero.data());
+  const int D2 = D / 2;
+  vi iota;
+  for (int i = 0; i < VW; ++i) iota[i] = i;
+  for (int64_t t0 = k_begin; t0 < k_end; t0 += TK) {
+    const int n = int(std::min<int64_t>(TK, k_end - t0));
+    int r0 = 0;
+    while (r0 < M && sc.lim[r0] <= t0) ++r0;
+    if (r0 == M) break;
+    const int rb0 = r0 / 16 * 16;
+    // ---- K^T and V as pair words (keys past n: zero)
+    for (int t = 0; t < TK; ++t) {
+      if (t < n && t0 + TK + t < k_end) {
+        prefetch_row(kc + koff(t0 + TK + t), D);
+        prefetch_row(vc + voff(t0 + TK + t), D);
+      }
+      const uint16_t* kr = t < n ? reinterpret_cast<const uint16_t*>(kc + koff(t0 + t)) : zero16;
+      for (int dp = 0; dp < D2; ++dp) std::memcpy(kbt + size_t(dp) * TK + t, kr + 2 * dp, 4);
+    }
+    for (int tp = 0; tp < TK / 2; ++tp) {
+      const uint16_t* va = 2 * tp < n ? reinterpret_cast<const uint16_t*>(vc + voff(t0 + 2 * tp)) : zero16;
+      const uint16_t* vb = 2 * tp + 1 < n ? reinterpret_cast<const uint16_t*>(vc + voff(t0 + 2 * tp + 1)) : zero16;
+      uint32_t* dst = vv + size_t(tp) * D;
+      for (int c = 0; c < D; c += VW) {
+        const vu lo = __builtin_convertvector(*reinterpret_cast<const vh*>(va + c), vu);
+        const vu hi = __builtin_convertvector(*reinterpret_cast<const vh*>(vb + c), vu);
+        *reinterpret_cast<vuu*>(dst + c) = lo | (hi << 16);
+      }
+    }
+    // ---- S = Q K^T, one row tile x 64 keys (tiles 0-3) at a time
+    for (int rt = rb0; rt < ldp; rt += 16) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int st = 0; st < D / 32; ++st) {
+        _tile_loadd(4, qa + size_t(rt) * D + st * 32, D * 2);
+        const uint32_t* kb = kbt + size_t(st) * 16 * TK;
+        _tile_loadd(5, kb, TK * 4);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(6, kb + 16, TK * 4);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(7, kb + 32, TK * 4);
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_loadd(5, kb + 48, TK * 4);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+      float* sr = S + size_t(rt) * TK;
+      _tile_stored(0, sr, TK * 4);
+      _tile_stored(1, sr + 16, TK * 4);
+      _tile_stored(2, sr + 32, TK * 4);
+      _tile_stored(3, sr + 48, TK * 4);
+    }
+    // ---- online softmax per row; P as bf16 rows
+    const vi nv = vi{} + n;
+    for (int r = rb0; r < ldp; ++r) {
+      const vi limv = vi{} + int32_t(sc.limi[r] - t0);  // key t of the tile visible iff t < lim - t0 and t < n
+      const float* sr = S + size_t(r) * TK;
+      vf sv[TK / VW];
+      vf mx = vf{} - std::numeric_limits<float>::infinity();
+      for (int v = 0; v < TK / VW; ++v) {
+        const vi tv = iota + v * VW;
+        sv[v] = ldv(sr + v * VW) * scale;
+        sv[v] = (tv < limv) & (tv < nv) ? sv[v] : vf{} - std::numeric_limits<float>::infinity();
+        mx = mx > sv[v] ? mx : sv[v];
+      }
+      const float mo = sc.m[r];
+      const float mn = std::max(mo, hmax16(mx));
+      const float mu = mn == -std::numeric_limits<float>::infinity() ? 0.f : mn;
+      const float alpha = mo == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(mo - mu);
+      vf sum = vf{};
+      uint16_t* pr = pa + size_t(r) * TK;
+      for (int v = 0; v < TK / VW; ++v) {
+        const vi tv = iota + v * VW;
+        vf e = exp_le0(sv[v] - mu);
+        e = (tv < limv) & (tv < nv) ? e : vf{};
+        const vu b = bf16_rne(e);
+        sum += (vf)(b << 16);
+        *reinterpret_cast<vh*>(pr + v * VW) = __builtin_convertvector(b, vh);
+      }
+      sc.l[r] = sc.l[r] * alpha + hsum16(sum);
+      sc.m[r] = mn;
+      if (alpha != 1.0f) {
+        float* o = O + size_t(r) * Dp;
+#pragma omp simd
+        for (int d = 0; d < Dp; ++d) o[d] *= alpha;
+      }
+    }
+    // ---- O += P V, one row tile x 64 channels (tiles 0-3) at a time
+    for (int rt = rb0; rt < ldp; rt += 16)
+      for (int c0 = 0; c0 < D; c0 += 64) {
+        float* oc = O + size_t(rt) * Dp + c0;
+        _tile_loadd(0, oc, Dp * 4);
+        _tile_loadd(1, oc + 16, Dp * 4);
+        _tile_loadd(2, oc + 32, Dp * 4);
+        _tile_loadd(3, oc + 48, Dp * 4);
+        for (int u = 0; u < TK / 32; ++u) {
+          _tile_loadd(4, pa + size_t(rt) * TK + u * 32, TK * 2);
+          const uint32_t* vb = vv + size_t(u) * 16 * D + c0;
+          _tile_loadd(5, vb, D * 4);
+          _tile_dpbf16ps(0, 4, 5);
+          _tile_loadd(6, vb + 16, D * 4);
+          _tile_dpbf16ps(1, 4, 6);
+          _tile_loadd(7, vb + 32, D * 4);
+          _tile_dpbf16ps(2, 4, 7);
+          _tile_loadd(5, vb + 48, D * 4);
+          _tile_dpbf16ps(3, 4, 5);
+        }
+        _tile_stored(0, oc, Dp * 4);
+        _tile_stored(1, oc + 16, Dp * 4);
+        _tile_stored(2, oc + 32, Dp * 4);
+        _tile_stored(3, oc + 48, Dp * 4);
+      }
+  }
+  _tile_release();
+}
+#endif  // VITA_ATTN_BF16DP
 
 // One (sequence, kv head, query block, split) unit of work.
 struct Item {
@@ -370,28 +786,61 @@ void run_attention(const TensorRef& q, const TensorRef& out, const T* kc, const 
       int64_t q0, ql, kl;
       seq(it.b, q0, ql, kl);
       const int M = (it.j1 - it.j0) * g;
+      bool dp = false, amx = false;  // bf16 query blocks without bias: AMX tiles, else vdpbf16ps
+      (void)amx;
+#if defined(VITA_ATTN_BF16DP)
+      if constexpr (std::is_same_v<T, bf16_t>) {
+        dp = M > 2 * VW && !has_bias && D % 2 == 0;
+        amx = dp && D % 64 == 0 && amx_ready();
+      }
+#endif
       for (int64_t j = it.j0; j < it.j1; ++j)
         for (int h = 0; h < g; ++h) {
           const int r = int(j - it.j0) * g + h;
           const int hq = it.kvh * g + h;
-          load_row(Qp + (q0 + j) * sq0 + hq * sq1, sc.q.data(), D);
           const int ldp = round_rows(M);
-          for (int d = 0; d < D; ++d) sc.qt[size_t(d) * ldp + r] = sc.q[d] * scale;
+#if defined(VITA_ATTN_BF16DP)
+          if (amx) {
+            std::memcpy(&sc.qa[size_t(r) * D], Qp + (q0 + j) * sq0 + hq * sq1, sizeof(uint16_t) * D);
+          } else if (dp) {
+            const T* qr = Qp + (q0 + j) * sq0 + hq * sq1;
+            for (int d2 = 0; d2 < D / 2; ++d2) std::memcpy(&sc.qt2[size_t(d2) * ldp + r], qr + 2 * d2, 4);
+          } else
+#endif
+          {
+            load_row(Qp + (q0 + j) * sq0 + hq * sq1, sc.q.data(), D);
+            for (int d = 0; d < D; ++d) sc.qt[size_t(d) * ldp + r] = sc.q[d] * scale;
+          }
           sc.lim[r] = causal ? kl - ql + j + 1 : kl;
           sc.limi[r] = int32_t(sc.lim[r]);
           if (has_bias) sc.bias[r] = bias_row(it.b, hq, sc.bias_stride[r]);
         }
       for (int r = M; r < round_rows(M); ++r) {  // padding lanes: zero queries that see no key
         for (int d = 0; d < D; ++d) sc.qt[size_t(d) * round_rows(M) + r] = 0.f;
+#if defined(VITA_ATTN_BF16DP)
+        if (dp) for (int d2 = 0; d2 < D / 2; ++d2) sc.qt2[size_t(d2) * round_rows(M) + r] = 0u;
+        if (amx) std::memset(&sc.qa[size_t(r) * D], 0, sizeof(uint16_t) * D);
+#endif
         sc.limi[r] = 0;
       }
-      std::fill(sc.o.begin(), sc.o.begin() + size_t(M) * Dp, 0.f);
+      std::fill(sc.o.begin(), sc.o.begin() + size_t(round_rows(M)) * Dp, 0.f);
       std::fill(sc.m.begin(), sc.m.begin() + round_rows(M), -std::numeric_limits<float>::infinity());
       std::fill(sc.l.begin(), sc.l.begin() + round_rows(M), 0.f);
       const int kvh = it.kvh;
       const int64_t b = it.b;
-      attend<T>(kc, vc, [&](int64_t t) { return koff(b, kvh, t); }, [&](int64_t t) { return voff(b, kvh, t); }, it.k0, it.k1, M,
-                D, has_bias, sc);
+#if defined(VITA_ATTN_BF16DP)
+      if constexpr (std::is_same_v<T, bf16_t>) {
+        if (amx)
+          attend_amx(kc, vc, [&](int64_t t) { return koff(b, kvh, t); }, [&](int64_t t) { return voff(b, kvh, t); }, it.k0, it.k1, M,
+                     D, scale, sc);
+        else if (dp)
+          attend_dp(kc, vc, [&](int64_t t) { return koff(b, kvh, t); }, [&](int64_t t) { return voff(b, kvh, t); }, it.k0, it.k1, M,
+                    D, scale, sc);
+      }
+#endif
+      if (!dp)
+        attend<T>(kc, vc, [&](int64_t t) { return koff(b, kvh, t); }, [&](int64_t t) { return voff(b, kvh, t); }, it.k0, it.k1, M,
+                  D, has_bias, sc);
       if (it.part < 0) {
         for (int r = 0; r < M; ++r) {
           const int64_t j = it.j0 + r / g;
