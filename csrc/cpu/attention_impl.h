@@ -563,6 +563,34 @@ inline float hsum16(vf x) {
   return (c[0] + c[1]) + (c[2] + c[3]);
 }
 
+// dst[c * ld + i] = src[i][c] for a 16 x 16 block of 32-bit words (rows src[i], 64 bytes each).
+// (GCC 12's unpack intrinsics trip -Wmaybe-uninitialized on their internal _mm512_undefined.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+inline void transpose16(const uint32_t* const* src, uint32_t* dst, int ld) {
+  __m512i r[16], a[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src[i]);
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int j = 0; j < 4; ++j) {  // r[4j + k], 128-bit lane L = column 4L + k of rows 4j..4j+3
+    r[4 * j + 0] = _mm512_unpacklo_epi64(a[4 * j], a[4 * j + 2]);
+    r[4 * j + 1] = _mm512_unpackhi_epi64(a[4 * j], a[4 * j + 2]);
+    r[4 * j + 2] = _mm512_unpacklo_epi64(a[4 * j + 1], a[4 * j + 3]);
+    r[4 * j + 3] = _mm512_unpackhi_epi64(a[4 * j + 1], a[4 * j + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512i c0 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x88), c1 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xDD);
+    const __m512i c2 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0x88), c3 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0xDD);
+    _mm512_storeu_si512(dst + size_t(k) * ld, _mm512_shuffle_i32x4(c0, c2, 0x88));
+    _mm512_storeu_si512(dst + size_t(4 + k) * ld, _mm512_shuffle_i32x4(c1, c3, 0x88));
+    _mm512_storeu_si512(dst + size_t(8 + k) * ld, _mm512_shuffle_i32x4(c0, c2, 0xDD));
+    _mm512_storeu_si512(dst + size_t(12 + k) * ld, _mm512_shuffle_i32x4(c1, c3, 0xDD));
+  }
+}
+#pragma GCC diagnostic pop
+
 struct alignas(64) TileCfg {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
@@ -597,14 +625,20 @@ void attend_amx(const bf16_t* kc, const bf16_t* vc, KOff koff, VOff voff, int64_
     if (r0 == M) break;
     const int rb0 = r0 / 16 * 16;
     // ---- K^T and V as pair words (keys past n: zero)
+    const uint32_t* kr[TK];
     for (int t = 0; t < TK; ++t) {
       if (t < n && t0 + TK + t < k_end) {
         prefetch_row(kc + koff(t0 + TK + t), D);
         prefetch_row(vc + voff(t0 + TK + t), D);
       }
-      const uint16_t* kr = t < n ? reinterpret_cast<const uint16_t*>(kc + koff(t0 + t)) : zero16;
-      for (int dp = 0; dp < D2; ++dp) std::memcpy(kbt + size_t(dp) * TK + t, kr + 2 * dp, 4);
+      kr[t] = reinterpret_cast<const uint32_t*>(t < n ? reinterpret_cast<const uint16_t*>(kc + koff(t0 + t)) : zero16);
     }
+    for (int tb = 0; tb < TK; tb += 16)
+      for (int dp = 0; dp < D2; dp += 16) {
+        const uint32_t* src[16];
+        for (int i = 0; i < 16; ++i) src[i] = kr[tb + i] + dp;
+        transpose16(src, kbt + size_t(dp) * TK + tb, TK);
+      }
     for (int tp = 0; tp < TK / 2; ++tp) {
       const uint16_t* va = 2 * tp < n ? reinterpret_cast<const uint16_t*>(vc + voff(t0 + 2 * tp)) : zero16;
       const uint16_t* vb = 2 * tp + 1 < n ? reinterpret_cast<const uint16_t*>(vc + voff(t0 + 2 * tp + 1)) : zero16;
