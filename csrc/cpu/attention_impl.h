@@ -211,11 +211,13 @@ struct Scratch {
   std::vector<int32_t> limi;
   std::vector<const float*> bias;
   std::vector<int64_t> bias_stride;
-  Scratch(int rows, int D)
+  // bf16: also the buffers of the bf16 dot-product / AMX paths (query blocks only).
+  Scratch(int rows, int D, bool bf16 = false)
       : q(size_t(D)), qt(size_t(D) * round_rows(rows)), o(size_t(round_rows(rows)) * round_cols(D)), m(round_rows(rows)), l(round_rows(rows)),
         alpha(round_rows(rows)), st(size_t(TK) * round_rows(rows)), kn(size_t(TK) * D), vn(size_t(TK) * D), vp(size_t(TK) * round_cols(D)), zero(D + 8, 0.f),
         lim(rows), limi(round_rows(rows)), bias(rows), bias_stride(rows) {
 #if defined(VITA_ATTN_BF16DP)
+    if (!bf16) return;
     qt2.resize(size_t(D / 2) * round_rows(rows));
     pb.resize(size_t(TK / 2) * round_rows(rows));
     vb2.resize(size_t(TK / 2) * round_cols(D));
@@ -769,6 +771,7 @@ void run_attention(const TensorRef& q, const TensorRef& out, const T* kc, const 
     groups += ceil_div(ql, BQ) * Hkv;
   }
   std::vector<Item> items;
+  int max_rows = 1;  // largest item (sizes the per-thread scratch)
   std::vector<Merge> merges;
   items.reserve(size_t(groups));
   int64_t part = 0;
@@ -791,6 +794,7 @@ void run_attention(const TensorRef& q, const TensorRef& out, const T* kc, const 
       const int64_t chunk = ceil_div(ceil_div(kmax, std::min<int64_t>(ns, ceil_div(kmax, TK))), TK) * TK;
       const int64_t nsplit = ceil_div(kmax, chunk);
       const int64_t rows = (j1 - j0) * g;
+      max_rows = std::max(max_rows, int(rows));
       for (int h = 0; h < Hkv; ++h) {
         if (nsplit == 1) {
           items.push_back({int32_t(b), h, int32_t(j0), int32_t(j1), 0, kmax, -1});
@@ -809,11 +813,11 @@ void run_attention(const TensorRef& q, const TensorRef& out, const T* kc, const 
   const T* Qp = q.ptr<T>();
   T* Op = out.ptr<T>();
   const int64_t sq0 = q.stride(0), sq1 = q.stride(1), so0 = out.stride(0), so1 = out.stride(1);
-  const int maxM = BQ * g;
+  const int maxM = max_rows;
   const int Dp = round_cols(D);
 
   parallel_for(int64_t(items.size()), 1, [&](int64_t ib, int64_t ie) {
-    Scratch sc(maxM, D);
+    Scratch sc(maxM, D, std::is_same_v<T, bf16_t> && maxM > 2 * VW);
     std::vector<float> row(D);
     for (int64_t i = ib; i < ie; ++i) {
       const Item& it = items[i];
