@@ -951,13 +951,19 @@ void paged_impl(const PagedAttentionArgs& a) {
     ql = cu[(b + 1) * cus] - q0;
     kl = kv[b * kvs];
   };
-  auto koff = [&](int64_t b, int kvh, int64_t t) {
-    const int64_t blk = bt[b * bt0 + (t / bs) * bt1];
-    return blk * kc.strides[0] + (t % bs) * kc.strides[1] + kvh * kc.strides[2];
+  // key -> (page, row): shift and mask for power-of-two block sizes (a 64-bit division per key
+  // row costs as much as a fraction of the tile's arithmetic)
+  const bool pow2 = bs > 0 && (bs & (bs - 1)) == 0;
+  const int sh = pow2 ? __builtin_ctzll(uint64_t(bs)) : 0;
+  auto koff = [&, pow2, sh](int64_t b, int kvh, int64_t t) {
+    const int64_t pg = pow2 ? t >> sh : t / bs, row = pow2 ? t & (bs - 1) : t % bs;
+    const int64_t blk = bt[b * bt0 + pg * bt1];
+    return blk * kc.strides[0] + row * kc.strides[1] + kvh * kc.strides[2];
   };
-  auto voff = [&](int64_t b, int kvh, int64_t t) {
-    const int64_t blk = bt[b * bt0 + (t / bs) * bt1];
-    return blk * vc.strides[0] + (t % bs) * vc.strides[1] + kvh * vc.strides[2];
+  auto voff = [&, pow2, sh](int64_t b, int kvh, int64_t t) {
+    const int64_t pg = pow2 ? t >> sh : t / bs, row = pow2 ? t & (bs - 1) : t % bs;
+    const int64_t blk = bt[b * bt0 + pg * bt1];
+    return blk * vc.strides[0] + row * vc.strides[1] + kvh * vc.strides[2];
   };
   run_attention<T>(a.q, a.out, kc.ptr<T>(), vc.ptr<T>(), B, Hkv, a.scale, a.causal, a.num_splits, seq, koff, voff, false,
                    [](int64_t, int, int64_t&) -> const float* { return nullptr; });
