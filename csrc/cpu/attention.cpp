@@ -32,6 +32,10 @@ namespace avx512 {
 void paged_attention(const PagedAttentionArgs& a);
 void varlen_attention(const VarlenAttentionArgs& a);
 }  // namespace avx512
+namespace avx512bf16 {
+void paged_attention(const PagedAttentionArgs& a);
+void varlen_attention(const VarlenAttentionArgs& a);
+}  // namespace avx512bf16
 #endif
 
 namespace {
@@ -46,18 +50,29 @@ bool use_avx512() {
   return false;
 #endif
 }
+// bf16 queries on an AVX512-BF16 CPU take the vdpbf16ps build, unless VITA_CPU_ISA=avx512
+// (plain AVX-512 path) or avx2.
+bool use_bf16dp(DType dt) {
+#if defined(VITA_ATTN_HAVE_AVX512)
+  static const bool have = __builtin_cpu_supports("avx512bf16");
+  const char* e = std::getenv("VITA_CPU_ISA");
+  return dt == DType::kBFloat16 && have && !(e && std::strcmp(e, "avx512") == 0);
+#else
+  return false;
+#endif
+}
 }  // namespace
 
 void paged_attention(const PagedAttentionArgs& a) {
 #if defined(VITA_ATTN_HAVE_AVX512)
-  if (use_avx512()) return avx512::paged_attention(a);
+  if (use_avx512()) return use_bf16dp(a.q.dtype) ? avx512bf16::paged_attention(a) : avx512::paged_attention(a);
 #endif
   base::paged_attention_entry(a);
 }
 
 void varlen_attention(const VarlenAttentionArgs& a) {
 #if defined(VITA_ATTN_HAVE_AVX512)
-  if (use_avx512()) return avx512::varlen_attention(a);
+  if (use_avx512()) return use_bf16dp(a.q.dtype) ? avx512bf16::varlen_attention(a) : avx512::varlen_attention(a);
 #endif
   base::varlen_attention_entry(a);
 }

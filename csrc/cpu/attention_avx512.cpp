@@ -3,6 +3,7 @@
 // pragma so that only this file's own (namespace-private) functions are compiled for AVX-512.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>

@@ -13,8 +13,13 @@
 // Long histories with few items are split over the key range; each split writes (m, l, O) partials
 // that a second pass merges with log-sum-exp weights.
 //
-// This file is included by attention.cpp (VITA_ATTN_VW 8: AVX2 / generic) and attention_avx512.cpp
-// (VITA_ATTN_VW 16), after <algorithm>, <cmath>, <cstring>, <limits>, <vector>, <immintrin.h>,
+// Query blocks (prefill) copy each K tile contiguous and pack V in column blocks (L1-resident; paged
+// rows alias a few cache sets). bfloat16 query blocks on AVX512-BF16 CPUs (attention_avx512bf16.cpp,
+// VITA_ATTN_BF16DP) use AMX tiles when the CPU and kernel allow (attend_amx), else vdpbf16ps
+// (attend_dp); VITA_CPU_ISA=avx512bf16 skips AMX, =avx512 skips both, =avx2 forces the baseline.
+//
+// This file is included by attention.cpp (VITA_ATTN_VW 8: AVX2 / generic), attention_avx512.cpp
+// (VITA_ATTN_VW 16) and attention_avx512bf16.cpp (16, with VITA_ATTN_BF16DP), after <algorithm>, <cmath>, <cstring>, <limits>, <vector>, <immintrin.h>,
 // "vec.h", "vita/kernels/attention.h" and "vita/parallel.h", inside a private namespace.
 // No include guard on purpose.
 
@@ -74,13 +79,13 @@ inline void qk_block(const float* qt, int ldp, int rv, const float* const* krow,
     for (int i = 0; i < NV; ++i) stv(st + size_t(k) * ldp + rv + i * VW, acc[k][i]);
 }
 
-// o[r * D + dc + j] += sum_{t < n} p[t * ldp + r] * vrow[t][dc + j] for R rows, 2 * VW channels.
+// o[r * ldo + dc + j] += sum_{t < n} p[t * ldp + r] * vrow[t][dc + j] for R rows, 2 * VW channels.
 template <int R>
-inline void pv_block(const float* p, int ldp, const float* const* vrow, int n, int dc, float* o, int D) {
+inline void pv_block(const float* p, int ldp, const float* const* vrow, int n, int dc, float* o, int ldo) {
   vf acc[R][2];
   for (int r = 0; r < R; ++r) {
-    acc[r][0] = ldv(o + r * D + dc);
-    acc[r][1] = ldv(o + r * D + dc + VW);
+    acc[r][0] = ldv(o + r * ldo + dc);
+    acc[r][1] = ldv(o + r * ldo + dc + VW);
   }
   for (int t = 0; t < n; ++t) {
     const vf v0 = ldv(vrow[t] + dc), v1 = ldv(vrow[t] + dc + VW);
@@ -91,18 +96,42 @@ inline void pv_block(const float* p, int ldp, const float* const* vrow, int n, i
     }
   }
   for (int r = 0; r < R; ++r) {
-    stv(o + r * D + dc, acc[r][0]);
-    stv(o + r * D + dc + VW, acc[r][1]);
+    stv(o + r * ldo + dc, acc[r][0]);
+    stv(o + r * ldo + dc + VW, acc[r][1]);
   }
 }
 
 template <int R>
-inline void pv_tail(const float* p, int ldp, const float* const* vrow, int n, int d0, float* o, int D) {
+inline void pv_tail(const float* p, int ldp, const float* const* vrow, int n, int d0, int D, float* o, int ldo) {
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < n; ++t) {
       const float pr = p[size_t(t) * ldp + r];
-      for (int d = d0; d < D; ++d) o[r * D + d] += pr * vrow[t][d];
+      for (int d = d0; d < D; ++d) o[r * ldo + d] += pr * vrow[t][d];
     }
+}
+
+// Packed V column block (vb[t * 2VW + j], channels [c * 2VW, c * 2VW + 2VW) of the tile, zero past D):
+// o[r * ldo + j] += sum_{t < n} p[t * ldp + r] * vb[t * 2VW + j] for R rows.
+template <int R>
+inline void pv_packed(const float* p, int ldp, const float* vb, int n, float* o, int ldo) {
+  vf acc[R][2];
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = ldv(o + r * ldo);
+    acc[r][1] = ldv(o + r * ldo + VW);
+  }
+  for (int t = 0; t < n; ++t) {
+    const vf v0 = ldv(vb + t * 2 * VW), v1 = ldv(vb + t * 2 * VW + VW);
+    const float* pt = p + size_t(t) * ldp;
+    for (int r = 0; r < R; ++r) {
+      const float pr = pt[r];
+      acc[r][0] += pr * v0;
+      acc[r][1] += pr * v1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    stv(o + r * ldo, acc[r][0]);
+    stv(o + r * ldo + VW, acc[r][1]);
+  }
 }
 
 // Register block of query rows for the micro-kernels: RB rows x 2 vectors of accumulators
@@ -130,17 +159,76 @@ inline void row_groups(int r0, int M, F&& f) {
 constexpr int KB = VW == 16 ? 8 : 4;  // keys per S micro-kernel (x 2 row vectors of accumulators)
 
 inline int round_rows(int M) { return (M + VW - 1) / VW * VW; }
+// O scratch row stride: D rounded up to the packed V column block (2 * VW channels).
+inline int round_cols(int D) { return (D + 2 * VW - 1) / (2 * VW) * (2 * VW); }
+
+// dst[0, 2VW) = src[0, w) as float32, zero past w (one packed V column block row).
+template <class T>
+inline void pack_seg(const T* src, float* dst, int w) {
+  if (w == 2 * VW) {
+    if constexpr (std::is_same_v<T, float>) {
+      stv(dst, ldv(src));
+      stv(dst + VW, ldv(src + VW));
+      return;
+    } else if constexpr (std::is_same_v<T, bf16_t>) {
+      typedef uint16_t vh __attribute__((vector_size(VW * 2), aligned(2)));
+      typedef uint32_t vu __attribute__((vector_size(VW * 4)));
+      const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+      for (int i = 0; i < 2; ++i) {
+        const vu u = __builtin_convertvector(*reinterpret_cast<const vh*>(s + i * VW), vu) << 16;
+        stv(dst + i * VW, (vf)u);
+      }
+      return;
+    }
+  }
+  load_row(src, dst, w);
+  for (int j = w; j < 2 * VW; ++j) dst[j] = 0.f;
+}
+
+// dst[0, n) = src[0, n) as float32.
+template <class T>
+inline void pack_row(const T* src, float* dst, int n) {
+  int i = 0;
+  for (; i + 2 * VW <= n; i += 2 * VW) pack_seg(src + i, dst + i, 2 * VW);
+  if (i < n) load_row(src + i, dst + i, n - i);
+}
+
+// Prefetch one cache row (n elements) into L2.
+template <class T>
+inline void prefetch_row(const T* p, int n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (size_t b = 0; b < size_t(n) * sizeof(T); b += 64) __builtin_prefetch(c + b, 0, 2);
+}
 
 struct Scratch {
-  std::vector<float> q, qt, o, m, l, alpha, st, kn, vn, zero;
+  std::vector<float> q, qt, o, m, l, alpha, st, kn, vn, vp, zero;
+#if defined(VITA_ATTN_BF16DP)
+  std::vector<uint32_t> qt2, pb, vb2, kbt, vv;
+  std::vector<uint16_t> kb16, qa, pa;
+  std::vector<float> s2;
+#endif
   std::vector<int64_t> lim;
   std::vector<int32_t> limi;
   std::vector<const float*> bias;
   std::vector<int64_t> bias_stride;
-  Scratch(int rows, int D)
-      : q(size_t(D)), qt(size_t(D) * round_rows(rows)), o(size_t(rows) * D), m(round_rows(rows)), l(round_rows(rows)),
-        alpha(round_rows(rows)), st(size_t(TK) * round_rows(rows)), kn(size_t(TK) * D), vn(size_t(TK) * D), zero(D + 8, 0.f),
-        lim(rows), limi(round_rows(rows)), bias(rows), bias_stride(rows) {}
+  // bf16: also the buffers of the bf16 dot-product / AMX paths (query blocks only).
+  Scratch(int rows, int D, bool bf16 = false)
+      : q(size_t(D)), qt(size_t(D) * round_rows(rows)), o(size_t(round_rows(rows)) * round_cols(D)), m(round_rows(rows)), l(round_rows(rows)),
+        alpha(round_rows(rows)), st(size_t(TK) * round_rows(rows)), kn(size_t(TK) * D), vn(size_t(TK) * D), vp(size_t(TK) * round_cols(D)), zero(D + 8, 0.f),
+        lim(rows), limi(round_rows(rows)), bias(rows), bias_stride(rows) {
+#if defined(VITA_ATTN_BF16DP)
+    if (!bf16) return;
+    qt2.resize(size_t(D / 2) * round_rows(rows));
+    pb.resize(size_t(TK / 2) * round_rows(rows));
+    vb2.resize(size_t(TK / 2) * round_cols(D));
+    kb16.resize(size_t(TK) * D);
+    kbt.resize(size_t(D / 2) * TK);
+    vv.resize(size_t(TK / 2) * D);
+    qa.resize(size_t(round_rows(rows)) * D);
+    pa.resize(size_t(round_rows(rows)) * TK);
+    s2.resize(size_t(round_rows(rows)) * TK);
+#endif
+  }
 };
 
 // Streams keys [k_begin, k_end) of one (sequence, kv head) through the M query rows held in sc
@@ -156,6 +244,13 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
   float* O = sc.o.data();
   float* St = sc.st.data();
   const int DV = D - D % (2 * VW);
+  constexpr int W = 2 * VW;
+  const int Dp = round_cols(D), nc = Dp / W;  // O row stride, packed V column blocks
+  // Query blocks (prefill): K rows copied into a contiguous tile and V into column blocks of W
+  // channels, so that both stay in L1 (paged rows sit at a large power-of-two stride and alias
+  // a few cache sets) and every row group reuses the same V slice. Decode (few rows) streams the
+  // cache rows directly: there the copy would cost as much as the compute.
+  const bool pack = M > W;
   const vf ninf = vf{} - std::numeric_limits<float>::infinity();
   for (int64_t t0 = k_begin; t0 < k_end; t0 += TK) {
     const int n = int(std::min<int64_t>(TK, k_end - t0));
@@ -167,7 +262,15 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
     for (int t = 0; t < n; ++t) {
       const T* kp = kc + koff(t0 + t);
       const T* vp = vc + voff(t0 + t);
-      if constexpr (std::is_same_v<T, float>) {
+      if (pack) {
+        if (t0 + TK + t < k_end) {  // the next tile's rows into L2 while this one is computed
+          prefetch_row(kc + koff(t0 + TK + t), D);
+          prefetch_row(vc + voff(t0 + TK + t), D);
+        }
+        pack_row(kp, sc.kn.data() + size_t(t) * D, D);
+        krow[t] = sc.kn.data() + size_t(t) * D;
+        for (int c = 0; c < nc; ++c) pack_seg(vp + c * W, sc.vp.data() + (size_t(c) * TK + t) * W, std::min(W, D - c * W));
+      } else if constexpr (std::is_same_v<T, float>) {
         krow[t] = kp;
         vrow[t] = vp;
       } else {
@@ -180,12 +283,16 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
     const int np = (n + KB - 1) / KB * KB;
     for (int t = n; t < np; ++t) krow[t] = sc.zero.data();
     // ---- S^T = K Q^T
-    {  // row-vector pairs outer (their Q^T slice stays in L1), key blocks inner
+    // keys in sub-tiles of QKT (their K rows stay in L1 next to one Q^T slice), row-vector pairs
+    // (one Q^T slice, reused by every key block of the sub-tile), key blocks innermost
+    constexpr int QKT = 32;
+    for (int tq = 0; tq < np; tq += QKT) {
+      const int te = std::min(np, tq + QKT);
       int rv = rb0;
       for (; rv + 2 * VW <= ldp; rv += 2 * VW)
-        for (int t = 0; t < np; t += KB) qk_block<KB, 2>(sc.qt.data(), ldp, rv, krow + t, D, St + size_t(t) * ldp);
+        for (int t = tq; t < te; t += KB) qk_block<KB, 2>(sc.qt.data(), ldp, rv, krow + t, D, St + size_t(t) * ldp);
       if (rv < ldp)
-        for (int t = 0; t < np; t += KB) qk_block<KB, 1>(sc.qt.data(), ldp, rv, krow + t, D, St + size_t(t) * ldp);
+        for (int t = tq; t < te; t += KB) qk_block<KB, 1>(sc.qt.data(), ldp, rv, krow + t, D, St + size_t(t) * ldp);
     }
     if (has_bias)
       for (int r = r0; r < M; ++r) {
@@ -223,19 +330,415 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
     for (int r = r0; r < M; ++r) {
       const float a = sc.alpha[r];
       if (a != 1.0f) {
-        float* o = O + size_t(r) * D;
+        float* o = O + size_t(r) * Dp;
 #pragma omp simd
-        for (int d = 0; d < D; ++d) o[d] *= a;
+        for (int d = 0; d < Dp; ++d) o[d] *= a;
       }
     }
     // ---- O += P V
-    row_groups(r0, M, [&](int r, auto R) {
-      constexpr int RR = decltype(R)::value;
-      for (int dc = 0; dc < DV; dc += 2 * VW) pv_block<RR>(St + r, ldp, vrow, n, dc, O + size_t(r) * D, D);
-      if (DV < D) pv_tail<RR>(St + r, ldp, vrow, n, DV, O + size_t(r) * D, D);
-    });
+    if (pack) {  // column block outer: its V slice (TK x W floats) stays in L1 for every row group
+      for (int c = 0; c < nc; ++c) {
+        const float* vb = sc.vp.data() + size_t(c) * TK * W;
+        row_groups(r0, M, [&](int r, auto R) {
+          pv_packed<decltype(R)::value>(St + r, ldp, vb, n, O + size_t(r) * Dp + c * W, Dp);
+        });
+      }
+    } else {
+      row_groups(r0, M, [&](int r, auto R) {
+        constexpr int RR = decltype(R)::value;
+        for (int dc = 0; dc < DV; dc += 2 * VW) pv_block<RR>(St + r, ldp, vrow, n, dc, O + size_t(r) * Dp, Dp);
+        if (DV < D) pv_tail<RR>(St + r, ldp, vrow, n, DV, D, O + size_t(r) * Dp, Dp);
+      });
+    }
   }
 }
+
+
+#if defined(VITA_ATTN_BF16DP)
+// ---- bfloat16 prefill with AVX512-BF16 (vdpbf16ps: 2 bf16 products per float lane, float32
+// accumulation). Only built by attention_avx512bf16.cpp and used for bf16 query blocks without
+// bias. Operands are "pair words" (uint32: element 2i in the low half, 2i+1 in the high half):
+// Q^T pairs qt2[dp * ldp + r] = (Q[r][2dp], Q[r][2dp+1]) (unscaled, exact input values; the scale
+// is applied to the float32 scores), K rows used as they are (a broadcast word = 2 channels),
+// P pairs pb[tp * ldp + r] = (P[2tp][r], P[2tp+1][r]) rounded to bf16 (the row sum uses the same
+// rounded values), V pairs per column block vb2[(c * TK/2 + tp) * W + j] = (V[2tp][cW+j], V[2tp+1][cW+j]).
+typedef uint32_t vu __attribute__((vector_size(VW * 4)));
+typedef uint32_t vuu __attribute__((vector_size(VW * 4), aligned(4)));
+typedef uint16_t vh __attribute__((vector_size(VW * 2), aligned(2)));
+
+inline vf dpbf(vf acc, vf a, vf b) { return (vf)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b); }
+inline vf bcast_word(uint32_t w) { return (vf)(vu{} + w); }
+inline vu bf16_rne(vf x) {  // finite x -> bf16 bits in the low half of each lane
+  const vu u = (vu)x;
+  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
+template <int KB_, int NV>
+inline void qk_dp(const uint32_t* qt2, int ldp, int rv, const uint16_t* const* krow, int D, float* st) {
+  vf acc[KB_][NV];
+  for (int k = 0; k < KB_; ++k)
+    for (int i = 0; i < NV; ++i) acc[k][i] = vf{};
+  for (int dp = 0; dp < D / 2; ++dp) {
+    vf q[NV];
+    for (int i = 0; i < NV; ++i) q[i] = ldv(reinterpret_cast<const float*>(qt2 + size_t(dp) * ldp + rv + i * VW));
+    for (int k = 0; k < KB_; ++k) {
+      uint32_t w;
+      std::memcpy(&w, krow[k] + 2 * dp, 4);
+      const vf kw = bcast_word(w);
+      for (int i = 0; i < NV; ++i) acc[k][i] = dpbf(acc[k][i], kw, q[i]);
+    }
+  }
+  for (int k = 0; k < KB_; ++k)
+    for (int i = 0; i < NV; ++i) stv(st + size_t(k) * ldp + rv + i * VW, acc[k][i]);
+}
+
+template <int R>
+inline void pv_dp(const uint32_t* pb, int ldp, const uint32_t* vb, int n2, float* o, int ldo) {
+  vf acc[R][2];
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = ldv(o + r * ldo);
+    acc[r][1] = ldv(o + r * ldo + VW);
+  }
+  for (int tp = 0; tp < n2; ++tp) {
+    const vf v0 = ldv(reinterpret_cast<const float*>(vb + tp * 2 * VW));
+    const vf v1 = ldv(reinterpret_cast<const float*>(vb + tp * 2 * VW + VW));
+    const uint32_t* pt = pb + size_t(tp) * ldp;
+    for (int r = 0; r < R; ++r) {
+      const vf pr = bcast_word(pt[r]);
+      acc[r][0] = dpbf(acc[r][0], pr, v0);
+      acc[r][1] = dpbf(acc[r][1], pr, v1);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    stv(o + r * ldo, acc[r][0]);
+    stv(o + r * ldo + VW, acc[r][1]);
+  }
+}
+
+// attend() for bf16 with the dot-product kernels (same contract; sc.qt2 holds the Q^T pairs and
+// scores are multiplied by `scale`).
+template <class KOff, class VOff>
+void attend_dp(const bf16_t* kc, const bf16_t* vc, KOff koff, VOff voff, int64_t k_begin, int64_t k_end, int M, int D, float scale,
+               Scratch& sc) {
+  constexpr int W = 2 * VW;
+  const uint16_t* krow[TK];
+  const int ldp = round_rows(M);
+  const int Dp = round_cols(D), nc = Dp / W;
+  float* O = sc.o.data();
+  float* St = sc.st.data();
+  uint32_t* pb = sc.pb.data();
+  uint32_t* vb2 = sc.vb2.data();
+  uint16_t* kt = sc.kb16.data();
+  const vf ninf = vf{} - std::numeric_limits<float>::infinity();
+  const uint16_t* zero16 = reinterpret_cast<const uint16_t*>(sc.zero.data());
+  for (int64_t t0 = k_begin; t0 < k_end; t0 += TK) {
+    const int n = int(std::min<int64_t>(TK, k_end - t0));
+    const int n2 = (n + 1) / 2;
+    int r0 = 0;
+    while (r0 < M && sc.lim[r0] <= t0) ++r0;
+    if (r0 == M) break;
+    const int rb0 = r0 / VW * VW;
+    // ---- K rows copied (bf16, contiguous), V rows interleaved in pairs per column block
+    for (int t = 0; t < n; ++t) {
+      if (t0 + TK + t < k_end) {
+        prefetch_row(kc + koff(t0 + TK + t), D);
+        prefetch_row(vc + voff(t0 + TK + t), D);
+      }
+      std::memcpy(kt + size_t(t) * D, kc + koff(t0 + t), sizeof(uint16_t) * D);
+      krow[t] = kt + size_t(t) * D;
+    }
+    for (int tp = 0; tp < n2; ++tp) {
+      const uint16_t* va = reinterpret_cast<const uint16_t*>(vc + voff(t0 + 2 * tp));
+      const uint16_t* vbr = 2 * tp + 1 < n ? reinterpret_cast<const uint16_t*>(vc + voff(t0 + 2 * tp + 1)) : zero16;
+      for (int c = 0; c < nc; ++c) {
+        uint32_t* dst = vb2 + (size_t(c) * (TK / 2) + tp) * W;
+        if (c * W + W <= D) {
+          for (int i = 0; i < 2; ++i) {
+            const vu lo = __builtin_convertvector(*reinterpret_cast<const vh*>(va + c * W + i * VW), vu);
+            const vu hi = __builtin_convertvector(*reinterpret_cast<const vh*>(vbr + c * W + i * VW), vu);
+            *reinterpret_cast<vuu*>(dst + i * VW) = lo | (hi << 16);
+          }
+        } else {
+          for (int j = 0; j < W; ++j) {
+            const int d = c * W + j;
+            dst[j] = d < D ? uint32_t(va[d]) | (uint32_t(vbr[d]) << 16) : 0u;
+          }
+        }
+      }
+    }
+    const int np = (n + KB - 1) / KB * KB;
+    for (int t = n; t < np; ++t) krow[t] = zero16;
+    // ---- S^T = K Q^T (unscaled)
+    constexpr int QKT = 32;
+    for (int tq = 0; tq < np; tq += QKT) {
+      const int te = std::min(np, tq + QKT);
+      int rv = rb0;
+      for (; rv + 2 * VW <= ldp; rv += 2 * VW)
+        for (int t = tq; t < te; t += KB) qk_dp<KB, 2>(sc.qt2.data(), ldp, rv, krow + t, D, St + size_t(t) * ldp);
+      if (rv < ldp)
+        for (int t = tq; t < te; t += KB) qk_dp<KB, 1>(sc.qt2.data(), ldp, rv, krow + t, D, St + size_t(t) * ldp);
+    }
+    // ---- online softmax; P rounded to bf16 and stored in pairs
+    for (int rv = rb0; rv < ldp; rv += VW) {
+      const vi limv = *reinterpret_cast<const viu*>(sc.limi.data() + rv);
+      vf mx = ninf;
+      for (int t = 0; t < n; ++t) {
+        const vf sv = ldv(St + size_t(t) * ldp + rv) * scale;
+        const vi tv = vi{} + int32_t(t0 + t);
+        const vf sm = tv < limv ? sv : ninf;
+        mx = mx > sm ? mx : sm;
+      }
+      const vf mo = ldv(sc.m.data() + rv);
+      const vf mn = mo > mx ? mo : mx;
+      const vf mu = mn == ninf ? vf{} : mn;
+      const vf alpha = exp_le0(mo - mu);
+      vf sum = vf{};
+      for (int tp = 0; tp < n2; ++tp) {
+        const int t = 2 * tp;
+        const vi tv = vi{} + int32_t(t0 + t);
+        vf e0 = exp_le0(ldv(St + size_t(t) * ldp + rv) * scale - mu);
+        e0 = tv < limv ? e0 : vf{};
+        vf e1 = vf{};
+        if (t + 1 < n) {
+          e1 = exp_le0(ldv(St + size_t(t + 1) * ldp + rv) * scale - mu);
+          e1 = (tv + 1) < limv ? e1 : vf{};
+        }
+        const vu b0 = bf16_rne(e0), b1 = bf16_rne(e1);
+        sum += (vf)(b0 << 16) + (vf)(b1 << 16);
+        *reinterpret_cast<vuu*>(pb + size_t(tp) * ldp + rv) = b0 | (b1 << 16);
+      }
+      stv(sc.l.data() + rv, ldv(sc.l.data() + rv) * alpha + sum);
+      stv(sc.m.data() + rv, mn);
+      stv(sc.alpha.data() + rv, alpha);
+    }
+    for (int r = r0; r < M; ++r) {
+      const float a = sc.alpha[r];
+      if (a != 1.0f) {
+        float* o = O + size_t(r) * Dp;
+#pragma omp simd
+        for (int d = 0; d < Dp; ++d) o[d] *= a;
+      }
+    }
+    // ---- O += P V
+    for (int c = 0; c < nc; ++c) {
+      const uint32_t* vb = vb2 + size_t(c) * (TK / 2) * W;
+      row_groups(r0, M, [&](int r, auto R) {
+        pv_dp<decltype(R)::value>(pb + r, ldp, vb, n2, O + size_t(r) * Dp + c * W, Dp);
+      });
+    }
+  }
+}
+
+// ---- bfloat16 prefill with AMX tiles (TDPBF16PS, float32 accumulation), when the CPU has
+// AMX-BF16 and the kernel granted tile data (arch_prctl ARCH_REQ_XCOMP_PERM). Scores in natural
+// layout S[r][t] = Q K^T: A = Q rows (qa[r * D + d], unscaled bf16), B = K^T pair words
+// (kbt[dp * TK + t] = (K[t][2dp], K[t][2dp+1])). Row softmax on S (scale applied in float32),
+// P rounded to bf16 row-major (pa[r * TK + t]); O[r][c] += P V with B = V pair words
+// (vv[tp * D + c] = (V[2tp][c], V[2tp+1][c])), C tiles loaded from / stored to O (float32).
+// All eight tiles are 16 rows x 64 bytes. Needs D % 64 == 0.
+inline bool amx_ready() {
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 22) & 1) || !((d >> 24) & 1)) return false;  // AMX-BF16, AMX-TILE
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  }();
+  const char* e = std::getenv("VITA_CPU_ISA");
+  return ok && !(e && std::strcmp(e, "avx512bf16") == 0);
+}
+
+// Horizontal max / sum of a 16-lane vector (tree of shuffles).
+inline float hmax16(vf x) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  v8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7), b = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  a = a > b ? a : b;
+  v4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3), d = __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  c = c > d ? c : d;
+  return std::max(std::max(c[0], c[1]), std::max(c[2], c[3]));
+}
+inline float hsum16(vf x) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  const v8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (c[0] + c[1]) + (c[2] + c[3]);
+}
+
+// dst[c * ld + i] = src[i][c] for a 16 x 16 block of 32-bit words (rows src[i], 64 bytes each).
+// (GCC 12's unpack intrinsics trip -Wmaybe-uninitialized on their internal _mm512_undefined.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+inline void transpose16(const uint32_t* const* src, uint32_t* dst, int ld) {
+  __m512i r[16], a[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src[i]);
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int j = 0; j < 4; ++j) {  // r[4j + k], 128-bit lane L = column 4L + k of rows 4j..4j+3
+    r[4 * j + 0] = _mm512_unpacklo_epi64(a[4 * j], a[4 * j + 2]);
+    r[4 * j + 1] = _mm512_unpackhi_epi64(a[4 * j], a[4 * j + 2]);
+    r[4 * j + 2] = _mm512_unpacklo_epi64(a[4 * j + 1], a[4 * j + 3]);
+    r[4 * j + 3] = _mm512_unpackhi_epi64(a[4 * j + 1], a[4 * j + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512i c0 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x88), c1 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xDD);
+    const __m512i c2 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0x88), c3 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0xDD);
+    _mm512_storeu_si512(dst + size_t(k) * ld, _mm512_shuffle_i32x4(c0, c2, 0x88));
+    _mm512_storeu_si512(dst + size_t(4 + k) * ld, _mm512_shuffle_i32x4(c1, c3, 0x88));
+    _mm512_storeu_si512(dst + size_t(8 + k) * ld, _mm512_shuffle_i32x4(c0, c2, 0xDD));
+    _mm512_storeu_si512(dst + size_t(12 + k) * ld, _mm512_shuffle_i32x4(c1, c3, 0xDD));
+  }
+}
+#pragma GCC diagnostic pop
+
+struct alignas(64) TileCfg {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  TileCfg() {
+    for (int i = 0; i < 8; ++i) colsb[i] = 64, rows[i] = 16;
+  }
+};
+
+template <class KOff, class VOff>
+void attend_amx(const bf16_t* kc, const bf16_t* vc, KOff koff, VOff voff, int64_t k_begin, int64_t k_end, int M, int D, float scale,
+                Scratch& sc) {
+  static_assert(TK == 64 && VW == 16, "AMX tiling assumes 64-key tiles and 16-row lanes");
+  static const TileCfg cfg;
+  _tile_loadconfig(&cfg);
+  const int ldp = round_rows(M);
+  const int Dp = round_cols(D);
+  float* O = sc.o.data();
+  float* S = sc.s2.data();
+  uint16_t* pa = sc.pa.data();
+  uint32_t* kbt = sc.kbt.data();
+  uint32_t* vv = sc.vv.data();
+  const uint16_t* qa = sc.qa.data();
+  const uint16_t* zero16 = reinterpret_cast<const uint16_t*>(sc.zero.data());
+  const int D2 = D / 2;
+  vi iota;
+  for (int i = 0; i < VW; ++i) iota[i] = i;
+  for (int64_t t0 = k_begin; t0 < k_end; t0 += TK) {
+    const int n = int(std::min<int64_t>(TK, k_end - t0));
+    int r0 = 0;
+    while (r0 < M && sc.lim[r0] <= t0) ++r0;
+    if (r0 == M) break;
+    const int rb0 = r0 / 16 * 16;
+    // ---- K^T and V as pair words (keys past n: zero)
+    const uint32_t* kr[TK];
+    for (int t = 0; t < TK; ++t) {
+      if (t < n && t0 + TK + t < k_end) {
+        prefetch_row(kc + koff(t0 + TK + t), D);
+        prefetch_row(vc + voff(t0 + TK + t), D);
+      }
+      kr[t] = reinterpret_cast<const uint32_t*>(t < n ? reinterpret_cast<const uint16_t*>(kc + koff(t0 + t)) : zero16);
+    }
+    for (int tb = 0; tb < TK; tb += 16)
+      for (int dp = 0; dp < D2; dp += 16) {
+        const uint32_t* src[16];
+        for (int i = 0; i < 16; ++i) src[i] = kr[tb + i] + dp;
+        transpose16(src, kbt + size_t(dp) * TK + tb, TK);
+      }
+    for (int tp = 0; tp < TK / 2; ++tp) {
+      const uint16_t* va = 2 * tp < n ? reinterpret_cast<const uint16_t*>(vc + voff(t0 + 2 * tp)) : zero16;
+      const uint16_t* vb = 2 * tp + 1 < n ? reinterpret_cast<const uint16_t*>(vc + voff(t0 + 2 * tp + 1)) : zero16;
+      uint32_t* dst = vv + size_t(tp) * D;
+      for (int c = 0; c < D; c += VW) {
+        const vu lo = __builtin_convertvector(*reinterpret_cast<const vh*>(va + c), vu);
+        const vu hi = __builtin_convertvector(*reinterpret_cast<const vh*>(vb + c), vu);
+        *reinterpret_cast<vuu*>(dst + c) = lo | (hi << 16);
+      }
+    }
+    // ---- S = Q K^T, one row tile x 64 keys (tiles 0-3) at a time
+    for (int rt = rb0; rt < ldp; rt += 16) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int st = 0; st < D / 32; ++st) {
+        _tile_loadd(4, qa + size_t(rt) * D + st * 32, D * 2);
+        const uint32_t* kb = kbt + size_t(st) * 16 * TK;
+        _tile_loadd(5, kb, TK * 4);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(6, kb + 16, TK * 4);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(7, kb + 32, TK * 4);
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_loadd(5, kb + 48, TK * 4);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+      float* sr = S + size_t(rt) * TK;
+      _tile_stored(0, sr, TK * 4);
+      _tile_stored(1, sr + 16, TK * 4);
+      _tile_stored(2, sr + 32, TK * 4);
+      _tile_stored(3, sr + 48, TK * 4);
+    }
+    // ---- online softmax per row; P as bf16 rows
+    const vi nv = vi{} + n;
+    for (int r = rb0; r < ldp; ++r) {
+      const vi limv = vi{} + int32_t(sc.limi[r] - t0);  // key t of the tile visible iff t < lim - t0 and t < n
+      const float* sr = S + size_t(r) * TK;
+      vf sv[TK / VW];
+      vf mx = vf{} - std::numeric_limits<float>::infinity();
+      for (int v = 0; v < TK / VW; ++v) {
+        const vi tv = iota + v * VW;
+        sv[v] = ldv(sr + v * VW) * scale;
+        sv[v] = (tv < limv) & (tv < nv) ? sv[v] : vf{} - std::numeric_limits<float>::infinity();
+        mx = mx > sv[v] ? mx : sv[v];
+      }
+      const float mo = sc.m[r];
+      const float mn = std::max(mo, hmax16(mx));
+      const float mu = mn == -std::numeric_limits<float>::infinity() ? 0.f : mn;
+      const float alpha = mo == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(mo - mu);
+      vf sum = vf{};
+      uint16_t* pr = pa + size_t(r) * TK;
+      for (int v = 0; v < TK / VW; ++v) {
+        const vi tv = iota + v * VW;
+        vf e = exp_le0(sv[v] - mu);
+        e = (tv < limv) & (tv < nv) ? e : vf{};
+        const vu b = bf16_rne(e);
+        sum += (vf)(b << 16);
+        *reinterpret_cast<vh*>(pr + v * VW) = __builtin_convertvector(b, vh);
+      }
+      sc.l[r] = sc.l[r] * alpha + hsum16(sum);
+      sc.m[r] = mn;
+      if (alpha != 1.0f) {
+        float* o = O + size_t(r) * Dp;
+#pragma omp simd
+        for (int d = 0; d < Dp; ++d) o[d] *= alpha;
+      }
+    }
+    // ---- O += P V, one row tile x 64 channels (tiles 0-3) at a time
+    for (int rt = rb0; rt < ldp; rt += 16)
+      for (int c0 = 0; c0 < D; c0 += 64) {
+        float* oc = O + size_t(rt) * Dp + c0;
+        _tile_loadd(0, oc, Dp * 4);
+        _tile_loadd(1, oc + 16, Dp * 4);
+        _tile_loadd(2, oc + 32, Dp * 4);
+        _tile_loadd(3, oc + 48, Dp * 4);
+        for (int u = 0; u < TK / 32; ++u) {
+          _tile_loadd(4, pa + size_t(rt) * TK + u * 32, TK * 2);
+          const uint32_t* vb = vv + size_t(u) * 16 * D + c0;
+          _tile_loadd(5, vb, D * 4);
+          _tile_dpbf16ps(0, 4, 5);
+          _tile_loadd(6, vb + 16, D * 4);
+          _tile_dpbf16ps(1, 4, 6);
+          _tile_loadd(7, vb + 32, D * 4);
+          _tile_dpbf16ps(2, 4, 7);
+          _tile_loadd(5, vb + 48, D * 4);
+          _tile_dpbf16ps(3, 4, 5);
+        }
+        _tile_stored(0, oc, Dp * 4);
+        _tile_stored(1, oc + 16, Dp * 4);
+        _tile_stored(2, oc + 32, Dp * 4);
+        _tile_stored(3, oc + 48, Dp * 4);
+      }
+  }
+  _tile_release();
+}
+#endif  // VITA_ATTN_BF16DP
 
 // One (sequence, kv head, query block, split) unit of work.
 struct Item {
@@ -268,6 +771,7 @@ void run_attention(const TensorRef& q, const TensorRef& out, const T* kc, const 
     groups += ceil_div(ql, BQ) * Hkv;
   }
   std::vector<Item> items;
+  int max_rows = 1;  // largest item (sizes the per-thread scratch)
   std::vector<Merge> merges;
   items.reserve(size_t(groups));
   int64_t part = 0;
@@ -282,13 +786,15 @@ void run_attention(const TensorRef& q, const TensorRef& out, const T* kc, const 
     } else if (groups < want_items && kl >= 2 * kMinSplitKeys) {
       ns = std::min<int64_t>({ceil_div(want_items, groups), kl / kMinSplitKeys, 16});
     }
-    for (int64_t j0 = 0; j0 < ql; j0 += BQ) {
-      const int64_t j1 = std::min<int64_t>(ql, j0 + BQ);
+    const int64_t bq = ceil_div(ql, ceil_div(ql, BQ));  // equal query blocks (same count as BQ)
+    for (int64_t j0 = 0; j0 < ql; j0 += bq) {
+      const int64_t j1 = std::min<int64_t>(ql, j0 + bq);
       const int64_t kmax = causal ? std::min<int64_t>(kl, kl - ql + j1) : kl;
       if (kmax <= 0) continue;  // only when kv_len < q_len (rejected by the bindings)
       const int64_t chunk = ceil_div(ceil_div(kmax, std::min<int64_t>(ns, ceil_div(kmax, TK))), TK) * TK;
       const int64_t nsplit = ceil_div(kmax, chunk);
       const int64_t rows = (j1 - j0) * g;
+      max_rows = std::max(max_rows, int(rows));
       for (int h = 0; h < Hkv; ++h) {
         if (nsplit == 1) {
           items.push_back({int32_t(b), h, int32_t(j0), int32_t(j1), 0, kmax, -1});
@@ -307,44 +813,78 @@ void run_attention(const TensorRef& q, const TensorRef& out, const T* kc, const 
   const T* Qp = q.ptr<T>();
   T* Op = out.ptr<T>();
   const int64_t sq0 = q.stride(0), sq1 = q.stride(1), so0 = out.stride(0), so1 = out.stride(1);
-  const int maxM = BQ * g;
+  const int maxM = max_rows;
+  const int Dp = round_cols(D);
 
   parallel_for(int64_t(items.size()), 1, [&](int64_t ib, int64_t ie) {
-    Scratch sc(maxM, D);
+    Scratch sc(maxM, D, std::is_same_v<T, bf16_t> && maxM > 2 * VW);
     std::vector<float> row(D);
     for (int64_t i = ib; i < ie; ++i) {
       const Item& it = items[i];
       int64_t q0, ql, kl;
       seq(it.b, q0, ql, kl);
       const int M = (it.j1 - it.j0) * g;
+      bool dp = false, amx = false;  // bf16 query blocks without bias: AMX tiles, else vdpbf16ps
+      (void)amx;
+#if defined(VITA_ATTN_BF16DP)
+      if constexpr (std::is_same_v<T, bf16_t>) {
+        dp = M > 2 * VW && !has_bias && D % 2 == 0;
+        amx = dp && D % 64 == 0 && amx_ready();
+      }
+#endif
       for (int64_t j = it.j0; j < it.j1; ++j)
         for (int h = 0; h < g; ++h) {
           const int r = int(j - it.j0) * g + h;
           const int hq = it.kvh * g + h;
-          load_row(Qp + (q0 + j) * sq0 + hq * sq1, sc.q.data(), D);
           const int ldp = round_rows(M);
-          for (int d = 0; d < D; ++d) sc.qt[size_t(d) * ldp + r] = sc.q[d] * scale;
+#if defined(VITA_ATTN_BF16DP)
+          if (amx) {
+            std::memcpy(&sc.qa[size_t(r) * D], Qp + (q0 + j) * sq0 + hq * sq1, sizeof(uint16_t) * D);
+          } else if (dp) {
+            const T* qr = Qp + (q0 + j) * sq0 + hq * sq1;
+            for (int d2 = 0; d2 < D / 2; ++d2) std::memcpy(&sc.qt2[size_t(d2) * ldp + r], qr + 2 * d2, 4);
+          } else
+#endif
+          {
+            load_row(Qp + (q0 + j) * sq0 + hq * sq1, sc.q.data(), D);
+            for (int d = 0; d < D; ++d) sc.qt[size_t(d) * ldp + r] = sc.q[d] * scale;
+          }
           sc.lim[r] = causal ? kl - ql + j + 1 : kl;
           sc.limi[r] = int32_t(sc.lim[r]);
           if (has_bias) sc.bias[r] = bias_row(it.b, hq, sc.bias_stride[r]);
         }
       for (int r = M; r < round_rows(M); ++r) {  // padding lanes: zero queries that see no key
         for (int d = 0; d < D; ++d) sc.qt[size_t(d) * round_rows(M) + r] = 0.f;
+#if defined(VITA_ATTN_BF16DP)
+        if (dp) for (int d2 = 0; d2 < D / 2; ++d2) sc.qt2[size_t(d2) * round_rows(M) + r] = 0u;
+        if (amx) std::memset(&sc.qa[size_t(r) * D], 0, sizeof(uint16_t) * D);
+#endif
         sc.limi[r] = 0;
       }
-      std::fill(sc.o.begin(), sc.o.begin() + size_t(M) * D, 0.f);
+      std::fill(sc.o.begin(), sc.o.begin() + size_t(round_rows(M)) * Dp, 0.f);
       std::fill(sc.m.begin(), sc.m.begin() + round_rows(M), -std::numeric_limits<float>::infinity());
       std::fill(sc.l.begin(), sc.l.begin() + round_rows(M), 0.f);
       const int kvh = it.kvh;
       const int64_t b = it.b;
-      attend<T>(kc, vc, [&](int64_t t) { return koff(b, kvh, t); }, [&](int64_t t) { return voff(b, kvh, t); }, it.k0, it.k1, M,
-                D, has_bias, sc);
+#if defined(VITA_ATTN_BF16DP)
+      if constexpr (std::is_same_v<T, bf16_t>) {
+        if (amx)
+          attend_amx(kc, vc, [&](int64_t t) { return koff(b, kvh, t); }, [&](int64_t t) { return voff(b, kvh, t); }, it.k0, it.k1, M,
+                     D, scale, sc);
+        else if (dp)
+          attend_dp(kc, vc, [&](int64_t t) { return koff(b, kvh, t); }, [&](int64_t t) { return voff(b, kvh, t); }, it.k0, it.k1, M,
+                    D, scale, sc);
+      }
+#endif
+      if (!dp)
+        attend<T>(kc, vc, [&](int64_t t) { return koff(b, kvh, t); }, [&](int64_t t) { return voff(b, kvh, t); }, it.k0, it.k1, M,
+                  D, has_bias, sc);
       if (it.part < 0) {
         for (int r = 0; r < M; ++r) {
           const int64_t j = it.j0 + r / g;
           const int hq = it.kvh * g + r % g;
           const float inv = sc.l[r] > 0.f ? 1.0f / sc.l[r] : 0.f;
-          const float* o = sc.o.data() + size_t(r) * D;
+          const float* o = sc.o.data() + size_t(r) * Dp;
 #pragma omp simd
           for (int d = 0; d < D; ++d) row[d] = o[d] * inv;
           store_row(row.data(), Op + (q0 + j) * so0 + hq * so1, D);
@@ -354,7 +894,7 @@ void run_attention(const TensorRef& q, const TensorRef& out, const T* kc, const 
         for (int r = 0; r < M; ++r, p += D + 2) {
           p[0] = sc.m[r];
           p[1] = sc.l[r];
-          std::memcpy(p + 2, sc.o.data() + size_t(r) * D, sizeof(float) * D);
+          std::memcpy(p + 2, sc.o.data() + size_t(r) * Dp, sizeof(float) * D);
         }
       }
     }
@@ -411,13 +951,19 @@ void paged_impl(const PagedAttentionArgs& a) {
     ql = cu[(b + 1) * cus] - q0;
     kl = kv[b * kvs];
   };
-  auto koff = [&](int64_t b, int kvh, int64_t t) {
-    const int64_t blk = bt[b * bt0 + (t / bs) * bt1];
-    return blk * kc.strides[0] + (t % bs) * kc.strides[1] + kvh * kc.strides[2];
+  // key -> (page, row): shift and mask for power-of-two block sizes (a 64-bit division per key
+  // row costs as much as a fraction of the tile's arithmetic)
+  const bool pow2 = bs > 0 && (bs & (bs - 1)) == 0;
+  const int sh = pow2 ? __builtin_ctzll(uint64_t(bs)) : 0;
+  auto koff = [&, pow2, sh](int64_t b, int kvh, int64_t t) {
+    const int64_t pg = pow2 ? t >> sh : t / bs, row = pow2 ? t & (bs - 1) : t % bs;
+    const int64_t blk = bt[b * bt0 + pg * bt1];
+    return blk * kc.strides[0] + row * kc.strides[1] + kvh * kc.strides[2];
   };
-  auto voff = [&](int64_t b, int kvh, int64_t t) {
-    const int64_t blk = bt[b * bt0 + (t / bs) * bt1];
-    return blk * vc.strides[0] + (t % bs) * vc.strides[1] + kvh * vc.strides[2];
+  auto voff = [&, pow2, sh](int64_t b, int kvh, int64_t t) {
+    const int64_t pg = pow2 ? t >> sh : t / bs, row = pow2 ? t & (bs - 1) : t % bs;
+    const int64_t blk = bt[b * bt0 + pg * bt1];
+    return blk * vc.strides[0] + row * vc.strides[1] + kvh * vc.strides[2];
   };
   run_attention<T>(a.q, a.out, kc.ptr<T>(), vc.ptr<T>(), B, Hkv, a.scale, a.causal, a.num_splits, seq, koff, voff, false,
                    [](int64_t, int, int64_t&) -> const float* { return nullptr; });
