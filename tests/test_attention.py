@@ -370,3 +370,12 @@ def test_varlen_attention_bad_arguments():
 
 def test_num_splits_cpu():
     assert _C.paged_attention_num_splits(1, 4, 4096, 1, -1) == 1
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("q_lens,kv_lens", [([64], [4160 // 8]), ([37, 256], [300, 1000]), ([1, 99], [999, 130])])
+def test_bf16_prefill_blocks_beyond_32_rows(D, q_lens, kv_lens):
+    """Prefill-sized bf16 blocks (the AMX / vdpbf16ps path on CPUs that have it) vs float64."""
+    t = make_paged(q_lens, kv_lens, 28 if D == 128 else 8, 4 if D == 128 else 2, D, 16, torch.bfloat16, "cpu")
+    out = run_c(*t)
+    _close(out, expect_paged(*t), torch.bfloat16)
