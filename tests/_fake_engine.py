@@ -22,6 +22,10 @@ class CapacityError(RuntimeError):
     pass
 
 
+# The event classes below deliberately carry only the fields DESIGN §6 promises (no turn/seq/offset
+# extras of vita_engine.runtime.events): the server must work with any engine honouring the contract.
+
+
 @dataclass
 class TextDelta:
     text: str
