@@ -30,6 +30,28 @@ void check_bias(Call& c, const TensorRef& x, const TensorRef& bias, int64_t cout
   c.ck.contiguous(bias);
 }
 
+// Checks shared by conv1d and conv_transpose1d: x, weight (torch layout: the input-channel dim is
+// `cin_dim`, the output-channel dim `cout_dim`), bias and out.
+void check_conv(Call& c, const TensorRef& x, const TensorRef& weight, const TensorRef& bias, const TensorRef& out, int cin_dim,
+                   int cout_dim, const char* weight_layout) {
+  c.ck.floating(x);
+  check_act(c, x, "[batch, in_channels, time]");
+  c.ck.ndim(weight, 3, weight_layout);
+  c.ck.same_dtype(x, weight);
+  c.ck.same_device(x, weight);
+  c.ck.contiguous(weight);
+  c.ck.dim(weight, cin_dim, x.size(1), "in_channels of x");
+  if (weight.size(2) < 1) c.ck.value_error("weight kernel size must be >= 1, got " + weight.shape_str());
+  const int64_t cout = weight.size(cout_dim);
+  check_bias(c, x, bias, cout);
+  check_act(c, out, "[batch, out_channels, time]");
+  c.ck.same_dtype(x, out);
+  c.ck.same_device(x, out);
+  c.ck.dim(out, 0, x.size(0), "batch of x");
+  c.ck.dim(out, 1, cout, "out_channels of weight");
+  c.ck.writable(out);
+}
+
 void conv1d(py::handle x_, py::handle w_, py::handle b_, py::handle out_, py::handle res_, py::handle acc_, int64_t pad_left, int dilation,
             py::handle slope_, double alpha, double beta, bool tanh_out, int64_t stream) {
   Call c("conv1d");
@@ -40,22 +62,7 @@ void conv1d(py::handle x_, py::handle w_, py::handle b_, py::handle out_, py::ha
   a.out = c.arg(out_, "out");
   a.residual = c.opt(res_, "residual");
   a.accum = c.opt(acc_, "accum");
-  c.ck.floating(a.x);
-  check_act(c, a.x, "[batch, in_channels, time]");
-  c.ck.ndim(a.weight, 3, "[out_channels, in_channels, kernel]");
-  c.ck.same_dtype(a.x, a.weight);
-  c.ck.same_device(a.x, a.weight);
-  c.ck.contiguous(a.weight);
-  c.ck.dim(a.weight, 1, a.x.size(1), "in_channels of x");
-  if (a.weight.size(2) < 1) c.ck.value_error("weight kernel size must be >= 1, got " + a.weight.shape_str());
-  const int64_t cout = a.weight.size(0);
-  check_bias(c, a.x, a.bias, cout);
-  check_act(c, a.out, "[batch, out_channels, time]");
-  c.ck.same_dtype(a.x, a.out);
-  c.ck.same_device(a.x, a.out);
-  c.ck.dim(a.out, 0, a.x.size(0), "batch of x");
-  c.ck.dim(a.out, 1, cout, "out_channels of weight");
-  c.ck.writable(a.out);
+  check_conv(c, a.x, a.weight, a.bias, a.out, 1, 0, "[out_channels, in_channels, kernel]");
   if (a.residual.ndim >= 0) check_like_out(c, a.out, a.residual);
   if (a.accum.ndim >= 0) check_like_out(c, a.out, a.accum);
   if (pad_left < 0) c.ck.value_error("pad_left must be >= 0, got " + std::to_string(pad_left));
@@ -79,22 +86,7 @@ void conv_transpose1d(py::handle x_, py::handle w_, py::handle b_, py::handle ou
   a.weight = c.arg(w_, "weight");
   a.bias = c.opt(b_, "bias");
   a.out = c.arg(out_, "out");
-  c.ck.floating(a.x);
-  check_act(c, a.x, "[batch, in_channels, time]");
-  c.ck.ndim(a.weight, 3, "[in_channels, out_channels, kernel]");
-  c.ck.same_dtype(a.x, a.weight);
-  c.ck.same_device(a.x, a.weight);
-  c.ck.contiguous(a.weight);
-  c.ck.dim(a.weight, 0, a.x.size(1), "in_channels of x");
-  if (a.weight.size(2) < 1) c.ck.value_error("weight kernel size must be >= 1, got " + a.weight.shape_str());
-  const int64_t cout = a.weight.size(1);
-  check_bias(c, a.x, a.bias, cout);
-  check_act(c, a.out, "[batch, out_channels, time]");
-  c.ck.same_dtype(a.x, a.out);
-  c.ck.same_device(a.x, a.out);
-  c.ck.dim(a.out, 0, a.x.size(0), "batch of x");
-  c.ck.dim(a.out, 1, cout, "out_channels of weight");
-  c.ck.writable(a.out);
+  check_conv(c, a.x, a.weight, a.bias, a.out, 0, 1, "[in_channels, out_channels, kernel]");
   if (stride < 1) c.ck.value_error("stride must be >= 1, got " + std::to_string(stride));
   if (pad_left < 0) c.ck.value_error("pad_left must be >= 0, got " + std::to_string(pad_left));
   if (a.x.data == a.out.data && a.out.numel() > 0) c.ck.value_error("out must not alias x");

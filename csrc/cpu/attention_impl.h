@@ -231,6 +231,18 @@ struct Scratch {
   }
 };
 
+// Online softmax: scale the accumulated output rows [r0, M) by their alpha = exp(m_old - m_new).
+inline void rescale_rows(float* O, const float* alpha, int r0, int M, int Dp) {
+  for (int r = r0; r < M; ++r) {
+    const float a = alpha[r];
+    if (a != 1.0f) {
+      float* o = O + size_t(r) * Dp;
+#pragma omp simd
+      for (int d = 0; d < Dp; ++d) o[d] *= a;
+    }
+  }
+}
+
 // Streams keys [k_begin, k_end) of one (sequence, kv head) through the M query rows held in sc
 // (qt = scaled Q transposed with ldp = round_rows(M) lanes, padding lanes zero with limi 0;
 // lim = per-row exclusive key limit, non-decreasing). koff/voff map a key index to its element
@@ -327,14 +339,7 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
       stv(sc.m.data() + rv, mn);
       stv(sc.alpha.data() + rv, alpha);
     }
-    for (int r = r0; r < M; ++r) {
-      const float a = sc.alpha[r];
-      if (a != 1.0f) {
-        float* o = O + size_t(r) * Dp;
-#pragma omp simd
-        for (int d = 0; d < Dp; ++d) o[d] *= a;
-      }
-    }
+    rescale_rows(O, sc.alpha.data(), r0, M, Dp);
     // ---- O += P V
     if (pack) {  // column block outer: its V slice (TK x W floats) stays in L1 for every row group
       for (int c = 0; c < nc; ++c) {
@@ -511,14 +516,7 @@ void attend_dp(const bf16_t* kc, const bf16_t* vc, KOff koff, VOff voff, int64_t
       stv(sc.m.data() + rv, mn);
       stv(sc.alpha.data() + rv, alpha);
     }
-    for (int r = r0; r < M; ++r) {
-      const float a = sc.alpha[r];
-      if (a != 1.0f) {
-        float* o = O + size_t(r) * Dp;
-#pragma omp simd
-        for (int d = 0; d < Dp; ++d) o[d] *= a;
-      }
-    }
+    rescale_rows(O, sc.alpha.data(), r0, M, Dp);
     // ---- O += P V
     for (int c = 0; c < nc; ++c) {
       const uint32_t* vb = vb2 + size_t(c) * (TK / 2) * W;
