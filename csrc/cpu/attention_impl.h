@@ -25,7 +25,7 @@
 
 
 constexpr int TK = 64;        // keys per tile
-constexpr int kMaxRows = 256; // query rows per work item (query tokens x heads of one KV group)
+constexpr int kMaxRows = 512; // query rows per work item (query tokens x heads of one KV group)
 constexpr int kMinSplitKeys = 512;
 
 // VITA_ATTN_VW floats per vector register (8: AVX2 / generic, 16: AVX-512), set by the includer.
@@ -79,6 +79,27 @@ inline void qk_block(const float* qt, int ldp, int rv, const float* const* krow,
     for (int i = 0; i < NV; ++i) stv(st + size_t(k) * ldp + rv + i * VW, acc[k][i]);
 }
 
+// Same product from a packed K^T tile (kt[d * TK + k], the block's keys contiguous): every key
+// is a broadcast at a constant offset from one pointer, so the loop carries two address updates
+// instead of one per key row, and NV row vectors share each broadcast.
+template <int KB, int NV>
+inline void qk_packed(const float* qt, int ldp, int rv, const float* kt, int D, float* st) {
+  vf acc[KB][NV];
+  for (int k = 0; k < KB; ++k)
+    for (int i = 0; i < NV; ++i) acc[k][i] = vf{};
+  const float* qp = qt + rv;
+  for (int d = 0; d < D; ++d, qp += ldp, kt += TK) {
+    vf q[NV];
+    for (int i = 0; i < NV; ++i) q[i] = ldv(qp + i * VW);
+    for (int k = 0; k < KB; ++k) {
+      const float kv = kt[k];  // (vf{} + x would be an add, not a broadcast: -0.0 + 0.0 != -0.0)
+      for (int i = 0; i < NV; ++i) acc[k][i] += kv * q[i];
+    }
+  }
+  for (int k = 0; k < KB; ++k)
+    for (int i = 0; i < NV; ++i) stv(st + size_t(k) * ldp + rv + i * VW, acc[k][i]);
+}
+
 // o[r * ldo + dc + j] += sum_{t < n} p[t * ldp + r] * vrow[t][dc + j] for R rows, 2 * VW channels.
 template <int R>
 inline void pv_block(const float* p, int ldp, const float* const* vrow, int n, int dc, float* o, int ldo) {
@@ -110,28 +131,26 @@ inline void pv_tail(const float* p, int ldp, const float* const* vrow, int n, in
     }
 }
 
-// Packed V column block (vb[t * 2VW + j], channels [c * 2VW, c * 2VW + 2VW) of the tile, zero past D):
-// o[r * ldo + j] += sum_{t < n} p[t * ldp + r] * vb[t * 2VW + j] for R rows.
+// Packed V column block (vb[t * PW + j], channels [c * PW, c * PW + PW) of the tile, zero past D):
+// o[r * ldo + j] += sum_{t < n} p[t * ldp + r] * vb[t * PW + j] for R rows.
+constexpr int PNV = VW == 16 ? 4 : 2;  // vectors per packed V column block
+constexpr int PW = PNV * VW;           // its channels (AVX-512: 6 rows x 4 vectors = 24 accumulators)
 template <int R>
 inline void pv_packed(const float* p, int ldp, const float* vb, int n, float* o, int ldo) {
-  vf acc[R][2];
-  for (int r = 0; r < R; ++r) {
-    acc[r][0] = ldv(o + r * ldo);
-    acc[r][1] = ldv(o + r * ldo + VW);
-  }
+  vf acc[R][PNV];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < PNV; ++i) acc[r][i] = ldv(o + r * ldo + i * VW);
   for (int t = 0; t < n; ++t) {
-    const vf v0 = ldv(vb + t * 2 * VW), v1 = ldv(vb + t * 2 * VW + VW);
+    vf v[PNV];
+    for (int i = 0; i < PNV; ++i) v[i] = ldv(vb + t * PW + i * VW);
     const float* pt = p + size_t(t) * ldp;
     for (int r = 0; r < R; ++r) {
       const float pr = pt[r];
-      acc[r][0] += pr * v0;
-      acc[r][1] += pr * v1;
+      for (int i = 0; i < PNV; ++i) acc[r][i] += pr * v[i];
     }
   }
-  for (int r = 0; r < R; ++r) {
-    stv(o + r * ldo, acc[r][0]);
-    stv(o + r * ldo + VW, acc[r][1]);
-  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < PNV; ++i) stv(o + r * ldo + i * VW, acc[r][i]);
 }
 
 // Register block of query rows for the micro-kernels: RB rows x 2 vectors of accumulators
@@ -148,19 +167,20 @@ inline void row_tail(int n, int r, F& f) {
   }
 }
 
-// Calls f(r, integral_constant<R>) over rows [r0, M) in blocks of RB (then one smaller block).
-template <class F>
+// Calls f(r, integral_constant<R>) over rows [r0, M) in blocks of RBK (then one smaller block).
+template <int RBK = RB, class F>
 inline void row_groups(int r0, int M, F&& f) {
   int r = r0;
-  for (; r + RB <= M; r += RB) f(r, std::integral_constant<int, RB>{});
-  if (r < M) row_tail<RB - 1>(M - r, r, f);
+  for (; r + RBK <= M; r += RBK) f(r, std::integral_constant<int, RBK>{});
+  if (r < M) row_tail<RBK - 1>(M - r, r, f);
 }
+constexpr int RBP = 6;  // rows per pv_packed block
 
 constexpr int KB = VW == 16 ? 8 : 4;  // keys per S micro-kernel (x 2 row vectors of accumulators)
 
 inline int round_rows(int M) { return (M + VW - 1) / VW * VW; }
-// O scratch row stride: D rounded up to the packed V column block (2 * VW channels).
-inline int round_cols(int D) { return (D + 2 * VW - 1) / (2 * VW) * (2 * VW); }
+// O scratch row stride: D rounded up to the packed V column block (PW channels, a multiple of 2 * VW).
+inline int round_cols(int D) { return (D + PW - 1) / PW * PW; }
 
 // dst[0, 2VW) = src[0, w) as float32, zero past w (one packed V column block row).
 template <class T>
@@ -200,8 +220,38 @@ inline void prefetch_row(const T* p, int n) {
   for (size_t b = 0; b < size_t(n) * sizeof(T); b += 64) __builtin_prefetch(c + b, 0, 2);
 }
 
+#if VITA_ATTN_VW == 16
+// dst[c * ld + i] = src[i][c] for a 16 x 16 block of 32-bit words (rows src[i], 64 bytes each).
+// (GCC 12's unpack intrinsics trip -Wmaybe-uninitialized on their internal _mm512_undefined.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+inline void transpose16(const uint32_t* const* src, uint32_t* dst, int ld) {
+  __m512i r[16], a[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src[i]);
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int j = 0; j < 4; ++j) {  // r[4j + k], 128-bit lane L = column 4L + k of rows 4j..4j+3
+    r[4 * j + 0] = _mm512_unpacklo_epi64(a[4 * j], a[4 * j + 2]);
+    r[4 * j + 1] = _mm512_unpackhi_epi64(a[4 * j], a[4 * j + 2]);
+    r[4 * j + 2] = _mm512_unpacklo_epi64(a[4 * j + 1], a[4 * j + 3]);
+    r[4 * j + 3] = _mm512_unpackhi_epi64(a[4 * j + 1], a[4 * j + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512i c0 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x88), c1 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xDD);
+    const __m512i c2 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0x88), c3 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0xDD);
+    _mm512_storeu_si512(dst + size_t(k) * ld, _mm512_shuffle_i32x4(c0, c2, 0x88));
+    _mm512_storeu_si512(dst + size_t(4 + k) * ld, _mm512_shuffle_i32x4(c1, c3, 0x88));
+    _mm512_storeu_si512(dst + size_t(8 + k) * ld, _mm512_shuffle_i32x4(c0, c2, 0xDD));
+    _mm512_storeu_si512(dst + size_t(12 + k) * ld, _mm512_shuffle_i32x4(c1, c3, 0xDD));
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
 struct Scratch {
-  std::vector<float> q, qt, o, m, l, alpha, st, kn, vn, vp, zero;
+  std::vector<float> q, qt, o, m, l, alpha, st, kn, kt, vn, vp, zero;
 #if defined(VITA_ATTN_BF16DP)
   std::vector<uint32_t> qt2, pb, vb2, kbt, vv;
   std::vector<uint16_t> kb16, qa, pa;
@@ -214,7 +264,7 @@ struct Scratch {
   // bf16: also the buffers of the bf16 dot-product / AMX paths (query blocks only).
   Scratch(int rows, int D, bool bf16 = false)
       : q(size_t(D)), qt(size_t(D) * round_rows(rows)), o(size_t(round_rows(rows)) * round_cols(D)), m(round_rows(rows)), l(round_rows(rows)),
-        alpha(round_rows(rows)), st(size_t(TK) * round_rows(rows)), kn(size_t(TK) * D), vn(size_t(TK) * D), vp(size_t(TK) * round_cols(D)), zero(D + 8, 0.f),
+        alpha(round_rows(rows)), st(size_t(TK) * round_rows(rows)), kn(size_t(TK) * D), kt(size_t(TK) * D), vn(size_t(TK) * D), vp(size_t(TK) * round_cols(D)), zero(D + 8, 0.f),
         lim(rows), limi(round_rows(rows)), bias(rows), bias_stride(rows) {
 #if defined(VITA_ATTN_BF16DP)
     if (!bf16) return;
@@ -257,7 +307,7 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
   float* St = sc.st.data();
   const int DV = D - D % (2 * VW);
   constexpr int W = 2 * VW;
-  const int Dp = round_cols(D), nc = Dp / W;  // O row stride, packed V column blocks
+  const int Dp = round_cols(D), nc = Dp / PW;  // O row stride, packed V column blocks
   // Query blocks (prefill): K rows copied into a contiguous tile and V into column blocks of W
   // channels, so that both stay in L1 (paged rows sit at a large power-of-two stride and alias
   // a few cache sets) and every row group reuses the same V slice. Decode (few rows) streams the
@@ -281,7 +331,9 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
         }
         pack_row(kp, sc.kn.data() + size_t(t) * D, D);
         krow[t] = sc.kn.data() + size_t(t) * D;
-        for (int c = 0; c < nc; ++c) pack_seg(vp + c * W, sc.vp.data() + (size_t(c) * TK + t) * W, std::min(W, D - c * W));
+        for (int c = 0; c < nc; ++c)
+          for (int s = 0; s < PW; s += W)
+            pack_seg(vp + c * PW + s, sc.vp.data() + (size_t(c) * TK + t) * PW + s, std::clamp(D - c * PW - s, 0, W));
       } else if constexpr (std::is_same_v<T, float>) {
         krow[t] = kp;
         vrow[t] = vp;
@@ -295,9 +347,35 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
     const int np = (n + KB - 1) / KB * KB;
     for (int t = n; t < np; ++t) krow[t] = sc.zero.data();
     // ---- S^T = K Q^T
-    // keys in sub-tiles of QKT (their K rows stay in L1 next to one Q^T slice), row-vector pairs
+    // keys in sub-tiles of QKT (their K rows stay in L1 next to one Q^T slice), row-vector groups
     // (one Q^T slice, reused by every key block of the sub-tile), key blocks innermost
     constexpr int QKT = 32;
+    if (pack) {  // K^T tile, zero past n
+      float* kt = sc.kt.data();
+#if VITA_ATTN_VW == 16
+      if (D % 16 == 0) {
+        static_assert(TK % 16 == 0, "K^T tiles transpose 16 keys at a time");
+        for (int t = np; t < (np + 15) / 16 * 16; ++t) krow[t] = sc.zero.data();
+        for (int tb = 0; tb < np; tb += 16)
+          for (int d = 0; d < D; d += 16) {
+            const uint32_t* src[16];
+            for (int i = 0; i < 16; ++i) src[i] = reinterpret_cast<const uint32_t*>(krow[tb + i] + d);
+            transpose16(src, reinterpret_cast<uint32_t*>(kt + size_t(d) * TK + tb), TK);
+          }
+      } else
+#endif
+        for (int t = 0; t < np; ++t)
+          for (int d = 0; d < D; ++d) kt[size_t(d) * TK + t] = krow[t][d];
+      constexpr int NV3 = VW == 16 ? 3 : 2;  // AVX-512: 8 keys x 3 vectors = 24 accumulators
+      for (int tq = 0; tq < np; tq += QKT) {
+        const int te = std::min(np, tq + QKT);
+        int rv = rb0;
+        for (; rv + NV3 * VW <= ldp; rv += NV3 * VW)
+          for (int t = tq; t < te; t += KB) qk_packed<KB, NV3>(sc.qt.data(), ldp, rv, kt + t, D, St + size_t(t) * ldp);
+        for (; rv + VW <= ldp; rv += VW)
+          for (int t = tq; t < te; t += KB) qk_packed<KB, 1>(sc.qt.data(), ldp, rv, kt + t, D, St + size_t(t) * ldp);
+      }
+    } else
     for (int tq = 0; tq < np; tq += QKT) {
       const int te = std::min(np, tq + QKT);
       int rv = rb0;
@@ -343,9 +421,9 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
     // ---- O += P V
     if (pack) {  // column block outer: its V slice (TK x W floats) stays in L1 for every row group
       for (int c = 0; c < nc; ++c) {
-        const float* vb = sc.vp.data() + size_t(c) * TK * W;
-        row_groups(r0, M, [&](int r, auto R) {
-          pv_packed<decltype(R)::value>(St + r, ldp, vb, n, O + size_t(r) * Dp + c * W, Dp);
+        const float* vb = sc.vp.data() + size_t(c) * TK * PW;
+        row_groups<RBP>(r0, M, [&](int r, auto R) {
+          pv_packed<decltype(R)::value>(St + r, ldp, vb, n, O + size_t(r) * Dp + c * PW, Dp);
         });
       }
     } else {
@@ -563,33 +641,6 @@ inline float hsum16(vf x) {
   return (c[0] + c[1]) + (c[2] + c[3]);
 }
 
-// dst[c * ld + i] = src[i][c] for a 16 x 16 block of 32-bit words (rows src[i], 64 bytes each).
-// (GCC 12's unpack intrinsics trip -Wmaybe-uninitialized on their internal _mm512_undefined.)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-inline void transpose16(const uint32_t* const* src, uint32_t* dst, int ld) {
-  __m512i r[16], a[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src[i]);
-  for (int i = 0; i < 8; ++i) {
-    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int j = 0; j < 4; ++j) {  // r[4j + k], 128-bit lane L = column 4L + k of rows 4j..4j+3
-    r[4 * j + 0] = _mm512_unpacklo_epi64(a[4 * j], a[4 * j + 2]);
-    r[4 * j + 1] = _mm512_unpackhi_epi64(a[4 * j], a[4 * j + 2]);
-    r[4 * j + 2] = _mm512_unpacklo_epi64(a[4 * j + 1], a[4 * j + 3]);
-    r[4 * j + 3] = _mm512_unpackhi_epi64(a[4 * j + 1], a[4 * j + 3]);
-  }
-  for (int k = 0; k < 4; ++k) {
-    const __m512i c0 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x88), c1 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xDD);
-    const __m512i c2 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0x88), c3 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0xDD);
-    _mm512_storeu_si512(dst + size_t(k) * ld, _mm512_shuffle_i32x4(c0, c2, 0x88));
-    _mm512_storeu_si512(dst + size_t(4 + k) * ld, _mm512_shuffle_i32x4(c1, c3, 0x88));
-    _mm512_storeu_si512(dst + size_t(8 + k) * ld, _mm512_shuffle_i32x4(c0, c2, 0xDD));
-    _mm512_storeu_si512(dst + size_t(12 + k) * ld, _mm512_shuffle_i32x4(c1, c3, 0xDD));
-  }
-}
-#pragma GCC diagnostic pop
 
 struct alignas(64) TileCfg {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
