@@ -27,6 +27,7 @@
 constexpr int TK = 64;        // keys per tile
 constexpr int kMaxRows = 512; // query rows per work item (query tokens x heads of one KV group)
 constexpr int kMinSplitKeys = 512;
+constexpr int TKA = 256;      // keys per tile of the AMX bf16 path
 
 // VITA_ATTN_VW floats per vector register (8: AVX2 / generic, 16: AVX-512), set by the includer.
 constexpr int VW = VITA_ATTN_VW;
@@ -263,20 +264,22 @@ struct Scratch {
   std::vector<int64_t> bias_stride;
   // bf16: also the buffers of the bf16 dot-product / AMX paths (query blocks only).
   Scratch(int rows, int D, bool bf16 = false)
-      : q(size_t(D)), qt(size_t(D) * round_rows(rows)), o(size_t(round_rows(rows)) * round_cols(D)), m(round_rows(rows)), l(round_rows(rows)),
-        alpha(round_rows(rows)), st(size_t(TK) * round_rows(rows)), kn(size_t(TK) * D), kt(size_t(TK) * D), vn(size_t(TK) * D), vp(size_t(TK) * round_cols(D)), zero(D + 8, 0.f),
-        lim(rows), limi(round_rows(rows)), bias(rows), bias_stride(rows) {
+      // (+16 rows: the AMX path works on pairs of 16-row tiles)
+      : q(size_t(D)), qt(size_t(D) * round_rows(rows)), o(size_t(round_rows(rows) + 16) * round_cols(D)), m(round_rows(rows) + 16),
+        l(round_rows(rows) + 16), alpha(round_rows(rows)), st(size_t(TK) * round_rows(rows)), kn(size_t(TK) * D), kt(size_t(TK) * D),
+        vn(size_t(TK) * D), vp(size_t(TK) * round_cols(D)), zero(D + 8, 0.f), lim(rows), limi(round_rows(rows) + 16), bias(rows),
+        bias_stride(rows) {
 #if defined(VITA_ATTN_BF16DP)
     if (!bf16) return;
     qt2.resize(size_t(D / 2) * round_rows(rows));
     pb.resize(size_t(TK / 2) * round_rows(rows));
     vb2.resize(size_t(TK / 2) * round_cols(D));
     kb16.resize(size_t(TK) * D);
-    kbt.resize(size_t(D / 2) * TK);
-    vv.resize(size_t(TK / 2) * D);
-    qa.resize(size_t(round_rows(rows)) * D);
-    pa.resize(size_t(round_rows(rows)) * TK);
-    s2.resize(size_t(round_rows(rows)) * TK);
+    kbt.resize(size_t(D / 2) * TKA);
+    vv.resize(size_t(TKA / 2) * D);
+    qa.resize(size_t(round_rows(rows) + 16) * D);
+    pa.resize(size_t(32) * TKA);
+    s2.resize(size_t(32) * TKA);
 #endif
   }
 };
@@ -651,13 +654,34 @@ struct alignas(64) TileCfg {
   }
 };
 
+// 2^y on a 16-lane vector for the bf16 path: degree-4 Taylor polynomial on the fraction
+// (relative error < 5e-5, far below bf16 rounding of P) and an exact scale by 2^round(y);
+// very negative y gives 0, never NaN.
+inline __m512 exp2_bf(__m512 y) {
+  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(y, n);
+  __m512 p = _mm512_set1_ps(9.6181291e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Keys are taken TKA (256) at a time: every load/store of an O accumulator tile then carries
+// 8 tile products, and the per-row softmax bookkeeping (horizontal max/sum, alpha, rescale) is
+// paid once per 256 keys. Rows go in pairs of 16-row tiles (2 A x 2 B -> 4 C tiles), and each
+// pair runs S = Q K^T, its softmax and O += P V back to back while its S (32 KB) is in L1.
+// Softmax is done in the log2 domain (z = s * scale * log2 e) with exp2_bf; P is rounded to bf16
+// (vcvtne2ps2bf16), the row sum uses the unrounded values.
 template <class KOff, class VOff>
 void attend_amx(const bf16_t* kc, const bf16_t* vc, KOff koff, VOff voff, int64_t k_begin, int64_t k_end, int M, int D, float scale,
                 Scratch& sc) {
-  static_assert(TK == 64 && VW == 16, "AMX tiling assumes 64-key tiles and 16-row lanes");
+  static_assert(VW == 16, "AMX tiling assumes 16-float vectors");
   static const TileCfg cfg;
   _tile_loadconfig(&cfg);
   const int ldp = round_rows(M);
+  const int M32 = (M + 31) / 32 * 32;
   const int Dp = round_cols(D);
   float* O = sc.o.data();
   float* S = sc.s2.data();
@@ -667,30 +691,38 @@ void attend_amx(const bf16_t* kc, const bf16_t* vc, KOff koff, VOff voff, int64_
   const uint16_t* qa = sc.qa.data();
   const uint16_t* zero16 = reinterpret_cast<const uint16_t*>(sc.zero.data());
   const int D2 = D / 2;
-  vi iota;
-  for (int i = 0; i < VW; ++i) iota[i] = i;
-  for (int64_t t0 = k_begin; t0 < k_end; t0 += TK) {
-    const int n = int(std::min<int64_t>(TK, k_end - t0));
+  constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
+  const __m512 c1 = _mm512_set1_ps(scale * kLog2e);
+  for (int r = ldp; r < M32; ++r) {  // the second tile of the last pair: rows that see no key
+    std::memset(&sc.qa[size_t(r) * D], 0, sizeof(uint16_t) * D);
+    std::fill(O + size_t(r) * Dp, O + size_t(r + 1) * Dp, 0.f);
+    sc.limi[r] = 0;
+    sc.m[r] = -std::numeric_limits<float>::infinity();
+    sc.l[r] = 0.f;
+  }
+  for (int64_t t0 = k_begin; t0 < k_end; t0 += TKA) {
+    const int n = int(std::min<int64_t>(TKA, k_end - t0));
+    const int nk = (n + 31) / 32 * 32;  // keys computed (zero K/V rows past n)
     int r0 = 0;
     while (r0 < M && sc.lim[r0] <= t0) ++r0;
     if (r0 == M) break;
-    const int rb0 = r0 / 16 * 16;
-    // ---- K^T and V as pair words (keys past n: zero)
-    const uint32_t* kr[TK];
-    for (int t = 0; t < TK; ++t) {
-      if (t < n && t0 + TK + t < k_end) {
-        prefetch_row(kc + koff(t0 + TK + t), D);
-        prefetch_row(vc + voff(t0 + TK + t), D);
+    const int rb0 = r0 / 32 * 32;
+    // ---- K^T and V as pair words
+    const uint32_t* kr[TKA];
+    for (int t = 0; t < nk; ++t) {
+      if (t < n && t0 + TKA + t < k_end) {
+        prefetch_row(kc + koff(t0 + TKA + t), D);
+        prefetch_row(vc + voff(t0 + TKA + t), D);
       }
       kr[t] = reinterpret_cast<const uint32_t*>(t < n ? reinterpret_cast<const uint16_t*>(kc + koff(t0 + t)) : zero16);
     }
-    for (int tb = 0; tb < TK; tb += 16)
+    for (int tb = 0; tb < nk; tb += 16)
       for (int dp = 0; dp < D2; dp += 16) {
         const uint32_t* src[16];
         for (int i = 0; i < 16; ++i) src[i] = kr[tb + i] + dp;
-        transpose16(src, kbt + size_t(dp) * TK + tb, TK);
+        transpose16(src, kbt + size_t(dp) * TKA + tb, TKA);
       }
-    for (int tp = 0; tp < TK / 2; ++tp) {
+    for (int tp = 0; tp < nk / 2; ++tp) {
       const uint16_t* va = 2 * tp < n ? reinterpret_cast<const uint16_t*>(vc + voff(t0 + 2 * tp)) : zero16;
       const uint16_t* vb = 2 * tp + 1 < n ? reinterpret_cast<const uint16_t*>(vc + voff(t0 + 2 * tp + 1)) : zero16;
       uint32_t* dst = vv + size_t(tp) * D;
@@ -700,90 +732,92 @@ void attend_amx(const bf16_t* kc, const bf16_t* vc, KOff koff, VOff voff, int64_
         *reinterpret_cast<vuu*>(dst + c) = lo | (hi << 16);
       }
     }
-    // ---- S = Q K^T, one row tile x 64 keys (tiles 0-3) at a time
-    for (int rt = rb0; rt < ldp; rt += 16) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int st = 0; st < D / 32; ++st) {
-        _tile_loadd(4, qa + size_t(rt) * D + st * 32, D * 2);
-        const uint32_t* kb = kbt + size_t(st) * 16 * TK;
-        _tile_loadd(5, kb, TK * 4);
-        _tile_dpbf16ps(0, 4, 5);
-        _tile_loadd(6, kb + 16, TK * 4);
-        _tile_dpbf16ps(1, 4, 6);
-        _tile_loadd(7, kb + 32, TK * 4);
-        _tile_dpbf16ps(2, 4, 7);
-        _tile_loadd(5, kb + 48, TK * 4);
-        _tile_dpbf16ps(3, 4, 5);
+    for (int rt = rb0; rt < M32; rt += 32) {
+      // ---- S[32][nk] = Q K^T (raw dot products)
+      for (int j = 0; j < nk; j += 32) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int st = 0; st < D / 32; ++st) {
+          _tile_loadd(4, qa + size_t(rt) * D + st * 32, D * 2);
+          _tile_loadd(5, qa + size_t(rt + 16) * D + st * 32, D * 2);
+          const uint32_t* kb = kbt + size_t(st) * 16 * TKA + j;
+          _tile_loadd(6, kb, TKA * 4);
+          _tile_loadd(7, kb + 16, TKA * 4);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, S + j, TKA * 4);
+        _tile_stored(1, S + j + 16, TKA * 4);
+        _tile_stored(2, S + 16 * TKA + j, TKA * 4);
+        _tile_stored(3, S + 16 * TKA + j + 16, TKA * 4);
       }
-      float* sr = S + size_t(rt) * TK;
-      _tile_stored(0, sr, TK * 4);
-      _tile_stored(1, sr + 16, TK * 4);
-      _tile_stored(2, sr + 32, TK * 4);
-      _tile_stored(3, sr + 48, TK * 4);
-    }
-    // ---- online softmax per row; P as bf16 rows
-    const vi nv = vi{} + n;
-    for (int r = rb0; r < ldp; ++r) {
-      const vi limv = vi{} + int32_t(sc.limi[r] - t0);  // key t of the tile visible iff t < lim - t0 and t < n
-      const float* sr = S + size_t(r) * TK;
-      vf sv[TK / VW];
-      vf mx = vf{} - std::numeric_limits<float>::infinity();
-      for (int v = 0; v < TK / VW; ++v) {
-        const vi tv = iota + v * VW;
-        sv[v] = ldv(sr + v * VW) * scale;
-        sv[v] = (tv < limv) & (tv < nv) ? sv[v] : vf{} - std::numeric_limits<float>::infinity();
-        mx = mx > sv[v] ? mx : sv[v];
+      // ---- online softmax per row (log2 domain); P rows as bf16
+      for (int i = 0; i < 32; ++i) {
+        const int r = rt + i;
+        const int vis = int(std::min<int64_t>(n, int64_t(sc.limi[r]) - t0));  // keys [0, vis) of the tile visible
+        uint16_t* pr = pa + size_t(i) * TKA;
+        if (vis <= 0) {
+          std::memset(pr, 0, sizeof(uint16_t) * nk);
+          continue;
+        }
+        const float* sr = S + size_t(i) * TKA;
+        __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+        for (int v = 0; v < nk / 16; ++v) {
+          const __m512 z = _mm512_mul_ps(_mm512_loadu_ps(sr + v * 16), c1);
+          const int left = vis - v * 16;
+          const __mmask16 km = left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+          mx = _mm512_mask_max_ps(mx, km, mx, z);
+        }
+        const float m_old = sc.m[r] * kLog2e;  // -inf before the first visible key
+        const float m_new = std::max(m_old, _mm512_reduce_max_ps(mx));
+        const float alpha = m_old == -std::numeric_limits<float>::infinity() ? 0.f : std::exp2(m_old - m_new);
+        const __m512 mv = _mm512_set1_ps(m_new);
+        __m512 sum = _mm512_setzero_ps();
+        for (int v = 0; v < nk / 16; v += 2) {
+          const int left0 = vis - v * 16, left1 = left0 - 16;
+          const __mmask16 k0 = left0 >= 16 ? __mmask16(0xffff) : left0 <= 0 ? __mmask16(0) : __mmask16((1u << left0) - 1);
+          const __mmask16 k1 = left1 >= 16 ? __mmask16(0xffff) : left1 <= 0 ? __mmask16(0) : __mmask16((1u << left1) - 1);
+          const __m512 e0 = _mm512_maskz_mov_ps(k0, exp2_bf(_mm512_fmsub_ps(_mm512_loadu_ps(sr + v * 16), c1, mv)));
+          const __m512 e1 = _mm512_maskz_mov_ps(k1, exp2_bf(_mm512_fmsub_ps(_mm512_loadu_ps(sr + v * 16 + 16), c1, mv)));
+          sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+          _mm512_storeu_si512(pr + v * 16, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+        }
+        sc.l[r] = sc.l[r] * alpha + _mm512_reduce_add_ps(sum);
+        sc.m[r] = m_new * kLn2;
+        if (alpha != 1.0f) {
+          float* o = O + size_t(r) * Dp;
+          const __m512 av = _mm512_set1_ps(alpha);
+          for (int d = 0; d < D; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), av));
+        }
       }
-      const float mo = sc.m[r];
-      const float mn = std::max(mo, hmax16(mx));
-      const float mu = mn == -std::numeric_limits<float>::infinity() ? 0.f : mn;
-      const float alpha = mo == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(mo - mu);
-      vf sum = vf{};
-      uint16_t* pr = pa + size_t(r) * TK;
-      for (int v = 0; v < TK / VW; ++v) {
-        const vi tv = iota + v * VW;
-        vf e = exp_le0(sv[v] - mu);
-        e = (tv < limv) & (tv < nv) ? e : vf{};
-        const vu b = bf16_rne(e);
-        sum += (vf)(b << 16);
-        *reinterpret_cast<vh*>(pr + v * VW) = __builtin_convertvector(b, vh);
-      }
-      sc.l[r] = sc.l[r] * alpha + hsum16(sum);
-      sc.m[r] = mn;
-      if (alpha != 1.0f) {
-        float* o = O + size_t(r) * Dp;
-#pragma omp simd
-        for (int d = 0; d < Dp; ++d) o[d] *= alpha;
-      }
-    }
-    // ---- O += P V, one row tile x 64 channels (tiles 0-3) at a time
-    for (int rt = rb0; rt < ldp; rt += 16)
-      for (int c0 = 0; c0 < D; c0 += 64) {
+      // ---- O[rt, rt + 32) += P V, 32 channels at a time
+      for (int c0 = 0; c0 < D; c0 += 32) {
         float* oc = O + size_t(rt) * Dp + c0;
         _tile_loadd(0, oc, Dp * 4);
         _tile_loadd(1, oc + 16, Dp * 4);
-        _tile_loadd(2, oc + 32, Dp * 4);
-        _tile_loadd(3, oc + 48, Dp * 4);
-        for (int u = 0; u < TK / 32; ++u) {
-          _tile_loadd(4, pa + size_t(rt) * TK + u * 32, TK * 2);
+        _tile_loadd(2, oc + 16 * Dp, Dp * 4);
+        _tile_loadd(3, oc + 16 * Dp + 16, Dp * 4);
+        for (int u = 0; u < nk / 32; ++u) {
+          _tile_loadd(4, pa + u * 32, TKA * 2);
+          _tile_loadd(5, pa + 16 * TKA + u * 32, TKA * 2);
           const uint32_t* vb = vv + size_t(u) * 16 * D + c0;
-          _tile_loadd(5, vb, D * 4);
-          _tile_dpbf16ps(0, 4, 5);
-          _tile_loadd(6, vb + 16, D * 4);
-          _tile_dpbf16ps(1, 4, 6);
-          _tile_loadd(7, vb + 32, D * 4);
-          _tile_dpbf16ps(2, 4, 7);
-          _tile_loadd(5, vb + 48, D * 4);
-          _tile_dpbf16ps(3, 4, 5);
+          _tile_loadd(6, vb, D * 4);
+          _tile_loadd(7, vb + 16, D * 4);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
         }
         _tile_stored(0, oc, Dp * 4);
         _tile_stored(1, oc + 16, Dp * 4);
-        _tile_stored(2, oc + 32, Dp * 4);
-        _tile_stored(3, oc + 48, Dp * 4);
+        _tile_stored(2, oc + 16 * Dp, Dp * 4);
+        _tile_stored(3, oc + 16 * Dp + 16, Dp * 4);
       }
+    }
   }
   _tile_release();
 }
