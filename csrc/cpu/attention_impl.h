@@ -327,11 +327,11 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
     for (int t = 0; t < n; ++t) {
       const T* kp = kc + koff(t0 + t);
       const T* vp = vc + voff(t0 + t);
+      if (t0 + TK + t < k_end) {  // the next tile's rows into L2 while this one is computed
+        prefetch_row(kc + koff(t0 + TK + t), D);
+        prefetch_row(vc + voff(t0 + TK + t), D);
+      }
       if (pack) {
-        if (t0 + TK + t < k_end) {  // the next tile's rows into L2 while this one is computed
-          prefetch_row(kc + koff(t0 + TK + t), D);
-          prefetch_row(vc + voff(t0 + TK + t), D);
-        }
         pack_row(kp, sc.kn.data() + size_t(t) * D, D);
         krow[t] = sc.kn.data() + size_t(t) * D;
         for (int c = 0; c < nc; ++c)
