@@ -394,14 +394,19 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
         for (int t = 0; t < n; ++t) St[size_t(t) * ldp + r] += b[(t0 + t) * bst];
       }
     // ---- online softmax, query rows in lanes (keys >= a row's limit get p = 0)
-    for (int rv = rb0; rv < ldp; rv += VW) {
+    const int32_t tile_end = int32_t(t0 + n);
+    auto softmax_rows = [&](int rv, auto masked) {
       const vi limv = *reinterpret_cast<const viu*>(sc.limi.data() + rv);
       vf mx = ninf;
       for (int t = 0; t < n; ++t) {
         const vf sv = ldv(St + size_t(t) * ldp + rv);
-        const vi tv = vi{} + int32_t(t0 + t);
-        const vf sm = tv < limv ? sv : ninf;
-        mx = mx > sm ? mx : sm;
+        if constexpr (decltype(masked)::value) {
+          const vi tv = vi{} + int32_t(t0 + t);
+          const vf sm = tv < limv ? sv : ninf;
+          mx = mx > sm ? mx : sm;
+        } else {
+          mx = mx > sv ? mx : sv;
+        }
       }
       const vf mo = ldv(sc.m.data() + rv);
       const vf mn = mo > mx ? mo : mx;
@@ -410,15 +415,25 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
       vf sum = vf{};
       for (int t = 0; t < n; ++t) {
         float* sp = St + size_t(t) * ldp + rv;
-        const vi tv = vi{} + int32_t(t0 + t);
         vf e = exp_le0(ldv(sp) - mu);
-        e = tv < limv ? e : vf{};
+        if constexpr (decltype(masked)::value) {
+          const vi tv = vi{} + int32_t(t0 + t);
+          e = tv < limv ? e : vf{};
+        }
         stv(sp, e);
         sum += e;
       }
       stv(sc.l.data() + rv, ldv(sc.l.data() + rv) * alpha + sum);
       stv(sc.m.data() + rv, mn);
       stv(sc.alpha.data() + rv, alpha);
+    };
+    for (int rv = rb0; rv < ldp; rv += VW) {
+      // limits are non-decreasing over real rows and 0 on padding lanes: the first and last lane
+      // bound the vector, and a vector whose every lane sees the whole tile skips the masks
+      if (sc.limi[rv] >= tile_end && sc.limi[rv + VW - 1] >= tile_end)
+        softmax_rows(rv, std::false_type{});
+      else
+        softmax_rows(rv, std::true_type{});
     }
     rescale_rows(O, sc.alpha.data(), r0, M, Dp);
     // ---- O += P V
