@@ -379,3 +379,34 @@ def test_bf16_prefill_blocks_beyond_32_rows(D, q_lens, kv_lens):
     t = make_paged(q_lens, kv_lens, 28 if D == 128 else 8, 4 if D == 128 else 2, D, 16, torch.bfloat16, "cpu")
     out = run_c(*t)
     _close(out, expect_paged(*t), torch.bfloat16)
+
+
+@pytest.mark.parametrize("isa_name", ["native", "avx512bf16", "avx512", "avx2"])
+@pytest.mark.parametrize("q_lens,kv_lens", [
+    ([40, 5], [255, 257]),          # one key short of / one past a 256-key AMX tile; 280 and 35 rows
+    ([33, 100], [512, 613]),        # whole tiles; rows not a multiple of 32; causal rows inside a tile pair
+    ([1, 70], [1, 1100]),           # a 1-key sequence next to several tiles
+])
+def test_bf16_prefill_tile_edges(isa_name, q_lens, kv_lens, monkeypatch):
+    """bf16 query blocks on every CPU path (AMX 256-key tiles, vdpbf16ps, AVX-512, AVX2) vs float64,
+    and the error stays close to what rounding the exact answer to bf16 costs (the cheap exp2 and
+    bf16 P must not add more than that)."""
+    if isa_name != "native":
+        monkeypatch.setenv("VITA_CPU_ISA", isa_name)
+    t = make_paged(q_lens, kv_lens, 28, 4, 128, 16, torch.bfloat16, "cpu", seed=3)
+    out = run_c(*t)
+    expect = expect_paged(*t)
+    _close(out, expect, torch.bfloat16)
+    err = (out.double() - expect).abs().mean().item()
+    rounding = (expect.to(torch.bfloat16).double() - expect).abs().mean().item()
+    assert err < 3 * rounding, (err, rounding)
+    _close(run_c(*t, causal=False), expect_paged(*t, causal=False), torch.bfloat16)
+
+
+@pytest.mark.parametrize("q_lens,kv_lens", [([100, 3, 64], [1100, 70, 4100]), ([80], [80])])
+def test_fp32_prefill_large_blocks(q_lens, kv_lens, isa):
+    """fp32 query blocks of several hundred rows (GQA 7: up to 512 rows per item, so 100 tokens
+    take two blocks), packed K^T / V tiles, whole-tile rows without masks next to causal ones."""
+    t = make_paged(q_lens, kv_lens, 28, 4, 128, 16, torch.float32, "cpu", seed=5)
+    for causal in (True, False):
+        _close(run_c(*t, causal=causal), expect_paged(*t, causal=causal), torch.float32)

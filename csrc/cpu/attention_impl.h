@@ -5,18 +5,23 @@
 // [, split of the key range]). The item owns every query head of its KV group for a block of query
 // tokens (rows = tokens x group heads, <= kMaxRows), so each K/V row is read once per group.
 // Keys are streamed in tiles of TK rows (16-bit K/V converted to float32 once per tile). Scores are
-// computed transposed, S^T = K.Q^T, by a register-blocked micro-kernel (KB keys x 2 vectors of query
-// rows; Q^T is built once per item), so the online softmax (max, sum, unnormalised O per row) runs
-// down the keys with vertical vector ops, and O += P.V is register-blocked again (RB rows x 2
-// vectors of channels). Causal masks are prefix masks per row (a per-lane key limit), fully masked
-// rows give 0, never NaN.
+// computed transposed, S^T = K.Q^T (Q^T is built once per item), so the online softmax (max, sum,
+// unnormalised O per row) runs down the keys with vertical vector ops. Causal masks are prefix
+// masks per row (a per-lane key limit), skipped on row vectors that see the whole tile; fully
+// masked rows give 0, never NaN. The next tile's K/V rows are prefetched while one is computed
+// (paged rows defeat the hardware prefetcher).
 // Long histories with few items are split over the key range; each split writes (m, l, O) partials
 // that a second pass merges with log-sum-exp weights.
 //
-// Query blocks (prefill) copy each K tile contiguous and pack V in column blocks (L1-resident; paged
-// rows alias a few cache sets). bfloat16 query blocks on AVX512-BF16 CPUs (attention_avx512bf16.cpp,
-// VITA_ATTN_BF16DP) use AMX tiles when the CPU and kernel allow (attend_amx), else vdpbf16ps
-// (attend_dp); VITA_CPU_ISA=avx512bf16 skips AMX, =avx512 skips both, =avx2 forces the baseline.
+// Decode-sized items (few rows) read the cache rows in place: qk_block (KB keys x 2 row vectors)
+// and pv_block (RB rows x 2 channel vectors). Query blocks (prefill) pack each tile: K^T
+// (kt[d * TK + t], so qk_packed broadcasts 8 keys from one pointer into 8 x 3 row vectors) and V
+// in column blocks of PW channels (pv_packed: 6 rows x PW channels), both L1-resident (paged rows
+// sit at a large power-of-two stride and alias a few cache sets).
+// bfloat16 query blocks on AVX512-BF16 CPUs (attention_avx512bf16.cpp, VITA_ATTN_BF16DP) use AMX
+// tiles when the CPU and kernel allow (attend_amx: 256-key tiles, pairs of 16-row tiles), else
+// vdpbf16ps (attend_dp); VITA_CPU_ISA=avx512bf16 skips AMX, =avx512 skips both, =avx2 forces the
+// baseline.
 //
 // This file is included by attention.cpp (VITA_ATTN_VW 8: AVX2 / generic), attention_avx512.cpp
 // (VITA_ATTN_VW 16) and attention_avx512bf16.cpp (16, with VITA_ATTN_BF16DP), after <algorithm>, <cmath>, <cstring>, <limits>, <vector>, <immintrin.h>,
