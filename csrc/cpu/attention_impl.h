@@ -33,6 +33,7 @@ constexpr int TK = 64;        // keys per tile
 constexpr int kMaxRows = 512; // query rows per work item (query tokens x heads of one KV group)
 constexpr int kMinSplitKeys = 512;
 constexpr int TKA = 256;      // keys per tile of the AMX bf16 path
+constexpr int kMaxRowsAmx = 2048;  // query rows per AMX work item when blocks are merged
 
 // VITA_ATTN_VW floats per vector register (8: AVX2 / generic, 16: AVX-512), set by the includer.
 constexpr int VW = VITA_ATTN_VW;
@@ -863,22 +864,40 @@ void run_attention(const TensorRef& q, const TensorRef& out, const T* kc, const 
   const int Hq = int(q.size(1)), D = int(q.size(2));
   if (Hq == 0 || D == 0 || B == 0) return;
   const int g = Hq / Hkv;
-  const int BQ = std::max(1, kMaxRows / g);
+  int BQ = std::max(1, kMaxRows / g);
   const int threads = num_threads();
+  const int64_t want_items = 4 * int64_t(threads);
 
   // ---- plan the work items
-  int64_t groups = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    int64_t q0, ql, kl;
-    seq(b, q0, ql, kl);
-    groups += ceil_div(ql, BQ) * Hkv;
+  auto count_groups = [&](int bq) {
+    int64_t n = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t q0, ql, kl;
+      seq(b, q0, ql, kl);
+      n += ceil_div(ql, bq) * Hkv;
+    }
+    return n;
+  };
+  int64_t groups = count_groups(BQ);
+#if defined(VITA_ATTN_BF16DP)
+  // AMX items keep only a 32-row slice of S and O in flight, so more rows per item cost no cache;
+  // while the threads have enough items, merge query blocks (up to kMaxRowsAmx rows) so that each
+  // K/V tile is fetched, transposed and interleaved once for more rows.
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    if (!has_bias && D % 64 == 0 && amx_ready() && groups > want_items) {
+      const int f = int(std::min<int64_t>(kMaxRowsAmx / kMaxRows, groups / want_items));
+      if (f > 1) {
+        BQ *= f;
+        groups = count_groups(BQ);
+      }
+    }
   }
+#endif
   std::vector<Item> items;
   int max_rows = 1;  // largest item (sizes the per-thread scratch)
   std::vector<Merge> merges;
   items.reserve(size_t(groups));
   int64_t part = 0;
-  const int64_t want_items = 4 * int64_t(threads);
   for (int64_t b = 0; b < B; ++b) {
     int64_t q0, ql, kl;
     seq(b, q0, ql, kl);
