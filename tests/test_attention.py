@@ -410,3 +410,20 @@ def test_fp32_prefill_large_blocks(q_lens, kv_lens, isa):
     t = make_paged(q_lens, kv_lens, 28, 4, 128, 16, torch.float32, "cpu", seed=5)
     for causal in (True, False):
         _close(run_c(*t, causal=causal), expect_paged(*t, causal=causal), torch.float32)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_bf16_prefill_merged_blocks(threads):
+    """Few threads and a long chunk: the AMX plan merges query blocks (hundreds to ~2000 rows per
+    item); the result must not depend on the thread count."""
+    old = _C.num_threads()
+    t = make_paged([256, 130], [4352, 700], 28, 4, 128, 16, torch.bfloat16, "cpu", seed=7)
+    try:
+        _C.set_num_threads(threads)
+        out = run_c(*t)
+        _C.set_num_threads(4)
+        out4 = run_c(*t)
+    finally:
+        _C.set_num_threads(old)
+    _close(out, expect_paged(*t), torch.bfloat16)
+    _close(out4, expect_paged(*t), torch.bfloat16)
