@@ -29,11 +29,16 @@
 
 namespace vita::cpu::avx512bf16 {
 namespace {
+// GCC 12's masked-intrinsic wrappers (roundscale, scalef, reduce_max) pass an internal
+// _mm512_undefined that trips -Wmaybe-uninitialized once inlined.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define VITA_ATTN_VW 16
 #define VITA_ATTN_BF16DP 1
 #include "attention_impl.h"
 #undef VITA_ATTN_BF16DP
 #undef VITA_ATTN_VW
+#pragma GCC diagnostic pop
 }  // namespace
 
 void paged_attention(const PagedAttentionArgs& a) { paged_attention_entry(a); }

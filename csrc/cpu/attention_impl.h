@@ -675,6 +675,34 @@ struct alignas(64) TileCfg {
   }
 };
 
+// The 2 x 2 tile block of the AMX GEMMs: C tiles 0-3 (rows i, columns j at tile 2i + j) +=
+// A (tiles 4-5: 16-row tiles at a and a + 16 rows of lda bytes) x B (tiles 6-7: 16-column pair-word
+// tiles at b and b + 16 words, rows of ldb bytes).
+template <class TA, class TB>
+inline void amx_2x2(const TA* a, int lda, const TB* b, int ldb) {
+  _tile_loadd(4, a, lda);
+  _tile_loadd(5, reinterpret_cast<const char*>(a) + 16 * lda, lda);
+  _tile_loadd(6, b, ldb);
+  _tile_loadd(7, b + 16, ldb);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_dpbf16ps(2, 5, 6);
+  _tile_dpbf16ps(3, 5, 7);
+}
+// C tiles 0-3 from / to a float32 32 x 32 block at c (row stride ld floats).
+inline void amx_load_c(const float* c, int ld) {
+  _tile_loadd(0, c, ld * 4);
+  _tile_loadd(1, c + 16, ld * 4);
+  _tile_loadd(2, c + 16 * ld, ld * 4);
+  _tile_loadd(3, c + 16 * ld + 16, ld * 4);
+}
+inline void amx_store_c(float* c, int ld) {
+  _tile_stored(0, c, ld * 4);
+  _tile_stored(1, c + 16, ld * 4);
+  _tile_stored(2, c + 16 * ld, ld * 4);
+  _tile_stored(3, c + 16 * ld + 16, ld * 4);
+}
+
 // 2^y on a 16-lane vector for the bf16 path: degree-4 Taylor polynomial on the fraction
 // (relative error < 5e-5, far below bf16 rounding of P) and an exact scale by 2^round(y);
 // very negative y gives 0, never NaN.
@@ -761,20 +789,10 @@ void attend_amx(const bf16_t* kc, const bf16_t* vc, KOff koff, VOff voff, int64_
         _tile_zero(2);
         _tile_zero(3);
         for (int st = 0; st < D / 32; ++st) {
-          _tile_loadd(4, qa + size_t(rt) * D + st * 32, D * 2);
-          _tile_loadd(5, qa + size_t(rt + 16) * D + st * 32, D * 2);
           const uint32_t* kb = kbt + size_t(st) * 16 * TKA + j;
-          _tile_loadd(6, kb, TKA * 4);
-          _tile_loadd(7, kb + 16, TKA * 4);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
+          amx_2x2(qa + size_t(rt) * D + st * 32, D * 2, kb, TKA * 4);
         }
-        _tile_stored(0, S + j, TKA * 4);
-        _tile_stored(1, S + j + 16, TKA * 4);
-        _tile_stored(2, S + 16 * TKA + j, TKA * 4);
-        _tile_stored(3, S + 16 * TKA + j + 16, TKA * 4);
+        amx_store_c(S + j, TKA);
       }
       // ---- online softmax per row (log2 domain); P rows as bf16
       for (int i = 0; i < 32; ++i) {
@@ -818,25 +836,9 @@ void attend_amx(const bf16_t* kc, const bf16_t* vc, KOff koff, VOff voff, int64_
       // ---- O[rt, rt + 32) += P V, 32 channels at a time
       for (int c0 = 0; c0 < D; c0 += 32) {
         float* oc = O + size_t(rt) * Dp + c0;
-        _tile_loadd(0, oc, Dp * 4);
-        _tile_loadd(1, oc + 16, Dp * 4);
-        _tile_loadd(2, oc + 16 * Dp, Dp * 4);
-        _tile_loadd(3, oc + 16 * Dp + 16, Dp * 4);
-        for (int u = 0; u < nk / 32; ++u) {
-          _tile_loadd(4, pa + u * 32, TKA * 2);
-          _tile_loadd(5, pa + 16 * TKA + u * 32, TKA * 2);
-          const uint32_t* vb = vv + size_t(u) * 16 * D + c0;
-          _tile_loadd(6, vb, D * 4);
-          _tile_loadd(7, vb + 16, D * 4);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
-        }
-        _tile_stored(0, oc, Dp * 4);
-        _tile_stored(1, oc + 16, Dp * 4);
-        _tile_stored(2, oc + 16 * Dp, Dp * 4);
-        _tile_stored(3, oc + 16 * Dp + 16, Dp * 4);
+        amx_load_c(oc, Dp);
+        for (int u = 0; u < nk / 32; ++u) amx_2x2(pa + u * 32, TKA * 2, vv + size_t(u) * 16 * D + c0, D * 4);
+        amx_store_c(oc, Dp);
       }
     }
   }
