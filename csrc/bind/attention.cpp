@@ -36,6 +36,31 @@ void check_head_dim(const Check& ck, const TensorRef& q) {
   if (D < 1 || D > 256) ck.value_error(std::string(q.name) + " head_dim must be in [1, 256], got " + q.shape_str());
 }
 
+// The q / k / v / out checks both attention entry points start with: q floating [tokens, q_heads,
+// head_dim]; k (k_ndim dims, layout in the message) and v of one shape; k, v, out of q's dtype and
+// device; every last dimension dense.
+void check_q_kv_out(const Check& ck, const TensorRef& q, const TensorRef& k, const TensorRef& v, const TensorRef& out, int k_ndim,
+                    const char* k_layout) {
+  ck.floating(q);
+  ck.ndim(q, 3, "[tokens, q_heads, head_dim]");
+  check_head_dim(ck, q);
+  ck.ndim(k, k_ndim, k_layout);
+  ck.same_shape(k, v);
+  for (const TensorRef* t : {&k, &v, &out}) {
+    ck.same_dtype(q, *t);
+    ck.same_device(q, *t);
+  }
+  for (const TensorRef* t : {&q, &k, &v, &out}) dense_last(ck, *t);
+}
+
+// GQA: q heads a multiple of k's kv heads.
+void check_gqa(const Check& ck, const TensorRef& q, const TensorRef& k, int64_t Hkv) {
+  const int64_t Hq = q.size(1);
+  if (Hkv < 1 || Hq % Hkv)
+    ck.value_error("q heads (" + S(Hq) + ") must be a multiple of " + k.name + " kv_heads (" + S(Hkv) + "), got q " + q.shape_str() +
+                   " and " + k.name + " " + k.shape_str());
+}
+
 // cu: int32 [B+1] on the host; must start at 0, be non-decreasing and end at T.
 void check_cu(const Check& ck, const TensorRef& cu, int64_t T) {
   const int32_t* c = cu.ptr<int32_t>();
@@ -104,21 +129,10 @@ void paged_attention(py::handle q_, py::handle kc_, py::handle vc_, py::handle b
   a.out = c.arg(out_, "out");
   a.workspace = c.opt(ws_, "workspace");
   const Check& ck = c.ck;
-  ck.floating(a.q);
-  ck.ndim(a.q, 3, "[tokens, q_heads, head_dim]");
-  check_head_dim(ck, a.q);
-  ck.ndim(a.k_cache, 4, "[blocks, block_size, kv_heads, head_dim]");
-  ck.same_shape(a.k_cache, a.v_cache);
-  for (const TensorRef* t : {&a.k_cache, &a.v_cache, &a.out}) {
-    ck.same_dtype(a.q, *t);
-    ck.same_device(a.q, *t);
-  }
-  for (const TensorRef* t : {&a.q, &a.k_cache, &a.v_cache, &a.out}) dense_last(ck, *t);
+  check_q_kv_out(ck, a.q, a.k_cache, a.v_cache, a.out, 4, "[blocks, block_size, kv_heads, head_dim]");
   ck.dim(a.k_cache, 3, a.q.size(2), "head_dim of q");
   const int64_t T = a.q.size(0), Hq = a.q.size(1), Hkv = a.k_cache.size(2), bs = a.k_cache.size(1);
-  if (Hkv < 1 || Hq % Hkv)
-    ck.value_error("q heads (" + S(Hq) + ") must be a multiple of k_cache kv_heads (" + S(Hkv) + "), got q " + a.q.shape_str() +
-                   " and k_cache " + a.k_cache.shape_str());
+  check_gqa(ck, a.q, a.k_cache, Hkv);
   if (bs < 1) ck.value_error("k_cache block_size must be >= 1, got " + a.k_cache.shape_str());
   ck.same_shape(a.q, a.out);
   ck.writable(a.out);
@@ -191,22 +205,11 @@ void varlen_attention(py::handle q_, py::handle k_, py::handle v_, py::handle cu
   a.out = c.arg(out_, "out");
   a.key_bias = c.opt(kb_, "key_bias");
   const Check& ck = c.ck;
-  ck.floating(a.q);
-  ck.ndim(a.q, 3, "[tokens, q_heads, head_dim]");
-  check_head_dim(ck, a.q);
-  ck.ndim(a.k, 3, "[tokens, kv_heads, head_dim]");
-  ck.same_shape(a.k, a.v);
-  for (const TensorRef* t : {&a.k, &a.v, &a.out}) {
-    ck.same_dtype(a.q, *t);
-    ck.same_device(a.q, *t);
-  }
-  for (const TensorRef* t : {&a.q, &a.k, &a.v, &a.out}) dense_last(ck, *t);
+  check_q_kv_out(ck, a.q, a.k, a.v, a.out, 3, "[tokens, kv_heads, head_dim]");
   const int64_t T = a.q.size(0), Hq = a.q.size(1), Hkv = a.k.size(1);
   ck.dim(a.k, 0, T, "tokens of q");
   ck.dim(a.k, 2, a.q.size(2), "head_dim of q");
-  if (Hkv < 1 || Hq % Hkv)
-    ck.value_error("q heads (" + S(Hq) + ") must be a multiple of k kv_heads (" + S(Hkv) + "), got q " + a.q.shape_str() +
-                   " and k " + a.k.shape_str());
+  check_gqa(ck, a.q, a.k, Hkv);
   ck.same_shape(a.q, a.out);
   ck.writable(a.out);
   ck.ndim(a.cu_seqlens, 1, "[batch + 1]");

@@ -21,8 +21,7 @@
 #include <cmath>
 #include <cstdlib>
 
-#include "common.cuh"
-#include "vita/kernels/attention.h"
+#include "attention_common.cuh"
 
 namespace vita::cuda {
 
@@ -42,42 +41,12 @@ constexpr int kThreads = 128;
 constexpr int kRows = 8;  // rows (query token x query head of a GQA group) per block
 constexpr float kLog2e = 1.4426950408889634f;
 
-struct SimtParams {
-  const void* q;
-  int64_t sq_t, sq_h;
-  void* out;
-  int64_t so_t, so_h;
-  const void* k;
-  const void* v;
-  int64_t sk_b, sk_o, sk_h;  // paged: block, in-block offset, head; contiguous: sk_o = token stride
-  int64_t sv_b, sv_o, sv_h;
-  const int* block_table;
-  int64_t sbt_b, sbt_i;
-  int block_size;
-  int bs_shift;  // log2(block_size) when it is a power of two, else -1
-  const int* kv_lens;  // paged only
-  int64_t skv;
-  const int* cu_q;
-  int64_t scu;
-  const void* bias;  // varlen key_bias [Hq, T] or nullptr
-  int64_t sb_h, sb_t;
-  bool bias_f32;  // key_bias stored as float32 (otherwise the dtype of q)
+struct SimtParams : AttnLayout {
   float* ws;  // split partials [T, Hq, splits, D + 2]
   int Hq, group, num_splits, row_tiles;
   float scale_log2;
   bool causal, vec16;
 };
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool ok) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int n = ok ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 // 16 bytes of T (16-byte aligned) -> 16 / sizeof(T) floats.
 __device__ __forceinline__ void load16(const float* p, float* f) {
@@ -173,14 +142,8 @@ __global__ void __launch_bounds__(kThreads, 2) attn_simt_kernel(const SimtParams
   const int row0 = tile * R;
   if (q_len <= 0 || row0 >= rows_total) return;  // uniform over the block
 
-  // This split's key range, in whole tiles of N so split boundaries align with tiles.
-  int kbeg = 0, kend = 0;
-  if (kv_len > 0) {
-    const int per = (kv_len + p.num_splits - 1) / p.num_splits;
-    const int chunk = (per + N - 1) / N * N;
-    kbeg = min(split * chunk, kv_len);
-    kend = min(kbeg + chunk, kv_len);
-  }
+  int kbeg, kend;  // this split's key range
+  split_key_range(kv_len, p.num_splits, split, N, kbeg, kend);
   const int row_last = min(row0 + R, rows_total) - 1;
   if (p.causal) kend = min(kend, kv_len - q_len + row_last / p.group + 1);
   const int ntiles = kend > kbeg ? (kend - kbeg + N - 1) / N : 0;
@@ -479,14 +442,6 @@ bool simt_decode_forced() {
   return e && e[0] && e[0] != '0';
 }
 
-// log2(n) when n is a power of two, else -1 (page lookups use a shift instead of a division).
-int pow2_shift(int n) {
-  if (n <= 0 || (n & (n - 1))) return -1;
-  int s = 0;
-  while ((1 << s) < n) ++s;
-  return s;
-}
-
 // VITA_ATTN_PREFILL_TILE=64 / =16 forces the fp16/bf16 chunked-prefill kernel (64-row tiles, or the
 // 16-row split-warp kernel); unset or anything else: chosen by grid size. Returns 64, 16 or 0.
 int prefill_kernel_forced() {
@@ -496,7 +451,6 @@ int prefill_kernel_forced() {
   return v == 64 || v == 16 ? v : 0;
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 int sm_count(int device) {
   static std::atomic<int> cache[64] = {};
@@ -596,26 +550,7 @@ void paged_attention(const PagedAttentionArgs& a, int64_t stream) {
       }
       const int64_t es = sizeof(T_);
       SimtParams p{};
-      p.q = a.q.data;
-      p.sq_t = a.q.stride(0);
-      p.sq_h = a.q.stride(1);
-      p.out = a.out.data;
-      p.so_t = a.out.stride(0);
-      p.so_h = a.out.stride(1);
-      p.k = a.k_cache.data;
-      p.v = a.v_cache.data;
-      p.sk_b = a.k_cache.stride(0), p.sk_o = a.k_cache.stride(1), p.sk_h = a.k_cache.stride(2);
-      p.sv_b = a.v_cache.stride(0), p.sv_o = a.v_cache.stride(1), p.sv_h = a.v_cache.stride(2);
-      p.block_table = a.block_table.ptr<int>();
-      p.sbt_b = a.block_table.stride(0);
-      p.sbt_i = a.block_table.ndim > 1 ? a.block_table.stride(1) : 1;
-      p.block_size = int(a.k_cache.size(1));
-      p.bs_shift = pow2_shift(p.block_size);
-      p.kv_lens = a.kv_lens.ptr<int>();
-      p.skv = a.kv_lens.stride(0);
-      p.cu_q = a.cu_q_lens.ptr<int>();
-      p.scu = a.cu_q_lens.stride(0);
-      p.bias = nullptr;
+      set_paged_layout(p, a);
       p.ws = splits > 1 ? a.workspace.ptr<float>() : nullptr;
       p.Hq = int(Hq);
       p.group = int(Hq / Hkv);
@@ -661,26 +596,7 @@ void varlen_attention(const VarlenAttentionArgs& a, int64_t stream) {
       }
       const int64_t es = sizeof(T_);
       SimtParams p{};
-      p.q = a.q.data;
-      p.sq_t = a.q.stride(0);
-      p.sq_h = a.q.stride(1);
-      p.out = a.out.data;
-      p.so_t = a.out.stride(0);
-      p.so_h = a.out.stride(1);
-      p.k = a.k.data;
-      p.v = a.v.data;
-      p.sk_b = 0, p.sk_o = a.k.stride(0), p.sk_h = a.k.stride(1);
-      p.sv_b = 0, p.sv_o = a.v.stride(0), p.sv_h = a.v.stride(1);
-      p.block_table = nullptr;
-      p.block_size = 1;
-      p.bs_shift = 0;
-      p.kv_lens = nullptr;
-      p.cu_q = a.cu_seqlens.ptr<int>();
-      p.scu = a.cu_seqlens.stride(0);
-      p.bias = has_bias ? a.key_bias.data : nullptr;
-      p.sb_h = has_bias ? a.key_bias.stride(0) : 0;
-      p.sb_t = has_bias ? a.key_bias.stride(1) : 0;
-      p.bias_f32 = has_bias && a.key_bias.dtype == DType::kFloat32;
+      set_varlen_layout(p, a);
       p.ws = nullptr;
       p.Hq = int(Hq);
       p.group = int(Hq / Hkv);

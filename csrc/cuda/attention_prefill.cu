@@ -19,8 +19,7 @@
 // SMs idle. Keep the mma/ldmatrix code in this TU (compile time).
 #include <atomic>
 
-#include "common.cuh"
-#include "vita/kernels/attention.h"
+#include "attention_common.cuh"
 
 namespace vita::cuda {
 namespace {
@@ -30,26 +29,7 @@ constexpr int kBN = 64;  // keys per tile
 constexpr int kPThreads = 128;
 constexpr float kLog2eP = 1.4426950408889634f;
 
-struct PrefillParams {
-  const void* q;
-  int64_t sq_t, sq_h;
-  void* out;
-  int64_t so_t, so_h;
-  const void* k;
-  const void* v;
-  int64_t sk_b, sk_o, sk_h;  // paged: block, in-block offset, head; contiguous: sk_o = token stride
-  int64_t sv_b, sv_o, sv_h;
-  const int* block_table;
-  int64_t sbt_b, sbt_i;
-  int block_size;
-  int bs_shift;  // log2(block_size) when it is a power of two, else -1
-  const int* kv_lens;  // paged only
-  int64_t skv;
-  const int* cu_q;
-  int64_t scu;
-  const void* bias;  // [Hq, T] or nullptr
-  int64_t sb_h, sb_t;
-  bool bias_f32;  // key_bias stored as float32 (otherwise the dtype of q)
+struct PrefillParams : AttnLayout {
   int group, row_tiles;
   // decode (split-KV) only
   float* ws;  // partials [T, Hq, splits, D + 2] when num_splits > 1
@@ -57,17 +37,6 @@ struct PrefillParams {
   float scale_log2;
   bool causal, vec_q, vec_kv, vec_out;
 };
-
-__device__ __forceinline__ void cp_async16p(void* smem, const void* gmem, bool ok) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int n = ok ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n) : "memory");
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 __device__ __forceinline__ void ldsm_x4(unsigned* r, const void* p) {
   const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
@@ -121,6 +90,72 @@ __device__ __forceinline__ int swz(int row, int col) {
   return row * D + ((((col >> 3) ^ (row & 7))) << 3);
 }
 
+// Q rows [row0, row0 + ROWS) of a block (row = query token x head of the GQA group, query-major)
+// into swizzled shared memory; rows at or past rows_total are zero.
+template <class T, int D, int ROWS>
+__device__ __forceinline__ void load_q_tile(const PrefillParams& p, T* sQ, int row0, int rows_total, int q0, int hk, int tid) {
+  constexpr int CH = D / 8;  // 16-byte chunks per row
+  const T* Q = static_cast<const T*>(p.q);
+  for (int i = tid; i < ROWS * CH; i += kPThreads) {
+    const int r = i / CH, c = i - r * CH;
+    const int rho = row0 + r;
+    const bool ok = rho < rows_total;
+    const T* src = Q;
+    if (ok) {
+      const int qi = rho / p.group, gg = rho - qi * p.group;
+      src = Q + int64_t(q0 + qi) * p.sq_t + int64_t(hk * p.group + gg) * p.sq_h + c * 8;
+    }
+    T* dst = sQ + swz<D>(r, c * 8);
+    if (p.vec_q) {
+      cp_async16(dst, src, ok);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) dst[e] = ok ? src[e] : from_f<T>(0.f);
+    }
+  }
+}
+
+// Keys [t0, t0 + kBN) of kv head hk into the swizzled stage sK / sV, through the page table
+// (kPaged) or from the packed sequence starting at token q0; keys at or past kend are zero.
+template <class T, int D, bool kPaged>
+__device__ __forceinline__ void load_kv_tile(const PrefillParams& p, T* sK, T* sV, int t0, int kend, int b, int q0, int hk,
+                                             int tid) {
+  constexpr int CH = D / 8;
+  const T* K = static_cast<const T*>(p.k);
+  const T* V = static_cast<const T*>(p.v);
+  for (int i = tid; i < kBN * CH; i += kPThreads) {
+    const int key = i / CH, c = i - key * CH;
+    const int pos = t0 + key;
+    const bool ok = pos < kend;
+    const T* ks = K;
+    const T* vs = V;
+    if (ok) {
+      if constexpr (kPaged) {
+        const int page = p.bs_shift >= 0 ? (pos >> p.bs_shift) : pos / p.block_size;
+        const int off = pos - page * p.block_size;
+        const int64_t blk = p.block_table[int64_t(b) * p.sbt_b + int64_t(page) * p.sbt_i];
+        ks = K + blk * p.sk_b + off * p.sk_o + hk * p.sk_h + c * 8;
+        vs = V + blk * p.sv_b + off * p.sv_o + hk * p.sv_h + c * 8;
+      } else {
+        ks = K + int64_t(q0 + pos) * p.sk_o + hk * p.sk_h + c * 8;
+        vs = V + int64_t(q0 + pos) * p.sv_o + hk * p.sv_h + c * 8;
+      }
+    }
+    T* kd = sK + swz<D>(key, c * 8);
+    T* vd = sV + swz<D>(key, c * 8);
+    if (p.vec_kv) {
+      cp_async16(kd, ks, ok);
+      cp_async16(vd, vs, ok);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        kd[e] = ok ? ks[e] : from_f<T>(0.f);
+        vd[e] = ok ? vs[e] : from_f<T>(0.f);
+      }
+    }
+  }
+}
+
 template <int D>
 struct PrefillCfg {
   static constexpr size_t tile_elems = size_t(kBM) * D;  // kBM == kBN
@@ -129,7 +164,6 @@ struct PrefillCfg {
 
 template <class T, int D, bool kPaged, bool kBias>
 __global__ void __launch_bounds__(kPThreads) attn_prefill_kernel(const PrefillParams p) {
-  constexpr int CH = D / 8;  // 16-byte chunks per row
   extern __shared__ __align__(128) unsigned char psmem[];
   T* sQ = reinterpret_cast<T*>(psmem);
   T* sKV = sQ + kBM * D;  // stage s: K at sKV + s * 2 * kBN * D, V right after
@@ -169,64 +203,10 @@ __global__ void __launch_bounds__(kPThreads) attn_prefill_kernel(const PrefillPa
     }
   }
 
-  const T* Q = static_cast<const T*>(p.q);
-  const T* K = static_cast<const T*>(p.k);
-  const T* V = static_cast<const T*>(p.v);
-
-  auto load_q = [&]() {
-    for (int i = tid; i < kBM * CH; i += kPThreads) {
-      const int r = i / CH, c = i - r * CH;
-      const int rho = row0 + r;
-      const bool ok = rho < rows_total;
-      const T* src = Q;
-      if (ok) {
-        const int qi = rho / p.group, gg = rho - qi * p.group;
-        src = Q + int64_t(q0 + qi) * p.sq_t + int64_t(hk * p.group + gg) * p.sq_h + c * 8;
-      }
-      T* dst = sQ + swz<D>(r, c * 8);
-      if (p.vec_q) {
-        cp_async16p(dst, src, ok);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) dst[e] = ok ? src[e] : from_f<T>(0.f);
-      }
-    }
-  };
+  auto load_q = [&]() { load_q_tile<T, D, kBM>(p, sQ, row0, rows_total, q0, hk, tid); };
   auto load_kv = [&](int it, int st) {
     T* sK = sKV + size_t(st) * 2 * kBN * D;
-    T* sV = sK + kBN * D;
-    const int t0 = it * kBN;
-    for (int i = tid; i < kBN * CH; i += kPThreads) {
-      const int key = i / CH, c = i - key * CH;
-      const int pos = t0 + key;
-      const bool ok = pos < kend;
-      const T* ks = K;
-      const T* vs = V;
-      if (ok) {
-        if constexpr (kPaged) {
-          const int page = p.bs_shift >= 0 ? (pos >> p.bs_shift) : pos / p.block_size;
-          const int off = pos - page * p.block_size;
-          const int64_t blk = p.block_table[int64_t(b) * p.sbt_b + int64_t(page) * p.sbt_i];
-          ks = K + blk * p.sk_b + off * p.sk_o + hk * p.sk_h + c * 8;
-          vs = V + blk * p.sv_b + off * p.sv_o + hk * p.sv_h + c * 8;
-        } else {
-          ks = K + int64_t(q0 + pos) * p.sk_o + hk * p.sk_h + c * 8;
-          vs = V + int64_t(q0 + pos) * p.sv_o + hk * p.sv_h + c * 8;
-        }
-      }
-      T* kd = sK + swz<D>(key, c * 8);
-      T* vd = sV + swz<D>(key, c * 8);
-      if (p.vec_kv) {
-        cp_async16p(kd, ks, ok);
-        cp_async16p(vd, vs, ok);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          kd[e] = ok ? ks[e] : from_f<T>(0.f);
-          vd[e] = ok ? vs[e] : from_f<T>(0.f);
-        }
-      }
-    }
+    load_kv_tile<T, D, kPaged>(p, sK, sK + kBN * D, it * kBN, kend, b, q0, hk, tid);
   };
 
   float o[D / 8][4];
@@ -239,16 +219,16 @@ __global__ void __launch_bounds__(kPThreads) attn_prefill_kernel(const PrefillPa
   if (ntiles > 0) {
     load_q();
     load_kv(0, 0);
-    cp_commit();
+    cp_async_commit();
   }
   for (int it = 0; it < ntiles; ++it) {
     const int st = it & 1;
     if (it + 1 < ntiles) {
       load_kv(it + 1, st ^ 1);
-      cp_commit();
-      cp_wait<1>();
+      cp_async_commit();
+      cp_async_wait<1>();
     } else {
-      cp_wait<0>();
+      cp_async_wait<0>();
     }
     __syncthreads();
     if (it == 0) {
@@ -385,7 +365,6 @@ template <class T, int D>
 __global__ void __launch_bounds__(kPThreads) attn_decode_mma_kernel(const PrefillParams p) {
   using C = DecodeMmaCfg<D>;
   static_assert(C::red_bytes <= C::kv_elems * sizeof(T), "reduction buffer must fit in the K/V buffers");
-  constexpr int CH = D / 8;
   extern __shared__ __align__(128) unsigned char dsmem[];
   T* sQ = reinterpret_cast<T*>(dsmem);
   T* sKV = sQ + C::q_elems;
@@ -405,13 +384,8 @@ __global__ void __launch_bounds__(kPThreads) attn_decode_mma_kernel(const Prefil
   const int row0 = tile * kDM;
   if (q_len <= 0 || row0 >= rows_total) return;  // uniform over the block
 
-  int kbeg = 0, kend = 0;
-  if (kv_len > 0) {
-    const int per = (kv_len + p.num_splits - 1) / p.num_splits;
-    const int chunk = (per + kBN - 1) / kBN * kBN;
-    kbeg = min(split * chunk, kv_len);
-    kend = min(kbeg + chunk, kv_len);
-  }
+  int kbeg, kend;  // this split's key range
+  split_key_range(kv_len, p.num_splits, split, kBN, kbeg, kend);
   const int row_last = min(row0 + kDM, rows_total) - 1;
   if (p.causal) kend = min(kend, kv_len - q_len + row_last / p.group + 1);
   const int ntiles = kend > kbeg ? (kend - kbeg + kBN - 1) / kBN : 0;
@@ -425,58 +399,10 @@ __global__ void __launch_bounds__(kPThreads) attn_decode_mma_kernel(const Prefil
     if (rho < rows_total) lim[h] = p.causal ? min(kend, kv_len - q_len + rho / p.group + 1) : kend;
   }
 
-  const T* Q = static_cast<const T*>(p.q);
-  const T* K = static_cast<const T*>(p.k);
-  const T* V = static_cast<const T*>(p.v);
-  auto load_q = [&]() {
-    for (int i = tid; i < kDM * CH; i += kPThreads) {
-      const int r = i / CH, c = i - r * CH;
-      const int rho = row0 + r;
-      const bool ok = rho < rows_total;
-      const T* src = Q;
-      if (ok) {
-        const int qi = rho / p.group, gg = rho - qi * p.group;
-        src = Q + int64_t(q0 + qi) * p.sq_t + int64_t(hk * p.group + gg) * p.sq_h + c * 8;
-      }
-      T* dst = sQ + swz<D>(r, c * 8);
-      if (p.vec_q) {
-        cp_async16p(dst, src, ok);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) dst[e] = ok ? src[e] : from_f<T>(0.f);
-      }
-    }
-  };
+  auto load_q = [&]() { load_q_tile<T, D, kDM>(p, sQ, row0, rows_total, q0, hk, tid); };
   auto load_kv = [&](int it, int st) {
     T* sK = sKV + size_t(st) * 2 * kBN * D;
-    T* sV = sK + kBN * D;
-    const int t0 = kbeg + it * kBN;
-    for (int i = tid; i < kBN * CH; i += kPThreads) {
-      const int key = i / CH, c = i - key * CH;
-      const int pos = t0 + key;
-      const bool ok = pos < kend;
-      const T* ks = K;
-      const T* vs = V;
-      if (ok) {
-        const int page = p.bs_shift >= 0 ? (pos >> p.bs_shift) : pos / p.block_size;
-        const int off = pos - page * p.block_size;
-        const int64_t blk = p.block_table[int64_t(b) * p.sbt_b + int64_t(page) * p.sbt_i];
-        ks = K + blk * p.sk_b + off * p.sk_o + hk * p.sk_h + c * 8;
-        vs = V + blk * p.sv_b + off * p.sv_o + hk * p.sv_h + c * 8;
-      }
-      T* kd = sK + swz<D>(key, c * 8);
-      T* vd = sV + swz<D>(key, c * 8);
-      if (p.vec_kv) {
-        cp_async16p(kd, ks, ok);
-        cp_async16p(vd, vs, ok);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          kd[e] = ok ? ks[e] : from_f<T>(0.f);
-          vd[e] = ok ? vs[e] : from_f<T>(0.f);
-        }
-      }
-    }
+    load_kv_tile<T, D, true>(p, sK, sK + kBN * D, kbeg + it * kBN, kend, b, q0, hk, tid);
   };
 
   float o[D / 8][4];
@@ -488,16 +414,16 @@ __global__ void __launch_bounds__(kPThreads) attn_decode_mma_kernel(const Prefil
   if (ntiles > 0) {
     load_q();
     load_kv(0, 0);
-    cp_commit();
+    cp_async_commit();
   }
   for (int it = 0; it < ntiles; ++it) {
     const int st = it & 1;
     if (it + 1 < ntiles) {
       load_kv(it + 1, st ^ 1);
-      cp_commit();
-      cp_wait<1>();
+      cp_async_commit();
+      cp_async_wait<1>();
     } else {
-      cp_wait<0>();
+      cp_async_wait<0>();
     }
     __syncthreads();
     if (it == 0) {
@@ -664,15 +590,6 @@ void launch_prefill(const PrefillParams& p, int64_t batch, int64_t hkv, cudaStre
   check_launch(op);
 }
 
-// log2(n) when n is a power of two, else -1 (page lookups use a shift instead of a division).
-int pow2_shift(int n) {
-  if (n <= 0 || (n & (n - 1))) return -1;
-  int s = 0;
-  while ((1 << s) < n) ++s;
-  return s;
-}
-
-bool al16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 bool al4(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 4 == 0; }
 
 template <class F>
@@ -704,31 +621,14 @@ namespace detail {
 PrefillParams paged_params(const PagedAttentionArgs& a, int64_t es, int max_q_len, int rows_per_tile) {
   const int64_t Hq = a.q.size(1), Hkv = a.k_cache.size(2);
   PrefillParams p{};
-  p.q = a.q.data;
-  p.sq_t = a.q.stride(0), p.sq_h = a.q.stride(1);
-  p.out = a.out.data;
-  p.so_t = a.out.stride(0), p.so_h = a.out.stride(1);
-  p.k = a.k_cache.data;
-  p.v = a.v_cache.data;
-  p.sk_b = a.k_cache.stride(0), p.sk_o = a.k_cache.stride(1), p.sk_h = a.k_cache.stride(2);
-  p.sv_b = a.v_cache.stride(0), p.sv_o = a.v_cache.stride(1), p.sv_h = a.v_cache.stride(2);
-  p.block_table = a.block_table.ptr<int>();
-  p.sbt_b = a.block_table.stride(0);
-  p.sbt_i = a.block_table.ndim > 1 ? a.block_table.stride(1) : 1;
-  p.block_size = int(a.k_cache.size(1));
-  p.bs_shift = pow2_shift(p.block_size);
-  p.kv_lens = a.kv_lens.ptr<int>();
-  p.skv = a.kv_lens.stride(0);
-  p.cu_q = a.cu_q_lens.ptr<int>();
-  p.scu = a.cu_q_lens.stride(0);
-  p.bias = nullptr;
+  set_paged_layout(p, a);
   p.group = int(Hq / Hkv);
   p.row_tiles = int(ceil_div(int64_t(max_q_len) * p.group, rows_per_tile));
   p.scale_log2 = a.scale * kLog2eP;
   p.causal = a.causal;
   auto m16 = [&](int64_t st) { return (st * es) % 16 == 0; };
-  p.vec_q = al16(p.q) && m16(p.sq_t) && m16(p.sq_h);
-  p.vec_kv = al16(p.k) && al16(p.v) && m16(p.sk_b) && m16(p.sk_o) && m16(p.sk_h) && m16(p.sv_b) && m16(p.sv_o) && m16(p.sv_h);
+  p.vec_q = aligned16(p.q) && m16(p.sq_t) && m16(p.sq_h);
+  p.vec_kv = aligned16(p.k) && aligned16(p.v) && m16(p.sk_b) && m16(p.sk_o) && m16(p.sk_h) && m16(p.sv_b) && m16(p.sv_o) && m16(p.sv_h);
   p.vec_out = al4(p.out) && p.so_t % 2 == 0 && p.so_h % 2 == 0;
   return p;
 }
@@ -769,31 +669,14 @@ void prefill_varlen(const VarlenAttentionArgs& a, int max_seqlen, cudaStream_t s
     constexpr int kD = decltype(dtag)::value;
     const int64_t es = sizeof(T);
     PrefillParams p{};
-    p.q = a.q.data;
-    p.sq_t = a.q.stride(0), p.sq_h = a.q.stride(1);
-    p.out = a.out.data;
-    p.so_t = a.out.stride(0), p.so_h = a.out.stride(1);
-    p.k = a.k.data;
-    p.v = a.v.data;
-    p.sk_b = 0, p.sk_o = a.k.stride(0), p.sk_h = a.k.stride(1);
-    p.sv_b = 0, p.sv_o = a.v.stride(0), p.sv_h = a.v.stride(1);
-    p.block_table = nullptr;
-    p.block_size = 1;
-    p.bs_shift = 0;
-    p.kv_lens = nullptr;
-    p.cu_q = a.cu_seqlens.ptr<int>();
-    p.scu = a.cu_seqlens.stride(0);
-    p.bias = has_bias ? a.key_bias.data : nullptr;
-    p.sb_h = has_bias ? a.key_bias.stride(0) : 0;
-    p.sb_t = has_bias ? a.key_bias.stride(1) : 0;
-    p.bias_f32 = has_bias && a.key_bias.dtype == DType::kFloat32;
+    set_varlen_layout(p, a);
     p.group = int(Hq / Hkv);
     p.row_tiles = int(ceil_div(int64_t(max_seqlen) * p.group, kBM));
     p.scale_log2 = a.scale * kLog2eP;
     p.causal = a.causal;
     auto m16 = [&](int64_t st) { return (st * es) % 16 == 0; };
-    p.vec_q = al16(p.q) && m16(p.sq_t) && m16(p.sq_h);
-    p.vec_kv = al16(p.k) && al16(p.v) && m16(p.sk_o) && m16(p.sk_h) && m16(p.sv_o) && m16(p.sv_h);
+    p.vec_q = aligned16(p.q) && m16(p.sq_t) && m16(p.sq_h);
+    p.vec_kv = aligned16(p.k) && aligned16(p.v) && m16(p.sk_o) && m16(p.sk_h) && m16(p.sv_o) && m16(p.sv_h);
     p.vec_out = al4(p.out) && p.so_t % 2 == 0 && p.so_h % 2 == 0;
     if (has_bias)
       launch_prefill<T, kD, false, true>(p, B, Hkv, s, op);

@@ -200,12 +200,9 @@ class Scheduler:
                 st.utt_start = None
 
     def _barge_in(self, st: SessionState) -> None:
+        # a speculative turn is always dropped; a committed one only when barge-in is enabled
         t = st.turn
-        if t is None:
-            return
-        if t.speculative:
-            self._discard(st)
-        elif self.o["barge_in"]:
+        if t is not None and (t.speculative or self.o["barge_in"]):
             self._interrupt(st)
 
     # ---- turn lifecycle ----------------------------------------------------------------------------
