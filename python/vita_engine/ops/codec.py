@@ -54,12 +54,19 @@ def _conv1d(x, weight, bias, padding, dilation, lrelu_slope, residual, alpha, ac
     if t_out < 0:
         raise ValueError(f"conv1d: input of length {x.shape[-1]} is shorter than the dilated kernel with padding ({pl}, {pr})")
     x = _time_dense(x)
-    if out is None:
-        out = x.new_empty(x.shape[0], weight.shape[0], t_out)
-    elif tuple(out.shape) != (x.shape[0], weight.shape[0], t_out):
-        raise ValueError(f"conv1d: out must be {(x.shape[0], weight.shape[0], t_out)}, got {tuple(out.shape)}")
+    out = _out_buffer(op, x, weight.shape[0], t_out, out)
     _C.conv1d(dl(x), dl(weight.contiguous()), dl_opt(bias), dl(out), dl_opt(residual), dl_opt(accum), pl, int(dilation),
               None if lrelu_slope is None else float(lrelu_slope), float(alpha), float(beta), bool(tanh), stream_of(x))
+    return out
+
+
+def _out_buffer(op, x, channels, t_out, out):
+    """The output [batch, channels, t_out]: a new one like x, or the caller's after a shape check."""
+    shape = (x.shape[0], channels, t_out)
+    if out is None:
+        return x.new_empty(*shape)
+    if tuple(out.shape) != shape:
+        raise ValueError(f"{op}: out must be {shape}, got {tuple(out.shape)}")
     return out
 
 
@@ -80,10 +87,7 @@ def _conv_transpose1d(x, weight, bias, stride, padding, output_padding, lrelu_sl
     if t_out < 0:
         raise ValueError(f"conv_transpose1d: padding ({pl}, {pr}) crops more than the output length")
     x = _time_dense(x)
-    if out is None:
-        out = x.new_empty(x.shape[0], weight.shape[1], t_out)
-    elif tuple(out.shape) != (x.shape[0], weight.shape[1], t_out):
-        raise ValueError(f"conv_transpose1d: out must be {(x.shape[0], weight.shape[1], t_out)}, got {tuple(out.shape)}")
+    out = _out_buffer(op, x, weight.shape[1], t_out, out)
     _C.conv_transpose1d(dl(x), dl(weight.contiguous()), dl_opt(bias), dl(out), stride, pl,
                         None if lrelu_slope is None else float(lrelu_slope), stream_of(x))
     return out
