@@ -28,10 +28,9 @@ from ..ops._lib import _C, dl, dl_opt, stream_of
 
 __all__ = ["Codec", "CodecStream", "CodecWeightsError"]
 
+# VITA's ticodec/models.py: every LeakyReLU of the generator, the one before conv_post included,
+# uses the module constant LRELU_SLOPE = 0.1 (HiFi-GAN's 0.01 default is another codebase's choice).
 LRELU_SLOPE = 0.1
-# HiFi-GAN's Generator (and the TiCodec / AcademiCodec port of it) calls F.leaky_relu(x) with the
-# default slope before conv_post. Override with model.json key "final_leaky_relu_slope".
-FINAL_LRELU_SLOPE = 0.01
 
 
 class CodecWeightsError(ValueError):
@@ -90,8 +89,12 @@ class Codec(torch.nn.Module):
         self.global_dim = int(cfg.get("global_dim", 128))
         if self.global_dim % self.global_code_num:
             raise ValueError(f"codec config: global_dim {self.global_dim} is not divisible by global_code_num {self.global_code_num}")
-        self.lrelu_slope = float(cfg.get("leaky_relu_slope", LRELU_SLOPE))
-        self.final_slope = float(cfg.get("final_leaky_relu_slope", FINAL_LRELU_SLOPE))
+        # VITA's code has no config key for the slope; a model.json that sets one anyway is refused
+        # rather than silently changing the numbers.
+        for key in ("leaky_relu_slope", "final_leaky_relu_slope"):
+            if key in cfg and float(cfg[key]) != LRELU_SLOPE:
+                raise ValueError(f"codec config: {key}={cfg[key]!r} is not supported: VITA's generator uses LeakyReLU({LRELU_SLOPE}) throughout")
+        self.lrelu_slope = LRELU_SLOPE
         self.hop_length = int(math.prod(self.upsample_rates))
         self.sample_rate = int(cfg.get("sampling_rate", 24000))
         self.num_kernels = len(self.resblock_kernel_sizes)
@@ -250,7 +253,7 @@ class Codec(torch.nn.Module):
                                    alpha=1.0 / self.num_kernels, accum=xs if j > 0 else None, beta=1.0, out=xs)
             x = xs
         return ops.conv1d(x, self._w("generator.conv_post.weight"), self._b("generator.conv_post.bias"), padding="same",
-                          lrelu_slope=self.final_slope, tanh=True)
+                          lrelu_slope=self.lrelu_slope, tanh=True)
 
     def _generator_ref(self, x: torch.Tensor) -> torch.Tensor:
         """The same graph with torch.nn.functional (unfused, global vector added explicitly)."""
@@ -273,7 +276,7 @@ class Codec(torch.nn.Module):
             x = xs / self.num_kernels
             if x.shape[-2] == self.global_dim:
                 x = x + self._gvec.to(x.dtype)[None, :, None]
-        x = F.leaky_relu(x, self.final_slope)
+        x = F.leaky_relu(x, self.lrelu_slope)
         x = F.conv1d(x, self._w("generator.conv_post.weight"), self._b("generator.conv_post.bias", False), padding=3)
         return torch.tanh(x)
 
@@ -496,7 +499,7 @@ class _Graph:
             nodes.append(_MRF(last))
             x = xs
         self.out = sig(1)
-        nodes.append(_Conv(x, self.out, W("generator.conv_post.weight"), Bf("generator.conv_post.bias"), 7, 1, c.final_slope, tanh=True))
+        nodes.append(_Conv(x, self.out, W("generator.conv_post.weight"), Bf("generator.conv_post.bias"), 7, 1, c.lrelu_slope, tanh=True))
         self.nodes, self.sigs = nodes, sigs
         self.n_tokens = 0
         self.finished = False

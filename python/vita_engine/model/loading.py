@@ -233,7 +233,11 @@ def load_torch_file(path) -> dict:
 
 def fold_weight_norm(sd: Mapping[str, torch.Tensor], where: str = "") -> Dict[str, torch.Tensor]:
     """Replace every `X.weight_g` / `X.weight_v` pair by `X.weight = g * v / ||v||` (norm over all
-    dims but 0, as torch weight_norm(dim=0); for ConvTranspose1d dim 0 is the input channel)."""
+    dims but 0, as torch weight_norm(dim=0); for ConvTranspose1d dim 0 is the input channel).
+
+    The folded weight is float32 whatever the storage dtype: VITA loads the fp16 `weight_g`/`weight_v`
+    of `final.pt` into float32 parameters and folds there, so rounding the fold back to fp16 would
+    add an error VITA does not have. The caller casts once, to its compute dtype."""
     out: Dict[str, torch.Tensor] = {}
     bad = []
     for k, t in sd.items():
@@ -249,7 +253,7 @@ def fold_weight_norm(sd: Mapping[str, torch.Tensor], where: str = "") -> Dict[st
                 continue
             vf = v.to(torch.float32)
             norm = vf.reshape(vf.shape[0], -1).norm(dim=1).reshape(-1, *([1] * (v.dim() - 1)))
-            out[base + "weight"] = (g.to(torch.float32).reshape(norm.shape) * vf / norm).to(v.dtype)
+            out[base + "weight"] = g.to(torch.float32).reshape(norm.shape) * vf / norm
         elif k == "weight_v" or k.endswith(".weight_v"):
             if k[: -len("weight_v")] + "weight_g" not in sd:
                 bad.append(f"{k} has no matching weight_g")
