@@ -57,10 +57,17 @@ def _cache_root() -> Path:
 
 
 def tiny_checkpoint(seed: int = 0) -> Path:
-    """The tiny random checkpoint (spec §10) in a cache folder, written once (atomically)."""
+    """The tiny random checkpoint in a cache folder, written once (atomically).
+
+    The folder name carries a digest of the generator's source, so a changed tiny model (sizes,
+    weight shaping) is never served from a cache written by an older version."""
+    import hashlib
+
+    from .. import testing
     from ..testing import make_tiny_checkpoint
 
-    d = _cache_root() / f"tiny-seed{seed}"
+    digest = hashlib.sha256(Path(testing.__file__).read_bytes()).hexdigest()[:12]
+    d = _cache_root() / f"tiny-seed{seed}-{digest}"
     if (d / "config.json").is_file() and (d / "vita_tts_ckpt" / "codec" / "final.pt").is_file():
         return d
     d.parent.mkdir(parents=True, exist_ok=True)
