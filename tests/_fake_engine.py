@@ -186,3 +186,10 @@ class FakeEngine:
     @property
     def open_sessions(self) -> int:
         return sum(not s.closed for s in self.sessions)
+
+    @property
+    def stats(self) -> dict:
+        """The KV keys of Engine.stats (the server's /metrics exports them); nothing is "reserved" here."""
+        return {"sessions": self.open_sessions, "kv_blocks": self.kv_total, "kv_free_blocks": self.kv_free,
+                "kv_reserved_blocks": 0, "kv_block_size": 16,
+                "kv_session_blocks": sorted((s.pages for s in self.sessions if not s.closed), reverse=True)}

@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import io
 import json
+import time
 import urllib.request
 import wave
 from pathlib import Path
@@ -137,3 +138,106 @@ def speech_sample(name: str):
 
         return _resample_int16(np.round(x * 32767).astype(np.int16), sr, 16000)
     return np.round(np.clip(x, -1, 1) * 32767).astype(np.int16)
+
+
+class RawClient:
+    """A WebSocket client on a plain blocking socket (websockets' sans-I/O protocol) that reads
+    only when told to: a test can stall it for real. `rcvbuf` shrinks its kernel receive buffer (set
+    before connect, so the TCP window it advertises stays small)."""
+
+    def __init__(self, url: str, rcvbuf: int = 0, timeout: float = 10.0):
+        import socket
+
+        from websockets.client import ClientProtocol
+        from websockets.protocol import State
+        from websockets.uri import parse_uri
+
+        u = parse_uri(url)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect((u.host, u.port))
+        self.addr = self.sock.getsockname()
+        self.proto = ClientProtocol(u, max_size=None)
+        self.frames: list = []  # received frames: ("text", dict) / ("binary", bytes) in order
+        self.eof = self.reset = False
+        self.proto.send_request(self.proto.connect())
+        self._flush()
+        deadline = time.monotonic() + timeout
+        while self.proto.state == State.CONNECTING:
+            assert self._read_some(deadline), "no handshake response"
+        assert self.proto.handshake_exc is None and self.proto.state == State.OPEN, self.proto.handshake_exc
+
+    def _pending(self) -> None:
+        from websockets.frames import Opcode
+
+        for ev in self.proto.events_received():
+            op = getattr(ev, "opcode", None)
+            if op == Opcode.TEXT:
+                self.frames.append(("text", json.loads(ev.data)))
+            elif op == Opcode.BINARY:
+                self.frames.append(("binary", bytes(ev.data)))
+        self._flush()  # pong / close replies the protocol queued
+
+    def _flush(self) -> None:
+        data = b"".join(self.proto.data_to_send())
+        if data and not (self.eof or self.reset):
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                self.reset = True
+
+    def _read_some(self, deadline: float) -> bool:
+        """One recv (until deadline): False at EOF/reset/timeout."""
+        import socket
+
+        self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            data = self.sock.recv(1 << 16)
+        except socket.timeout:
+            return False
+        except (ConnectionResetError, BrokenPipeError):
+            self.reset = True
+            return False
+        if not data:
+            self.eof = True
+            self.proto.receive_eof()
+            return False
+        self.proto.receive_data(data)
+        self._pending()
+        return True
+
+    def send_json(self, obj) -> None:
+        self.proto.send_text(json.dumps(obj).encode())
+        self._flush()
+
+    def read_until_closed(self, timeout: float) -> bool:
+        """Read everything until the connection ends (EOF or reset) -> True, or False at timeout."""
+        deadline = time.monotonic() + timeout
+        while not (self.eof or self.reset) and time.monotonic() < deadline:
+            self._read_some(deadline)
+        return self.eof or self.reset
+
+    @property
+    def close_code(self):
+        rc = self.proto.close_rcvd
+        return rc.code if rc is not None else None
+
+    def texts(self) -> list:
+        return [m for kind, m in self.frames if kind == "text"]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def server_sockets(port: int, peer=None) -> list:
+    """This process's open TCP sockets on local port `port` (the server's side of its connections),
+    optionally only the one whose remote end is `peer` (host, port) -> psutil connection entries."""
+    import psutil
+
+    out = []
+    for c in psutil.Process().net_connections(kind="tcp"):
+        if c.laddr and c.laddr.port == port and c.raddr and (peer is None or tuple(c.raddr) == tuple(peer)):
+            out.append(c)
+    return out

@@ -18,7 +18,6 @@ frames carry sequence numbers; `client.stats` counts frames, gaps (`lost`) and `
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import wave
 from pathlib import Path
@@ -36,7 +35,9 @@ from .server.protocol import (  # noqa: F401  (re-exported)
     Ready,
     TextDelta,
     TurnEnd,
+    dumps_strict,
     json_to_event,
+    loads,
     pack_audio_in,
     pack_image_in,
     pack_video_in,
@@ -84,6 +85,14 @@ def _make(cls, *args, **extra):
     return cls(*args, **{k: v for k, v in extra.items() if k in names})
 
 
+def _parse(text: str) -> Dict[str, Any]:
+    """A server event; strict: NaN / Infinity (which a browser's JSON.parse rejects) is a protocol error."""
+    try:
+        return loads(text)
+    except ValueError as e:
+        raise ProtocolError(f"the server sent an event that is not strict JSON: {e}: {text[:120]!r}") from None
+
+
 class Client:
     def __init__(self, ws, sample_rate: int, ready: Ready):
         self.ws = ws
@@ -111,7 +120,8 @@ class Client:
         await self.ws.send(data)
 
     async def send_json(self, obj: Dict[str, Any]) -> None:
-        await self.ws.send(json.dumps(obj))
+        """Strict JSON: a NaN or infinite number raises ValueError (the server would reject it)."""
+        await self.ws.send(dumps_strict(obj))
 
     async def send_audio(self, pcm: np.ndarray) -> None:
         """PCM at the hello's sample rate: int16, or float in [-1, 1]; split into frames that fit."""
@@ -201,7 +211,7 @@ class Client:
             if isinstance(msg, (bytes, bytearray)):
                 yield self._audio(msg)
                 continue
-            m = json.loads(msg)
+            m = _parse(msg)
             ev = json_to_event(m)
             if isinstance(ev, TextDelta) and m.get("turn") is not None:
                 ev = _make(TextDelta, ev.text, turn=int(m["turn"]))
@@ -275,12 +285,12 @@ async def _open(url: str, token: Optional[str] = None, sample_rate: int = 16000,
     if options:
         hello["options"] = dict(options)
     try:
-        await ws.send(json.dumps(hello))
+        await ws.send(dumps_strict(hello))
         while True:
             msg = await asyncio.wait_for(ws.recv(), timeout)
             if isinstance(msg, (bytes, bytearray)):
                 continue
-            ev = json_to_event(json.loads(msg))
+            ev = json_to_event(_parse(msg))
             if isinstance(ev, Ready):
                 return Client(ws, sample_rate, ev)
             if isinstance(ev, Error):

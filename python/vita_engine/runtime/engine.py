@@ -193,10 +193,28 @@ class Engine:
 
     @property
     def stats(self) -> dict:
-        return {"sessions": self.num_sessions, "kv_blocks": self.kv.num_blocks, "kv_free_blocks": self.kv.free_blocks,
-                "kv_reserved_blocks": self.kv.reserved_blocks, "ticks": self._scheduler.ticks,
-                "llm_forwards": self._scheduler.llm.forwards, "llm_rows": self._scheduler.llm.rows,
-                "tick_errors": self._scheduler.tick_errors}
+        """Counters and memory figures (read-only, any thread; the server's /metrics exports them)."""
+        kv = self.kv.usage()
+        out = {"sessions": self.num_sessions, "kv_blocks": kv["blocks"], "kv_free_blocks": kv["free"],
+               "kv_reserved_blocks": kv["reserved"], "kv_block_size": kv["block_size"],
+               "kv_session_blocks": kv["sequence_blocks"], "ticks": self._scheduler.ticks,
+               "llm_forwards": self._scheduler.llm.forwards, "llm_rows": self._scheduler.llm.rows,
+               "tick_errors": self._scheduler.tick_errors}
+        tts = self.tts
+        if tts is not None:
+            for _ in range(3):  # active() copies a dict the scheduler thread may be resizing
+                try:
+                    out["tts_streams_active"] = len(tts.active())
+                    break
+                except RuntimeError:
+                    continue
+            out.update(tts_streams_max=tts.max_streams, tts_blocks=tts.num_blocks, tts_free_blocks=tts.free_blocks)
+        return out
+
+    @property
+    def tick_stats(self):
+        """Histograms of busy scheduler ticks (metrics.TickStats: tick_ms and host overhead)."""
+        return self._scheduler.tick_stats
 
     def close(self) -> None:
         with self._lock:

@@ -13,7 +13,8 @@ slowing or corrupting the others.
 from __future__ import annotations
 
 import threading
-from typing import List
+import weakref
+from typing import Dict, List
 
 import torch
 
@@ -34,6 +35,7 @@ class KVPool:
         self._free: List[int] = list(range(num_blocks - 1, -1, -1))
         self._reserved = 0
         self._lock = threading.Lock()
+        self._live: "weakref.WeakSet[SeqKV]" = weakref.WeakSet()  # sequences not released yet
 
     @classmethod
     def for_llm(cls, llm, num_blocks: int, block_size: int = 16) -> "KVPool":
@@ -51,6 +53,16 @@ class KVPool:
     @property
     def reserved_blocks(self) -> int:
         return self._reserved
+
+    def usage(self) -> Dict[str, object]:
+        """A consistent read-only snapshot (any thread): total / free / used / reserved pages and the
+        pages held by each live (not released) sequence, largest first."""
+        with self._lock:
+            free, reserved = len(self._free), self._reserved
+            live = list(self._live)
+        held = sorted((len(s.blocks) for s in live), reverse=True)
+        return {"blocks": self.num_blocks, "free": free, "used": self.num_blocks - free, "reserved": reserved,
+                "block_size": self.block_size, "sequence_blocks": held}
 
     def blocks_for(self, tokens: int) -> int:
         return -(-int(tokens) // self.block_size)
@@ -87,7 +99,10 @@ class KVPool:
             self._free.extend(reversed(blocks))
 
     def new_sequence(self) -> "SeqKV":
-        return SeqKV(self)
+        s = SeqKV(self)
+        with self._lock:
+            self._live.add(s)
+        return s
 
 
 class SeqKV:
@@ -118,4 +133,7 @@ class SeqKV:
         self.length = length
 
     def release(self) -> None:
+        """Give every page back; the sequence no longer counts as live (`KVPool.usage`)."""
         self.truncate(0)
+        with self.pool._lock:
+            self.pool._live.discard(self)

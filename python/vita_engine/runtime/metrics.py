@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-__all__ = ["KEYS", "STAGE_KEYS", "TurnClock", "MetricsStore", "nvtx_range"]
+__all__ = ["KEYS", "STAGE_KEYS", "TurnClock", "MetricsStore", "TickStats", "nvtx_range"]
 
 STAGE_KEYS = ("fbank_ms", "audio_encoder_ms", "vision_ms", "prefill_ms", "first_text_token_ms", "tts_nar_ms",
               "first_codec_token_ms", "first_codec_window_ms")
@@ -88,6 +88,61 @@ class MetricsStore:
         return out
 
 
+class TickStats:
+    """Cumulative histograms of busy scheduler ticks: wall time (tick_ms) and host overhead (the
+    part of it outside `nvtx_range` model stages: inbox, VAD, turn taking, bookkeeping, events).
+    Written by the scheduler thread (`start`/`stop`), read by anyone (`snapshot`)."""
+
+    BUCKETS_MS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0)
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        n = len(self.BUCKETS_MS)
+        self._counts = {"tick": [0] * n, "host": [0] * n}
+        self._sum = {"tick": 0.0, "host": 0.0}
+        self._n = 0
+
+    def start(self) -> float:
+        _stage.depth, _stage.s = 0, 0.0
+        _stage.on = True
+        return time.perf_counter()
+
+    def stop(self, t0: float, busy: bool) -> None:
+        """End the tick started at t0; only busy ticks are recorded (an idle one only waits)."""
+        dt = (time.perf_counter() - t0) * 1e3
+        host = max(0.0, dt - _stage.s * 1e3)
+        _stage.on = False
+        if not busy:
+            return
+        with self._lock:
+            self._n += 1
+            for key, v in (("tick", dt), ("host", host)):
+                self._sum[key] += v
+                c = self._counts[key]
+                for i, b in enumerate(self.BUCKETS_MS):
+                    if v <= b:
+                        c[i] += 1
+                        break
+
+    def snapshot(self) -> dict:
+        """{"buckets_ms", "tick"/"host": {"cumulative": counts <= each bucket, "sum_ms", "count"}}."""
+        with self._lock:
+            out: dict = {"buckets_ms": list(self.BUCKETS_MS)}
+            for key in ("tick", "host"):
+                out[key] = {"cumulative": [int(x) for x in np.cumsum(self._counts[key])],
+                            "sum_ms": self._sum[key], "count": self._n}
+            return out
+
+
+class _StageClock(threading.local):
+    on = False  # a TickStats tick is open on this thread
+    depth = 0
+    s = 0.0  # seconds spent in (outermost) model stages during the open tick
+
+
+_stage = _StageClock()
+
+
 _NVTX = None
 
 
@@ -105,20 +160,28 @@ def _nvtx():
 
 @contextlib.contextmanager
 def nvtx_range(name: str, enabled: bool):
-    """An NVTX range (nvtx package if importable, else torch.cuda.nvtx) when `enabled` (CUDA)."""
-    if not enabled:
-        yield
-        return
-    if _nvtx() == "nvtx":
-        import nvtx
-
-        with nvtx.annotate(name):
+    """An NVTX range (nvtx package if importable, else torch.cuda.nvtx) when `enabled` (CUDA). Its
+    time counts as model work in the open TickStats tick (the rest of a tick is host overhead)."""
+    timed = _stage.on and _stage.depth == 0
+    _stage.depth += 1
+    t0 = time.perf_counter() if timed else 0.0
+    try:
+        if not enabled:
             yield
-    else:
-        import torch
+        elif _nvtx() == "nvtx":
+            import nvtx
 
-        torch.cuda.nvtx.range_push(name)
-        try:
-            yield
-        finally:
-            torch.cuda.nvtx.range_pop()
+            with nvtx.annotate(name):
+                yield
+        else:
+            import torch
+
+            torch.cuda.nvtx.range_push(name)
+            try:
+                yield
+            finally:
+                torch.cuda.nvtx.range_pop()
+    finally:
+        _stage.depth -= 1
+        if timed:
+            _stage.s += time.perf_counter() - t0

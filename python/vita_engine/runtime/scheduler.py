@@ -31,7 +31,7 @@ from . import _compat
 from .batch_llm import BatchLLM, LLMWork
 from .chat import IncrementalDetokenizer, system_prompt_for
 from .events import AudioChunk, Error, Interrupted, Metrics, TextDelta, TurnEnd
-from .metrics import TurnClock, nvtx_range
+from .metrics import TickStats, TurnClock, nvtx_range
 from .state import Segment, SessionState, Turn, TurnRecord
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class Scheduler:
         self._stop = False
         self.ticks = 0
         self.tick_errors = 0
+        self.tick_stats = TickStats()
         self._nvtx = bool(self.o["nvtx"])
         self._thread = threading.Thread(target=self._run, name="vita-engine-scheduler", daemon=True)
         self._thread.start()
@@ -82,12 +83,14 @@ class Scheduler:
         if self.o.get("cpu_threads"):
             torch.set_num_threads(int(self.o["cpu_threads"]))
         while not self._stop:
+            t0 = self.tick_stats.start()
             try:
                 busy = self.tick()
             except Exception:  # never let the loop die; the failing turns were already reported
                 self.tick_errors += 1
                 log.error("scheduler tick failed:\n%s", traceback.format_exc())
                 busy = False
+            self.tick_stats.stop(t0, busy)
             if not busy:
                 with self._cv:
                     if not self._wake:
@@ -372,7 +375,8 @@ class Scheduler:
             step = torch.tensor([st.gen_step for st, _, _ in want], dtype=torch.int64, device=dev)
             from .. import ops
 
-            toks = ops.sample_tokens(logits, temperature=temp, top_k=topk, seed=seed, step=step).tolist()
+            with nvtx_range("sample", self._nvtx):  # on CUDA: waits for the forward too
+                toks = ops.sample_tokens(logits, temperature=temp, top_k=topk, seed=seed, step=step).tolist()
             assert len(toks) == B
         else:
             toks = []

@@ -11,7 +11,6 @@ import asyncio
 import hmac
 import io
 import itertools
-import json
 import logging
 import math
 import threading
@@ -27,10 +26,11 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from . import protocol as P
 from .metrics import ServerMetrics
+from .wire import Wire, ws_protocol_class
 
 log = logging.getLogger("vita_engine.server")
 STATIC_DIR = Path(__file__).with_name("static")
@@ -53,7 +53,10 @@ class ServerConfig:
     # the transport; beyond it the client reads too slowly: error "slow_client", close 4002
     send_queue_s: float = 4.0
     send_queue_messages: int = 20000  # same, for queued JSON events (text deltas ...)
-    slow_client_close_timeout_s: float = 5.0  # how long the error + close may take to go out
+    # every server-side close (slow client, idle, session limit, refusal, engine error): the error
+    # event + close frame must leave the process and the client must answer within this; else the
+    # TCP connection is reset
+    slow_client_close_timeout_s: float = 5.0
     # outgoing audio is coalesced into frames of at least audio_frame_ms (the engine emits one chunk
     # per scheduler tick: 12 samples for the tiny model on CPU); a partial frame is sent once its
     # first sample has waited audio_max_hold_ms (one frame period), and at every turn boundary
@@ -62,9 +65,12 @@ class ServerConfig:
 
     @property
     def transport_max_bytes(self) -> int:
-        """WebSocket message size the transport accepts (uvicorn ws_max_size): above the protocol
-        limit so oversized frames are read and answered with an `error`; beyond it: close 1009."""
-        return max(4 * self.max_frame_bytes, self.max_frame_bytes + (1 << 20))
+        """WebSocket message size the transport reads at all (uvicorn ws_max_size), docs/protocol.md
+        §5: 4 x the larger protocol limit. Messages up to it are read and answered with a `too_big`
+        error; above it the connection is closed with 1009 unread. Proportional to the configured
+        limit so that an operator who lowers it also lowers what one connection can make the
+        server buffer."""
+        return 4 * max(self.max_frame_bytes, self.max_json_bytes)
 
     def public(self) -> dict:
         d = asdict(self)
@@ -135,8 +141,7 @@ class _Conn:
         self.id = f"s{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         self.session = None
         self.sample_rate = 16000
-        self.send_lock = asyncio.Lock()
-        self.closed = False
+        self.wire = Wire(ws, self.m, self.cfg.slow_client_close_timeout_s)  # the send path (every endpoint's)
         self.t0 = time.monotonic()
         self.last_rx = self.t0
         self.seq = 0  # next output audio frame's sequence number (session-wide, from 0)
@@ -152,44 +157,36 @@ class _Conn:
         self._recv_task: Optional[asyncio.Task] = None
 
     # -- sending ----------------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        """A close was decided or the peer is gone: nothing more is sent or handled."""
+        return not self.wire.open
+
     async def send_json(self, obj: dict) -> bool:
-        return await self._send(json.dumps(obj), "json")
+        return await self.wire.send_json(obj)
 
     async def _send(self, data, kind: str) -> bool:
-        if self.closed:
-            return False
-        try:
-            async with self.send_lock:
-                if isinstance(data, (bytes, bytearray)):
-                    await self.ws.send_bytes(bytes(data))
-                else:
-                    await self.ws.send_text(data)
-        except Exception:  # noqa: BLE001  (peer gone)
-            self.closed = True
-            return False
-        self.m.frames_out.labels(kind).inc()
-        self.m.bytes_out.inc(len(data))
-        return True
+        return await self.wire.send(data, kind)
 
-    async def error(self, message: str, code: str = "error", fatal: bool = False) -> None:
+    async def error(self, message: str, code: str = "error") -> None:
+        """A non-fatal error event: the session goes on."""
         self.m.errors.labels(code).inc()
-        await self.send_json({"type": "error", "message": message, "code": code, "fatal": fatal})
+        await self.send_json({"type": "error", "message": message, "code": code, "fatal": False})
+
+    async def fatal(self, code: str, message: str, close_code: int, reason: str = "", **extra) -> None:
+        """A fatal error event and the close, as one bounded close (Wire.close)."""
+        self.m.errors.labels(code).inc()
+        await self.wire.close(close_code, reason or message,
+                              error={"type": "error", "message": message, "code": code, "fatal": True, **extra})
+        if self._recv_task is not None and self._recv_task is not asyncio.current_task():
+            self._recv_task.cancel()  # run() ends and releases the slot
 
     async def close(self, code: int, reason: str = "") -> None:
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            async with self.send_lock:
-                if self.ws.application_state != WebSocketState.DISCONNECTED:
-                    await self.ws.close(code=code, reason=reason[:120])
-        except Exception:  # noqa: BLE001
-            pass
+        await self.wire.close(code, reason)
 
     async def refuse(self, message: str, code: str, close_code: int) -> None:
         self.m.sessions_refused.labels(code).inc()
-        await self.error(message, code, fatal=True)
-        await self.close(close_code, message)
+        await self.fatal(code, message, close_code)
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -225,8 +222,8 @@ class _Conn:
                     await self.refuse(f"server busy: {e}", "capacity", P.CLOSE_TRY_AGAIN)
                 else:
                     log.exception("session creation failed")
-                    await self.error(f"could not start a session: {type(e).__name__}: {e}", "internal", fatal=True)
-                    await self.close(P.CLOSE_INTERNAL, "session creation failed")
+                    await self.fatal("internal", f"could not start a session: {type(e).__name__}: {e}",
+                                     P.CLOSE_INTERNAL, "session creation failed")
                 return
             self.m.sessions_total.inc()
             ignored = sorted(set(hello.get("options") or {}) - {"system_prompt"})
@@ -274,7 +271,7 @@ class _Conn:
         while True:
             msg = await self.ws.receive()
             if msg["type"] == "websocket.disconnect":
-                self.closed = True
+                self.wire.gone = True
                 return None
             self.last_rx = time.monotonic()
             text = msg.get("text")
@@ -314,16 +311,12 @@ class _Conn:
         while not self.closed:
             now = time.monotonic()
             if now - self.t0 >= self.cfg.max_session_s:
-                self.m.errors.labels("session_limit").inc()
-                await self.send_json({"type": "error", "code": "session_limit", "fatal": True,
-                                      "message": f"session longer than {self.cfg.max_session_s:g} s: closing"})
-                await self.close(P.CLOSE_SESSION_LIMIT, "max session length")
+                await self.fatal("session_limit", f"session longer than {self.cfg.max_session_s:g} s: closing",
+                                 P.CLOSE_SESSION_LIMIT, "max session length")
                 return
             if now - self.last_rx >= self.cfg.idle_timeout_s:
-                self.m.errors.labels("idle_timeout").inc()
-                await self.send_json({"type": "error", "code": "idle_timeout", "fatal": True,
-                                      "message": f"no message for {self.cfg.idle_timeout_s:g} s: closing"})
-                await self.close(P.CLOSE_IDLE, "idle timeout")
+                await self.fatal("idle_timeout", f"no message for {self.cfg.idle_timeout_s:g} s: closing",
+                                 P.CLOSE_IDLE, "idle timeout")
                 return
             wait = min(self.t0 + self.cfg.max_session_s, self.last_rx + self.cfg.idle_timeout_s) - now
             await asyncio.sleep(max(0.01, min(wait, 1.0)))
@@ -348,7 +341,7 @@ class _Conn:
                 await self.error(f"{type(e).__name__}: {e}"[:300], "bad_message")
             except Exception as e:  # noqa: BLE001  (a runtime error on one message must not kill the server)
                 if type(e).__name__ == "SessionClosedError":
-                    await self.error(f"the session is closed: {e}"[:300], "closed", fatal=True)
+                    await self.fatal("closed", f"the session is closed: {e}"[:300], P.CLOSE_NORMAL, "session closed")
                     return
                 log.exception("session %s: error handling a client message", self.id)
                 await self.error(f"internal error: {type(e).__name__}: {e}"[:300], "internal")
@@ -408,7 +401,7 @@ class _Conn:
         elif t == "hello":
             raise P.ProtocolError("hello was already received", "bad_message")
         elif t == "ping":
-            await self.send_json({"type": "pong", "t": msg.get("t")})
+            await self.send_json({"type": "pong", "t": msg.get("t")})  # finite: parse_json_in checked
         else:
             raise P.ProtocolError(f'unknown message type "{t}"', "unknown_type")
 
@@ -442,31 +435,20 @@ class _Conn:
 
     async def _slow_client(self, writer: asyncio.Task) -> None:
         """The client does not keep up: stop its session and close with a clear error (nothing is
-        dropped silently: the queued output is discarded and the error says so)."""
+        dropped silently: the queued output is discarded and the error says so). The error and the
+        close get `slow_client_close_timeout_s` from now; a client that still does not read is then
+        disconnected (Wire.close)."""
+        self.wire.stop_sending()  # the close deadline starts now; nobody else sends
         self.slow = True
         queued_s = self.q_samples / P.OUTPUT_SAMPLE_RATE
         msg = (f"client reads too slowly: {queued_s:.1f} s of audio and {self.q_msgs} events waiting to be sent "
                f"(limit send_queue_s={self.cfg.send_queue_s:g}); the queued output is discarded and the session closed")
         log.warning("session %s: %s", self.id, msg)
-        self.m.errors.labels("slow_client").inc()
-        self.closed = True  # nobody else sends from now on
-        writer.cancel()
-        await asyncio.wait({writer}, timeout=1.0)
-        self._close_session()  # stop generating for this client
-        err = json.dumps({"type": "error", "code": "slow_client", "fatal": True, "message": msg,
-                          "queued_audio_s": round(queued_s, 3), "queued_events": self.q_msgs})
-        t = self.cfg.slow_client_close_timeout_s
-        try:
-            await asyncio.wait_for(self.send_lock.acquire(), t)
-            try:
-                await asyncio.wait_for(self.ws.send_text(err), t)
-                await asyncio.wait_for(self.ws.close(code=P.CLOSE_SLOW_CLIENT, reason="slow client"), t)
-            finally:
-                self.send_lock.release()
-        except Exception:  # noqa: BLE001  (stalled or gone: the connection is dropped below)
-            log.warning("session %s: slow client: the close did not go out within %g s", self.id, t)
-        if self._recv_task is not None:
-            self._recv_task.cancel()  # run() ends and releases the slot
+        writer.cancel()  # it waits in a send for the stalled transport: nothing half-written
+        await asyncio.wait({writer}, timeout=self.cfg.slow_client_close_timeout_s)
+        self._close_session()  # stop generating for this client, free its KV pages
+        await self.fatal("slow_client", msg, P.CLOSE_SLOW_CLIENT, "slow client",
+                         queued_audio_s=round(queued_s, 3), queued_events=self.q_msgs)
 
     async def _writer(self) -> None:
         """Forward the queued events to the client, in order, coalescing audio into frames of at
@@ -512,8 +494,7 @@ class _Conn:
                 return
             if isinstance(ev, _Fail):
                 await flush()
-                await self.error(ev.message, "internal", fatal=True)
-                await self.close(P.CLOSE_INTERNAL, "engine error")
+                await self.fatal("internal", ev.message, P.CLOSE_INTERNAL, "engine error")
                 return
             self.q_msgs -= 1
             name = type(ev).__name__
@@ -591,7 +572,7 @@ class VitaServer:
     def __init__(self, engine, config: Optional[ServerConfig] = None):
         self.engine = engine
         self.config = config or ServerConfig()
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(engine)
         self.active = 0
         self.started = time.time()
 
@@ -631,7 +612,7 @@ def _uvicorn_config(app: Starlette, host: str, port: int, log_level: str = "info
     import uvicorn
 
     cfg: ServerConfig = app.state.vita.config
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, ws="websockets-sansio",
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, ws=ws_protocol_class(),
                           ws_max_size=cfg.transport_max_bytes, ws_ping_interval=20.0, ws_ping_timeout=20.0,
                           lifespan="off", access_log=False)
 

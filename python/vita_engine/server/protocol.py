@@ -6,7 +6,9 @@ Kept free of torch and of the server's dependencies so that the client stays lig
 from __future__ import annotations
 
 import json
+import math
 import struct
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
@@ -164,11 +166,67 @@ def parse_binary_in(frame: bytes, max_bytes: int) -> Tuple[int, Any]:
     raise ProtocolError(f"unknown binary frame kind 0x{kind:02x} (expected 0x01 audio, 0x02 image, 0x03 video)")
 
 
+# --- strict JSON (RFC 8259: no NaN / Infinity; a browser's JSON.parse rejects them) ---------------
+class NonFiniteNumber(ValueError):
+    """A JSON text holds NaN, Infinity, -Infinity or a number that overflows a double."""
+
+
+def _reject_constant(name: str):
+    raise NonFiniteNumber(f"{name} is not a JSON number")
+
+
+def _finite_float(s: str) -> float:
+    x = float(s)
+    if not math.isfinite(x):
+        raise NonFiniteNumber(f"{s[:40]} overflows a double")
+    return x
+
+
+def _finite_int(s: str) -> int:
+    digits = len(s) - s.startswith("-")
+    if digits > 309 or (digits == 309 and abs(int(s)) > sys.float_info.max):  # above ~1.8e308
+        raise NonFiniteNumber(f"an integer of {digits} digits overflows a double")
+    return int(s)
+
+
+def loads(text: str) -> Any:
+    """json.loads that accepts only finite numbers (a JSON peer reads them as IEEE doubles)."""
+    return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_finite_int)
+
+
+def _nulled(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _nulled(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_nulled(v) for v in x]
+    return x
+
+
+def dumps(obj: Any) -> str:
+    """json.dumps that never writes NaN / Infinity (allow_nan=False): a non-finite float becomes null."""
+    try:
+        return json.dumps(obj, allow_nan=False)
+    except ValueError:  # a non-finite float somewhere (an engine metric): null, never invalid JSON
+        return json.dumps(_nulled(obj), allow_nan=False)
+
+
+def dumps_strict(obj: Any) -> str:
+    """json.dumps(allow_nan=False) with a message that names the problem (client side: no silent null)."""
+    try:
+        return json.dumps(obj, allow_nan=False)
+    except ValueError as e:
+        raise ValueError(f"JSON message has a NaN or infinite number, which the protocol forbids: {e}") from None
+
+
 def parse_json_in(text: str, max_bytes: int) -> Dict[str, Any]:
     if len(text) > max_bytes:
         raise ProtocolError(f"message of {len(text)} characters exceeds the {max_bytes}-byte limit", "too_big")
     try:
-        msg = json.loads(text)
+        msg = loads(text)
+    except NonFiniteNumber as e:
+        raise ProtocolError(f"numbers must be finite (no NaN, Infinity or overflow): {e}", "bad_message") from None
     except (ValueError, RecursionError) as e:
         raise ProtocolError(f"invalid JSON: {e}", "bad_json") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
@@ -180,15 +238,15 @@ def event_to_json(ev: Any, turn: Optional[int] = None) -> Optional[str]:
     """Runtime event (not AudioChunk) -> JSON text, or None for an unknown event."""
     name = type(ev).__name__
     if name == "TextDelta":
-        return json.dumps({"type": "text", "delta": ev.text, "turn": turn})
+        return dumps({"type": "text", "delta": ev.text, "turn": turn})
     if name == "TurnEnd":
-        return json.dumps({"type": "turn_end", "turn": int(ev.turn)})
+        return dumps({"type": "turn_end", "turn": int(ev.turn)})
     if name == "Interrupted":
-        return json.dumps({"type": "interrupted", "turn": int(ev.turn)})
+        return dumps({"type": "interrupted", "turn": int(ev.turn)})
     if name == "Metrics":
         vals = {str(k): (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v)
                 for k, v in dict(ev.values).items()}
-        return json.dumps({"type": "metrics", "turn": int(ev.turn), "values": vals})
+        return dumps({"type": "metrics", "turn": int(ev.turn), "values": vals})
     return None
 
 
