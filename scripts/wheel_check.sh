@@ -74,7 +74,9 @@ if vita bench-kernels --help >/dev/null 2>&1; then
   "$venv/bin/python" -c "
 import json, sys
 r = json.load(open('bench.json'))
-assert r['results'], 'no results'
+assert r['results'], 'bench-kernels --json: no results'
+for x in r['results']:
+    assert {'name', 'ours_ms', 'ref_ms', 'ratio'} <= set(x), f'bench-kernels --json: result without timings: {x}'
 print('wheel_check: bench-kernels:', len(r['results']), 'results on', r['device'])"
   step "vita-engine bench-kernels --json"
 else

@@ -199,6 +199,7 @@ def test_demo_out_not_writable(capsys, tmp_path):
     (["serve", "--send-queue-s", "inf"], "vita-engine serve: --send-queue-s inf: must be a number greater than 0"),
     (["serve", "--audio-frame-ms", "0"], "vita-engine serve: --audio-frame-ms 0: must be a number greater than 0"),
     (["serve", "--max-frame-bytes", "10"], "vita-engine serve: --max-frame-bytes 10: must be at least 1024"),
+    (["serve", "--token", ""], "vita-engine serve: --token '': must not be empty"),
     (["serve", "--log-level", "loud"], "vita-engine serve: --log-level loud: not one of critical, error, warning, info, debug, trace"),
     (["check", "--fast"], "vita-engine check: unrecognized argument(s): --fast (see vita-engine check --help)"),
 ])
@@ -282,6 +283,9 @@ def test_internal_error_is_one_line_exit_1(capsys, monkeypatch):
     (KeyboardInterrupt(), 130, "vita-engine bench: interrupted"),
     (ModuleNotFoundError("No module named 'yaml'", name="yaml"), 1,
      "vita-engine bench: the installation is incomplete: no module named 'yaml' (pip install pyyaml, or reinstall vita-engine)"),
+    (ModuleNotFoundError("No module named 'vita_engine.nope'", name="vita_engine.nope"), 1,
+     "vita-engine bench: internal error: ModuleNotFoundError: No module named 'vita_engine.nope' "
+     "(this is a bug; run again with --debug or VITA_DEBUG=1 for the traceback)"),
 ])
 def test_other_exits(capsys, monkeypatch, exc, code, line):
     def fn(args):

@@ -144,6 +144,12 @@ def positive_float(s: str) -> float:
     return v
 
 
+def nonempty(s: str) -> str:
+    if not s.strip():
+        raise argparse.ArgumentTypeError(f"'{s}': must not be empty")
+    return s
+
+
 def device(s: str) -> str:
     """cpu | cuda | cuda:N (syntax only; `check_device` tells whether it can be used)."""
     if s == "cpu" or re.fullmatch(r"cuda(:\d+)?", s):
@@ -274,11 +280,13 @@ def run_command(fn, args, prog: str) -> int:
     except UsageError as e:
         return say(str(e), 2)
     except ModuleNotFoundError as e:
-        if e.name == "torch" or (e.name or "").startswith("torch."):
+        top = (e.name or "vita_engine").split(".")[0]
+        if top == "torch":
             return say(f"needs PyTorch (torch>=2.4), which is not installed: {TORCH_INSTALL}", 2)
-        top = (e.name or "?").split(".")[0]
-        return say(f"the installation is incomplete: no module named {top!r} "
-                   f"(pip install {_DISTS.get(top, top)}, or reinstall vita-engine)", 1)
+        if top != "vita_engine":  # a module of our own missing is a bug: below
+            return say(f"the installation is incomplete: no module named {top!r} "
+                       f"(pip install {_DISTS.get(top, top)}, or reinstall vita-engine)", 1)
+        return say(_internal(e, debug), 1)
     except KeyboardInterrupt:
         return say("interrupted", 130)
     except SystemExit as e:  # `raise SystemExit("message")` is this code base's user-error idiom
@@ -286,5 +294,9 @@ def run_command(fn, args, prog: str) -> int:
             return say(e.code, 2)
         raise
     except Exception as e:  # noqa: BLE001  (a bug: say so in one line, keep the traceback for --debug)
-        hint = "" if debug else " (this is a bug; run again with --debug or VITA_DEBUG=1 for the traceback)"
-        return say(f"internal error: {type(e).__name__}: {e}{hint}", 1)
+        return say(_internal(e, debug), 1)
+
+
+def _internal(e: BaseException, debug: bool) -> str:
+    hint = "" if debug else " (this is a bug; run again with --debug or VITA_DEBUG=1 for the traceback)"
+    return f"internal error: {type(e).__name__}: {e}{hint}"

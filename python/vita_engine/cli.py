@@ -151,7 +151,7 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--model", default="tiny", help='checkpoint folder, or "tiny" (default)')
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
     s.add_argument("--port", type=E.port, default=8000)
-    s.add_argument("--token", default=None, help="require this bearer token (or env VITA_TOKEN)")
+    s.add_argument("--token", type=E.nonempty, default=None, help="require this bearer token (or env VITA_TOKEN)")
     s.add_argument("--max-sessions", type=E.int_at_least(1), default=16, help="concurrent sessions; beyond: refused with 1013")
     s.add_argument("--device", type=E.device, default="cuda" if _has_cuda() else "cpu")
     s.add_argument("--dtype", default=None, choices=DTYPES, help="default: the engine's")
