@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: set up (scripts/setup.sh) and run the test suite against the installed wheel.
+# The test command: set up (scripts/setup.sh), run the test suite against the installed wheel, then
+# check the wheel alone in a fresh venv (scripts/wheel_check.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
@@ -15,5 +16,13 @@ rc=$?
 if [ $rc -eq 5 ]; then
   echo "pytest collected no tests: failing" >&2
   exit 1
+fi
+# The wheel on its own: a fresh venv with only torch and dist/vita_engine-*.whl, then the CLI
+# (scripts/wheel_check.sh, about a minute). VITA_WHEEL_CHECK=0 skips it for a quick local run.
+if [ "${VITA_WHEEL_CHECK:-1}" != 0 ]; then
+  if ! bash scripts/wheel_check.sh; then
+    echo "scripts/test.sh: the wheel check failed" >&2
+    [ $rc -ne 0 ] || rc=1
+  fi
 fi
 exit $rc

@@ -31,6 +31,9 @@ def __getattr__(name):  # lazy: keep `import vita_engine` free of torch
     if name in _LAZY:
         import importlib
 
+        from ._errors import require_torch
+
+        require_torch(f"vita_engine.{name}")  # all of these run on torch tensors
         sub = _LAZY[name]
         mod = importlib.import_module(f"{__name__}.{sub or name}")
         return mod if sub is None else getattr(mod, name)

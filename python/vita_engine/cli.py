@@ -12,6 +12,11 @@ import json
 import sys
 import time
 
+from . import _errors as E
+from ._errors import UsageError
+
+DTYPES = ["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
+
 
 def _check(args) -> int:
     import torch
@@ -105,6 +110,11 @@ def _serve(args) -> int:
     import logging
     import os
 
+    E.require_torch("vita-engine serve")
+    model = _model_arg(args.model)
+    E.check_device("--device", args.device)
+    _check_listen(args.host, args.port)
+    from vita_engine.model.loading import CheckpointError
     from vita_engine.server import ServerConfig, create_app, serve
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
@@ -125,7 +135,8 @@ def _serve(args) -> int:
     if args.max_new_tokens:
         kw["max_new_tokens"] = args.max_new_tokens
     t0 = time.perf_counter()
-    engine = Engine.from_pretrained(args.model, **kw)
+    with E.blame("--model", args.model, CheckpointError):
+        engine = Engine.from_pretrained(model, **kw)
     print(f"vita-engine serve: model {args.model!r} on {args.device} loaded in {time.perf_counter() - t0:.1f} s; "
           f"http://{args.host}:{args.port}/  (WebSocket /ws, /healthz, /metrics)", file=sys.stderr)
     cfg = ServerConfig(token=token, max_sessions=args.max_sessions, max_frame_bytes=args.max_frame_bytes,
@@ -139,19 +150,19 @@ def _add_serve_parser(sub) -> None:
     s = sub.add_parser("serve", help="real-time WebSocket server + browser page (docs/protocol.md)")
     s.add_argument("--model", default="tiny", help='checkpoint folder, or "tiny" (default)')
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--token", default=None, help="require this bearer token (or env VITA_TOKEN)")
-    s.add_argument("--max-sessions", type=int, default=16, help="concurrent sessions; beyond: refused with 1013")
-    s.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
-    s.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the engine's)")
-    s.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: the engine's)")
-    s.add_argument("--max-frame-bytes", type=int, default=2 << 20)
-    s.add_argument("--max-session-s", type=float, default=3600.0)
-    s.add_argument("--idle-timeout-s", type=float, default=120.0)
-    s.add_argument("--send-queue-s", type=float, default=4.0,
+    s.add_argument("--port", type=E.port, default=8000)
+    s.add_argument("--token", type=E.nonempty, default=None, help="require this bearer token (or env VITA_TOKEN)")
+    s.add_argument("--max-sessions", type=E.int_at_least(1), default=16, help="concurrent sessions; beyond: refused with 1013")
+    s.add_argument("--device", type=E.device, default="cuda" if _has_cuda() else "cpu")
+    s.add_argument("--dtype", default=None, choices=DTYPES, help="default: the engine's")
+    s.add_argument("--max-new-tokens", type=E.int_at_least(1), default=None, help="answer length limit (default: the engine's)")
+    s.add_argument("--max-frame-bytes", type=E.int_at_least(1024), default=2 << 20)
+    s.add_argument("--max-session-s", type=E.positive_float, default=3600.0)
+    s.add_argument("--idle-timeout-s", type=E.positive_float, default=120.0)
+    s.add_argument("--send-queue-s", type=E.positive_float, default=4.0,
                    help="seconds of queued output audio after which a client that does not read is closed (4002)")
-    s.add_argument("--audio-frame-ms", type=float, default=20.0, help="outgoing audio is coalesced into frames of this length")
-    s.add_argument("--log-level", default="info")
+    s.add_argument("--audio-frame-ms", type=E.positive_float, default=20.0, help="outgoing audio is coalesced into frames of this length")
+    s.add_argument("--log-level", default="info", type=str.lower, choices=["critical", "error", "warning", "info", "debug", "trace"])
     s.set_defaults(fn=lambda a: _serve(a))
 
 
@@ -169,21 +180,6 @@ def _dtype(name):
             "float16": torch.float16, "fp16": torch.float16}[name]
 
 
-def _read_wav(path):
-    import wave
-
-    import numpy as np
-
-    with wave.open(str(path), "rb") as w:
-        if w.getsampwidth() != 2:
-            raise SystemExit(f"{path}: only 16-bit PCM WAV is supported")
-        ch, sr = w.getnchannels(), w.getframerate()
-        x = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
-    if ch > 1:
-        x = x.reshape(-1, ch)
-    return x, sr
-
-
 def _write_wav(path, pcm, sr):
     import wave
 
@@ -196,9 +192,39 @@ def _write_wav(path, pcm, sr):
         w.writeframes((np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes())
 
 
+def _model_arg(path):
+    """`--model`: "tiny" or a checkpoint folder, checked before anything is loaded."""
+    return path if path == "tiny" else str(E.checkpoint_dir("--model", path))
+
+
+def _check_listen(host, port):
+    """Fail in one line, before the model loads, when `--host`/`--port` cannot be listened on."""
+    import socket
+
+    try:
+        fam, typ, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise UsageError(f"cannot resolve this address ({e.strerror})", "--host", host) from None
+    with socket.socket(fam, typ, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise UsageError(f"cannot listen there ({e.strerror or e})", "--host/--port", f"{host}:{port}") from None
+
+
 def _demo(args) -> int:
+    # every argument is checked before the (slow) model load
+    E.require_torch("vita-engine demo")
+    model = _model_arg(args.model)
+    E.check_device("--device", args.device)
+    x, sr = E.read_wav("--audio", args.audio) if args.audio else (None, None)
+    image = E.read_image("--image", args.image) if args.image else None
+    if args.out:
+        E.output_file("--out", args.out)
     import torch
 
+    from vita_engine.model.loading import CheckpointError
     from vita_engine.runtime import Engine
     from vita_engine.runtime import _compat
     from vita_engine.runtime.session import feed_audio, summarize_turn
@@ -210,17 +236,15 @@ def _demo(args) -> int:
         opts["tts_max_tokens"] = 64  # spec §10: the tiny TTS decodes at most 64 tokens per segment
     if args.device == "cpu":
         opts["cpu_threads"] = args.threads
-    eng = Engine.from_pretrained(args.model, device=args.device, dtype=_dtype(args.dtype), **opts)
+    with E.blame("--model", args.model, CheckpointError):
+        eng = Engine.from_pretrained(model, device=args.device, dtype=_dtype(args.dtype), **opts)
     try:
         s = eng.session()
-        if args.audio:
-            x, sr = _read_wav(args.audio)
-        else:
+        if x is None:
             x, sr = _compat.load_sample("question.wav")
-        if args.image:
-            from PIL import Image
-
-            s.push_image(Image.open(args.image).convert("RGB"))
+        if image is not None:
+            with E.blame("--image", args.image, ValueError):  # e.g. a checkpoint without a vision tower
+                s.push_image(image)
         feed_audio(s, x, sr, chunk_ms=args.chunk_ms, realtime=not args.fast)
         res = summarize_turn(s.collect(timeout=args.timeout))
         s.close()
@@ -255,13 +279,27 @@ def _demo(args) -> int:
 
 
 def _bench(args) -> int:
+    E.require_torch("vita-engine bench")
+    if args.model:
+        args.model = _model_arg(args.model)
+    E.check_device("--device", args.device)
+    if args.dims == "full" and not args.model and not args.device.startswith("cuda"):
+        raise UsageError("builds 8B random weights: run it on a GPU (--device cuda)", "--dims", "full")
+    if args.plot:
+        import importlib.util
+
+        E.output_file("--plot", args.plot)
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError("needs matplotlib, which is not installed: pip install matplotlib", "--plot", args.plot)
+    from vita_engine.model.loading import CheckpointError
     from vita_engine.runtime.bench import run_bench
 
-    return run_bench(args)
+    with E.blame("--model", args.model, CheckpointError):
+        return run_bench(args)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="vita-engine", description="vita-engine: real-time VITA-1.5 inference engine")
+    p = E.Parser(prog="vita-engine", description="vita-engine: real-time VITA-1.5 inference engine")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="run every kernel once against its torch reference and print the backends")
     c.add_argument("--json", action="store_true")
@@ -274,33 +312,33 @@ def main(argv=None) -> int:
     d.add_argument("--image", help="image to show with the question")
     d.add_argument("--out", help="write the spoken answer to this WAV file")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"])
+    d.add_argument("--device", type=E.device, default="cpu")
+    d.add_argument("--dtype", default="float32", choices=DTYPES)
     d.add_argument("--fast", action="store_true", help="feed the audio as fast as possible instead of in real time")
-    d.add_argument("--chunk-ms", type=float, default=40.0, help="input chunk size")
-    d.add_argument("--max-new-tokens", type=int, default=48)
-    d.add_argument("--threads", type=int, default=1, help="CPU threads (torch intra-op)")
-    d.add_argument("--timeout", type=float, default=300.0)
+    d.add_argument("--chunk-ms", type=E.positive_float, default=40.0, help="input chunk size")
+    d.add_argument("--max-new-tokens", type=E.int_at_least(1), default=48)
+    d.add_argument("--threads", type=E.int_at_least(1), default=1, help="CPU threads (torch intra-op)")
+    d.add_argument("--timeout", type=E.positive_float, default=300.0, help="seconds to wait for the answer")
     d.set_defaults(fn=_demo)
 
     b = sub.add_parser("bench", help="N concurrent sessions with real-time-paced audio: latency distributions")
-    b.add_argument("--sessions", type=int, default=1)
-    b.add_argument("--turns", type=int, default=3)
+    b.add_argument("--sessions", type=E.int_at_least(1), default=1)
+    b.add_argument("--turns", type=E.int_at_least(1), default=3)
     b.add_argument("--dims", default="tiny", choices=["tiny", "mini", "full"],
                    help="tiny checkpoint; random weights at the real VITA-1.5 dimensions (full, GPU); or a small random model (mini)")
     b.add_argument("--model", default=None, help="checkpoint folder (overrides --dims)")
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA")
-    b.add_argument("--max-new-tokens", type=int, default=32)
+    b.add_argument("--device", type=E.device, default="cpu")
+    b.add_argument("--dtype", default=None, choices=DTYPES, help="default float32 on CPU, bfloat16 on CUDA")
+    b.add_argument("--max-new-tokens", type=E.int_at_least(1), default=32)
     b.add_argument("--fast", action="store_true", help="feed audio as fast as possible")
-    b.add_argument("--threads", type=int, default=1)
-    b.add_argument("--tts-max-tokens", type=int, default=None, help="codec tokens per TTS segment (default 64 tiny, 120 full)")
+    b.add_argument("--threads", type=E.int_at_least(1), default=1)
+    b.add_argument("--tts-max-tokens", type=E.int_at_least(1), default=None, help="codec tokens per TTS segment (default 64 tiny, 120 full)")
     b.add_argument("--use-reference", action="store_true", help="run every op on its pure-torch reference")
     b.add_argument("--plot", help="save a per-stage breakdown plot (needs matplotlib)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=_bench)
     args = p.parse_args(argv)
-    return args.fn(args)
+    return E.run_command(args.fn, args, f"vita-engine {args.cmd}")
 
 
 if __name__ == "__main__":

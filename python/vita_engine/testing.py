@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 from typing import Dict, Optional
 
-import torch
+from ._errors import require_torch
+
+require_torch(__name__)
+import torch  # noqa: E402
 
 __all__ = ["make_tiny_checkpoint", "TINY", "VISION_DIR", "AUDIO_DIR", "tiny_tokenizer", "write_safetensors_sharded"]
 

@@ -1,4 +1,7 @@
 """Public kernel API on torch tensors (DESIGN §4). `reference` holds the pure-torch references."""
+from .._errors import require_torch
+
+require_torch(__name__)  # first: a clear message, not a traceback, when torch is missing
 from . import reference
 from .codec import conv1d, conv_transpose1d
 from .sampling import MAX_TOP_K_CUDA, sample_tokens

@@ -1,4 +1,7 @@
 """Real-time runtime (DESIGN §6): Engine, Session, events, paged KV pool, scheduler."""
+from .._errors import require_torch
+
+require_torch(__name__)  # first: a clear message, not a traceback, when torch is missing
 from .events import AudioChunk, CapacityError, Error, Interrupted, Metrics, SessionClosedError, TextDelta, TurnEnd
 from .engine import Engine
 from .session import Session, TurnResult
