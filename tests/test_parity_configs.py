@@ -30,7 +30,29 @@ def test_dynamic_chunks_flag(tmp_path, value, dynamic):
 
 
 @pytest.mark.parametrize("kind", ["cnn", "linear"])
-def test_adapter_types_other_than_subsampling_are_refused(tmp_path, kind):
-    # audioEncoder: "cnn" is CNNAdapter (two convs, BatchNorm, left padding), "linear" a Linear
-    with pytest.raises(CheckpointError, match="adpter_type"):
+def test_adapter_types_other_than_subsampling_warn(tmp_path, kind):
+    # audioEncoder: "cnn" is CNNAdapter (two convs, BatchNorm, left padding), "linear" a Linear; the
+    # tensors' shapes then decide (CNNAdapter's conv1d2 is [4d, 2d, k], not CNNSubsampling's [2d, d, k])
+    with pytest.warns(UserWarning, match="adpter_type"):
         AudioConfig.from_folder(_folder(tmp_path, model_conf={"adpter_type": kind}))
+
+
+def test_cnn_adapter_weights_are_refused_by_shape(tiny_ckpt, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from vita_engine.model.vita import VitaModel
+
+    d = tmp_path / "ck"
+    shutil.copytree(tiny_ckpt, d)
+    for f in sorted(d.glob("model-*.safetensors")):
+        t = load_file(str(f))
+        k = "model.audio_encoder.adpter.conv1d2.weight"
+        if k in t:  # CNNAdapter's second conv: 2*enc -> 4*enc channels
+            o, i, kk = t[k].shape
+            t[k] = torch.zeros(2 * o, o, kk, dtype=t[k].dtype)
+            save_file(t, str(f), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="conv1d2"):
+        VitaModel.from_pretrained(d, load_tts=False, load_codec_model=False)

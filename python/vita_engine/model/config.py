@@ -198,10 +198,14 @@ class AudioConfig:
         c.sample_rate = int(rs.get("resample_rate", 16000))
         mc = y.get("model_conf") or {}
         # audioEncoder builds CNNSubsampling only for adpter_type "subsampling" ("cnn" is a two-conv
-        # BatchNorm adapter with LEFT padding, "linear" a plain Linear): other types compute different numbers
+        # BatchNorm adapter with LEFT padding, "linear" a plain Linear). The tensors decide what is
+        # loaded (another adapter's weights fail the shape check), so a mislabelled yaml (tiny
+        # checkpoints cached by older versions say "cnn") only warns.
         if str(mc.get("adpter_type", "subsampling")) != "subsampling":
-            raise CheckpointError(f"{f}: model_conf.adpter_type {mc.get('adpter_type')!r} is not supported "
-                                  f"(VITA-1.5 uses 'subsampling', the CNNSubsampling adapter)")
+            import warnings
+
+            warnings.warn(f"{f}: model_conf.adpter_type {mc.get('adpter_type')!r}: VITA-1.5's adapter is 'subsampling' "
+                          f"(CNNSubsampling), and the adpter.* tensors are read as that", stacklevel=2)
         c.adapter_kernel = int(mc.get("kernel_size", 5))
         if str(mc.get("norm", "layer")) != "layer":
             raise CheckpointError(f"{f}: model_conf.norm {mc.get('norm')!r} is not supported (VITA-1.5 uses 'layer')")
