@@ -253,7 +253,8 @@ def feed(seg, pieces):
 def test_normalize():
     assert normalize_tts_text("Hello <|im_end|>World<|endoftext|>") == "hello world"
     assert normalize_tts_text("<|im_start|>assistant\nOK<|foo_bar|>") == "assistant\nok"
-    assert normalize_tts_text("☞ Sure") == " sure"
+    assert normalize_tts_text("☞ Sure") == "sure"  # server.py drops "☞ " as one unit
+    assert normalize_tts_text("A ☟b") == "a b"
     assert normalize_tts_text("1+1=2") == "1+1=2"  # equation rewrite not implemented
 
 
@@ -278,10 +279,18 @@ def test_later_segments_at_sentence_boundaries():
     s = TextSegmenter(first_min_chars=None, first_min_tokens=None)
     pieces = ["Hi", "!", " Ok", ",", " so", " the", " value", " is", " 3", ".", "14", ",", " right", "?", "\n", "Done", " now"]
     out, rest = feed(s, pieces)
-    # "hi!" first; " ok," is < 5 chars so it runs on; "3.14" is not split at its dot
-    assert out == ["hi!", "ok, so the value is 3.14,", "right?"]
-    assert rest == ["done now"]
+    # "hi!" first; " ok," is < 5 chars so it runs on; "3.14" is not split at its dot; segments keep the
+    # space after the previous cut, as web_demo/server.py hands them to the TTS
+    assert out == ["hi!", " ok, so the value is 3.14,", " right?"]
+    assert rest == ["\ndone now"]
     assert s.first_pending  # flush re-arms the early first segment
+
+
+def test_later_segment_length_counts_spaces_as_the_reference():
+    # server.py::tts_worker cuts at punctuation once len(tts_input_text) >= 5, the leading space
+    # included: " abc," (5 characters) is a segment, " ab," (4) runs on
+    s = TextSegmenter(first_min_chars=None, first_min_tokens=None)
+    assert feed(s, ["Hi", "!", " abc", ",", " ab", ",", " x"]) == (["hi!", " abc,"], [" ab, x"])
 
 
 def test_segmenter_specials_split_across_pieces_and_reset():
@@ -304,7 +313,7 @@ def test_segmenter_max_chars_and_args():
     s = TextSegmenter(first_min_chars=None, first_min_tokens=None, max_chars=20)
     out = s.push("Ok.")
     out += s.push(" one two three four five six seven")
-    assert out == ["ok.", "one two three four five six"] and s.flush() == ["seven"]
+    assert out == ["ok.", " one two three four five six"] and s.flush() == [" seven"]
     with pytest.raises(ValueError):
         TextSegmenter(punctuation="")
     with pytest.raises(TypeError):

@@ -364,8 +364,11 @@ def _train_yaml(A, nb, fsub, cmvn_json) -> str:
                                 "transformer-left_chunks": -1, "transformer-dynamic-chunks": False},
             },
         },
-        "model_conf": {"adpter_type": "cnn", "cnn_num": 1, "kernel_size": A["kernel"], "norm": "layer",
-                       "activation_func": "gelu", "llm_embed_dim": TINY["llm"]["hidden"], "enc_out_dim": A["d"]},
+        # the keyword arguments of whale's audioEncoder (init_model passes model_conf as **kwargs):
+        # adpter_type "subsampling" is the CNNSubsampling adapter these weights belong to
+        "model_conf": {"llm_path": "Qwen2.5-7B-Instruct", "adpter_type": "subsampling", "kernel_size": A["kernel"],
+                       "norm": "layer", "activation_func": "gelu", "llm_embed_dim": TINY["llm"]["hidden"],
+                       "enc_out_dim": A["d"]},
         "dataset_conf": {"resample_conf": {"resample_rate": 16000},
                          "fbank_conf": {"num_mel_bins": nb, "frame_shift": 10, "frame_length": 25, "dither": 0.0}},
     }

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ._ops import OpsHandle
 from .config import AudioConfig
 
-__all__ = ["AudioEncoder", "kaldi_fbank", "mel_banks", "AE_PREFIX", "fbank_frames", "llm_tokens_for_frames"]
+__all__ = ["AudioEncoder", "kaldi_fbank", "mel_banks", "AE_PREFIX", "fbank_frames", "llm_tokens_for_frames", "static_chunk_mask"]
 
 AE_PREFIX = "model.audio_encoder."
 ENC = AE_PREFIX + "encoder."
@@ -97,6 +97,17 @@ def rel_pe(T: int, d: int, device=None, dtype=torch.float32) -> torch.Tensor:
     return pe.to(device=device, dtype=dtype)
 
 
+def static_chunk_mask(T: int, chunk: int, left_chunks: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Additive [T, T] mask of whale's `subsequent_chunk_mask`: frame i sees frames from
+    max((i//chunk - left_chunks)*chunk, 0) (0 when left_chunks < 0) up to the end of its own chunk."""
+    i = torch.arange(T, device=device)
+    blk = i // chunk
+    start = torch.zeros_like(i) if left_chunks < 0 else ((blk - left_chunks) * chunk).clamp(min=0)
+    end = ((blk + 1) * chunk).clamp(max=T)
+    ok = (i[None, :] >= start[:, None]) & (i[None, :] < end[:, None])
+    return torch.zeros(T, T, device=device, dtype=dtype).masked_fill(~ok, float("-inf"))
+
+
 @dataclass
 class _EncLayer:
     t: Dict[str, torch.Tensor]
@@ -119,10 +130,18 @@ class AudioEncoder:
         self.d_model = int(self.t[ENC + "enc.0.core.out.0.weight"].shape[0])
         self.device = self.t[ENC + "enc.0.core.out.0.weight"].device
         self.dtype = self.t[ENC + "enc.0.core.out.0.weight"].dtype
-        if config.dynamic_chunks or config.chunk_size > 0:
+        # whale Transformer.forward: dynamic chunks draw a RANDOM chunk size per call (even at
+        # inference), which no engine can reproduce: full context then, as the VITA vLLM port
+        # (whale.py) always uses. A static chunk size is deterministic and is applied as VITA does.
+        self.chunk_size = -1
+        if config.dynamic_chunks:
             warnings.warn(
-                "audio encoder train.yaml asks for a chunk mask (transformer-dynamic-chunks / chunk_size); "
-                "the engine encodes utterances with full context, as the VITA vLLM port does", stacklevel=2)
+                "audio encoder train.yaml asks for dynamic chunk masks (transformer-dynamic-chunks, random "
+                "chunk sizes in VITA); the engine encodes utterances with full context, as the VITA vLLM port does",
+                stacklevel=2)
+        elif config.chunk_size > 0:
+            self.chunk_size = int(config.chunk_size)
+        self.left_chunks = int(config.left_chunks)
 
     # ---- shapes ------------------------------------------------------------------------------------
     @staticmethod
@@ -201,6 +220,7 @@ class AudioEncoder:
         dk = d // H
         scale = 1.0 / math.sqrt(dk)
         cu = torch.tensor([0, T1], dtype=torch.int32, device=self.device)
+        chunk_mask = static_chunk_mask(T1, self.chunk_size, self.left_chunks, self.device, self.dtype) if self.chunk_size > 0 else None
         eps = c.enc_ln_eps
         for i in range(self.num_layers):
             p = f"{ENC}enc.1.encoders.{i}."
@@ -213,8 +233,12 @@ class AudioEncoder:
             u, vb = t[a + "pos_bias_u"], t[a + "pos_bias_v"]
             # (q+u)·k + (q+v)·p = q·(k+p) + (u·k + v·p); the bias is added after scaling
             key_bias = (torch.einsum("hd,thd->ht", u, k) + torch.einsum("hd,thd->ht", vb, pp)) * scale
-            o = ops.varlen_attention(q.contiguous(), (k + pp).contiguous(), v.contiguous(), cu, causal=False,
-                                     key_bias=key_bias.contiguous(), scale=scale)
+            if chunk_mask is None:
+                o = ops.varlen_attention(q.contiguous(), (k + pp).contiguous(), v.contiguous(), cu, causal=False,
+                                         key_bias=key_bias.contiguous(), scale=scale)
+            else:
+                o = F.scaled_dot_product_attention(q.transpose(0, 1), (k + pp).transpose(0, 1), v.transpose(0, 1),
+                                                   attn_mask=key_bias[:, None, :] + chunk_mask, scale=scale).transpose(0, 1)
             x = x + F.linear(o.reshape(T1, d), t[a + "linear_out.weight"], t[a + "linear_out.bias"])
             h = F.layer_norm(x, (d,), t[p + "norm2.weight"], t[p + "norm2.bias"], eps)
             x = x + F.linear(F.relu(F.linear(h, t[p + "feed_forward.w_1.weight"], t[p + "feed_forward.w_1.bias"])),

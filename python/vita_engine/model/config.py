@@ -181,11 +181,14 @@ class AudioConfig:
             raise CheckpointError(f"{f}: not valid YAML ({e})") from None
         c = cls(raw=y)
         para = (y.get("encoder_conf") or {}).get("para_conf") or {}
-        tr = para.get("transformer") or {}
-        c.num_heads = int(tr.get("transformer-attention-heads", c.num_heads))
-        c.dynamic_chunks = bool(tr.get("transformer-dynamic-chunks", True))
-        c.chunk_size = int(tr.get("transformer-chunk_size", -1))
-        c.left_chunks = int(tr.get("transformer-left_chunks", -1))
+        # whale's assign_args_from_dict maps every key with '-' -> '_' onto its argparse names, so
+        # "transformer-chunk_size", "transformer-chunk-size" and "transformer_chunk_size" are one key
+        tr = {str(k).replace("-", "_"): v for k, v in (para.get("transformer") or {}).items()}
+        c.num_heads = int(tr.get("transformer_attention_heads", c.num_heads))
+        # argparse default True; Transformer.forward tests `== True`, so only a real true counts
+        c.dynamic_chunks = _yaml_true(tr.get("transformer_dynamic_chunks", True))
+        c.chunk_size = int(tr.get("transformer_chunk_size", -1))
+        c.left_chunks = int(tr.get("transformer_left_chunks", -1))
         fb = (y.get("dataset_conf") or {}).get("fbank_conf") or {}
         c.num_mel_bins = int(fb.get("num_mel_bins", y.get("input_dim", 80)))
         c.frame_length_ms = float(fb.get("frame_length", 25))
@@ -194,6 +197,15 @@ class AudioConfig:
         rs = (y.get("dataset_conf") or {}).get("resample_conf") or {}
         c.sample_rate = int(rs.get("resample_rate", 16000))
         mc = y.get("model_conf") or {}
+        # audioEncoder builds CNNSubsampling only for adpter_type "subsampling" ("cnn" is a two-conv
+        # BatchNorm adapter with LEFT padding, "linear" a plain Linear). The tensors decide what is
+        # loaded (another adapter's weights fail the shape check), so a mislabelled yaml (tiny
+        # checkpoints cached by older versions say "cnn") only warns.
+        if str(mc.get("adpter_type", "subsampling")) != "subsampling":
+            import warnings
+
+            warnings.warn(f"{f}: model_conf.adpter_type {mc.get('adpter_type')!r}: VITA-1.5's adapter is 'subsampling' "
+                          f"(CNNSubsampling), and the adpter.* tensors are read as that", stacklevel=2)
         c.adapter_kernel = int(mc.get("kernel_size", 5))
         if str(mc.get("norm", "layer")) != "layer":
             raise CheckpointError(f"{f}: model_conf.norm {mc.get('norm')!r} is not supported (VITA-1.5 uses 'layer')")
@@ -203,6 +215,13 @@ class AudioConfig:
         cm = folder / "global_cmvn"
         c.cmvn_file = cm if cm.is_file() else None
         return c
+
+
+def _yaml_true(v) -> bool:
+    """`v == True` as whale's Transformer.forward tests it, with strtobool's spellings for strings."""
+    if isinstance(v, str):
+        return v.strip().lower() in ("y", "yes", "t", "true", "on", "1")
+    return v == True  # noqa: E712 (1 and 1.0 count, as in the reference)
 
 
 @dataclass

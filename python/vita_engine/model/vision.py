@@ -159,9 +159,14 @@ class VisionTower:
         for t in tiles:
             t = t.convert("RGB")
             if t.size != (S, S):
+                # transformers' get_resize_output_image_size: short edge -> S, long edge truncated
+                # int(S * long / short) (not rounded: a rounded edge shifts the centre crop by a pixel)
                 w, h = t.size
-                sc = S / min(w, h)
-                t = t.resize((max(S, round(w * sc)), max(S, round(h * sc))), Image.BICUBIC)
+                if w <= h:
+                    nw, nh = S, int(S * h / w)
+                else:
+                    nw, nh = int(S * w / h), S
+                t = t.resize((nw, nh), Image.BICUBIC)
                 w, h = t.size
                 l, tp = (w - S) // 2, (h - S) // 2
                 t = t.crop((l, tp, l + S, tp + S))

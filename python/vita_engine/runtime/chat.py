@@ -20,10 +20,12 @@ _BASE = ("You are an AI robot and your name is VITA. \n- You are a multimodal la
          "communicate fluently and answer user questions in multiple languages of the user's choice. \n- If the user "
          "corrects the wrong answer you generated, you will apologize and discuss the correct answer with the user.")
 SYSTEM_LANG = _BASE
-SYSTEM_IMAGE = _BASE + ("\n- You must answer the question strictly according to the content of the image given by the user, "
+# conversation.py::conv_qwen2p5_instruct: the image/video prompts continue the base with " \n- " (a space
+# before the newline, as every other line break of the prompt has)
+SYSTEM_IMAGE = _BASE + (" \n- You must answer the question strictly according to the content of the image given by the user, "
                         "and it is strictly forbidden to answer the question without the content of the image. Please note "
                         "that you are seeing the image, not the video.")
-SYSTEM_VIDEO = _BASE + ("\n- You must answer the question strictly according to the content of the video given by the user, "
+SYSTEM_VIDEO = _BASE + (" \n- You must answer the question strictly according to the content of the video given by the user, "
                         "and it is strictly forbidden to answer the question without the content of the video. Please note "
                         "that you are seeing the video, not the image.")
 
@@ -86,12 +88,14 @@ class ChatFormat:
 
     @staticmethod
     def user_message(n_images: int, audio: bool, text: Optional[str]) -> str:
-        """Image/frame placeholders first (as the real-time demo), then audio, then the text question."""
+        """Image/frame placeholders first, then the text question, then audio: video_audio_demo.py builds
+        `"<image>" * n + "\n" + question + "<audio>"`, web_demo/server.py `"<image>" * n + "<audio>"` for
+        a spoken turn (no question, no newline)."""
         m = "<image>" * n_images
+        if text:
+            m += ("\n" if n_images else "") + text
         if audio:
             m += "<audio>"
-        if text:
-            m += ("\n" if n_images and not audio else "") + text
         return m
 
 

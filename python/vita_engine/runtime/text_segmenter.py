@@ -12,7 +12,7 @@ segments:
 * the FIRST segment of an answer is handed over as soon as it holds `first_min_chars` characters
   OR `first_min_tokens` pushed pieces OR reaches one of the `punctuation` characters (whichever
   comes first; it must contain at least one letter/digit). When cut for length rather than at
-  punctuation, the cut goes after the last whitespace so a word split across tokens is not torn
+  punctuation, the cut goes before the last whitespace so a word split across tokens is not torn
   apart (CJK text, or a buffer ending in whitespace, is cut whole). As in the reference, `,`/`，`
   in the first segment become `。`;
 * LATER segments are cut at the first `punctuation` character at which the segment holds at least
@@ -22,7 +22,8 @@ segments:
 * `flush()` (end of the answer) returns the remainder and re-arms the early first segment for the
   next answer; `reset()` drops everything (barge-in).
 
-Segments are normalised (`normalize_tts_text`) and stripped; segments with no letter/digit
+Segments are normalised (`normalize_tts_text`) but not stripped: like the reference, a segment
+after a punctuation cut starts with the space that followed it. Segments with no letter/digit
 (e.g. a lone "。") are merged into what follows, or dropped at `flush`.
 
 Defaults: first_min_chars = 10, first_min_tokens = 4 (about 50 ms of LLM decode at 80 tok/s;
@@ -44,9 +45,10 @@ _MARKERS = str.maketrans("", "", "☞☟☜")
 
 
 def normalize_tts_text(text: str) -> str:
-    """Remove special tokens (`<|...|>`) and the `☞ ☟ ☜` markers, lower-case (the reference's
-    equation-to-Chinese rewrite is omitted)."""
-    return _SPECIAL.sub("", text).translate(_MARKERS).lower()
+    """Remove special tokens (`<|...|>`) and the `☞ ☟ ☜` markers (a `☞` with the space after it, as
+    web_demo/server.py does), lower-case (the reference's equation-to-Chinese rewrite is omitted).
+    Other whitespace is kept: the reference hands the TTS its text as cut, leading space included."""
+    return _SPECIAL.sub("", text).replace("\u261e ", "").translate(_MARKERS).lower()
 
 
 def _has_word(s: str) -> bool:
@@ -121,7 +123,9 @@ class TextSegmenter:
             seg = seg.replace("，", "。").replace(",", "。")
         self._first = False
         self._tokens = 0
-        return seg.strip()
+        # not stripped: web_demo/server.py::tts_worker tokenizes the segment as cut, so a later
+        # segment starts with the space after the previous punctuation (" world." -> " world" token)
+        return seg
 
     def _boundary(self, i: int, final: bool) -> Optional[bool]:
         """Is buf[i] (a punctuation char) a boundary? None = undecidable yet (needs the next char)."""
@@ -150,7 +154,8 @@ class TextSegmenter:
         b = self._buf
         need = 1 if self._first else self.min_chars
         for i, ch in enumerate(b):
-            if ch in self.punctuation and len(b[: i + 1].strip()) >= need and _has_word(b[: i + 1]):
+            # the reference counts every character buffered (len(tts_input_text) >= 5), spaces included
+            if ch in self.punctuation and len(b[: i + 1]) >= need and _has_word(b[: i + 1]):
                 ok = self._boundary(i, final)
                 if ok is None:
                     return None
@@ -168,11 +173,12 @@ class TextSegmenter:
 
     @staticmethod
     def _soft_cut(b: str) -> int:
-        """Cut after the last whitespace (the text after it may be a word still being generated);
-        the whole buffer when it ends in whitespace or CJK, or has no inner whitespace."""
+        """Cut before the last inner whitespace (the text after it may be a word still being
+        generated; the space goes with it, as after a punctuation cut); the whole buffer when it ends
+        in whitespace or CJK, or has no inner whitespace."""
         if b[-1].isspace() or _is_cjk(b[-1]):
             return len(b)
-        j = max(b.rstrip().rfind(" "), b.rstrip().rfind("\t"))
+        j = max(b.rfind(" "), b.rfind("\t"))
         if j <= 0 or not _has_word(b[:j]):
             return len(b)
-        return j + 1
+        return j
