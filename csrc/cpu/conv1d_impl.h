@@ -72,14 +72,15 @@ inline void micro_n(int no, const float* xs, int64_t ldx, int64_t Cin, int K, in
   }
 }
 
-// Phase-major micro tile of a transposed convolution (stride s = NR <= kOB): rows are (channel c < NC,
-// phase r < NR), all phases of a channel share each input vector, and the NR weights of one tap
-// block are contiguous in the torch layout (w[i][o][s*n + r]). Every phase runs Kr = ceil(K / s)
-// taps, m = 0 being tap block n = Kr - 1, which only phases r < rv have (rv = K - s*(Kr - 1)).
-// acc[(c*NR + r)*kTT + t] = sum_i sum_m w[c*wsc + i*wsi + r - s*m] * xs[i*ldx + m + t]  (w at block Kr - 1).
+// Phase-major micro tile of a transposed convolution: rows are (channel c < NC, phase r0 + r,
+// r < NR), all rows share each input vector, and a channel's weights for one tap block are
+// contiguous in the torch layout (w[i][o][s*n + r]). Every phase runs Kr = ceil(K / s) taps, m = 0
+// being tap block n = Kr - 1, which only phases below rv = K - s*(Kr - 1) have.
+// acc[(c*NR + r)*kTT + t] = sum_i sum_m w[c*wsc + i*wsi + r - s*m] * xs[i*ldx + m + t]
+// (w points at tap block Kr - 1 of phase r0).
 template <int NC, int NR>
-inline void micro_ph(const float* __restrict xs, int64_t ldx, int64_t Cin, int Kr, int rv, const float* __restrict w, int64_t wsc,
-                     int64_t wsi, float* __restrict acc) {
+inline void micro_ph(const float* __restrict xs, int64_t ldx, int64_t Cin, int Kr, int rv, int64_t s, const float* __restrict w,
+                     int64_t wsc, int64_t wsi, float* __restrict acc) {
   vf a[NC * NR][kTV];
 #pragma GCC unroll 8
   for (int o = 0; o < NC * NR; ++o)
@@ -99,7 +100,7 @@ inline void micro_ph(const float* __restrict xs, int64_t ldx, int64_t Cin, int K
       for (int c = 0; c < NC; ++c)
 #pragma GCC unroll 8
         for (int r = 0; r < NR; ++r) {
-          if (r >= rv) continue;  // k = r + s*(Kr-1) >= K: no such tap
+          if (r >= rv) continue;  // k = r0 + r + s*(Kr-1) >= K: no such tap
           const vf wv = splat(wi[c * wsc + r]);
 #pragma GCC unroll 4
           for (int v = 0; v < kTV; ++v) a[c * NR + r][v] += wv * xv[v];
@@ -110,7 +111,7 @@ inline void micro_ph(const float* __restrict xs, int64_t ldx, int64_t Cin, int K
       vf xv[kTV];
 #pragma GCC unroll 4
       for (int v = 0; v < kTV; ++v) xv[v] = ldv(xk + VW * v);
-      const float* wk = wi - NR * m;
+      const float* wk = wi - s * m;
 #pragma GCC unroll 8
       for (int c = 0; c < NC; ++c)
 #pragma GCC unroll 8
@@ -127,26 +128,25 @@ inline void micro_ph(const float* __restrict xs, int64_t ldx, int64_t Cin, int K
     for (int v = 0; v < kTV; ++v) stv(acc + o * kTT + VW * v, a[o][v]);
 }
 
-// Channels per phase-major tile for stride s (NC * s <= kOB rows); 0 when s > kOB.
-constexpr int ph_channels(int64_t s) { return s > kOB ? 0 : int(kOB / s); }
+// Phases per phase-major micro tile for stride s: s itself when it fits (then kOB / s channels
+// share the tile), else blocks of kOB phases; 0 (per-phase tiles instead) when s > kOB is not a
+// multiple of kOB, where the last block would leave most registers idle (AVX2 at stride 5).
+inline int ph_block(int64_t s) { return s <= kOB ? int(s) : (s % kOB == 0 ? kOB : 0); }
+inline int ph_channels(int64_t s) { return s <= kOB ? int(kOB / s) : 1; }
 
-// micro_ph for a run-time stride and channel count nc <= ph_channels(s).
-inline void micro_ph_n(int64_t s, int nc, const float* xs, int64_t ldx, int64_t Cin, int Kr, int rv, const float* w, int64_t wsc,
-                       int64_t wsi, float* acc) {
+// micro_ph for run-time nc (channels) and nr (phases) with nc * nr <= kOB.
+inline void micro_ph_n(int nc, int nr, const float* xs, int64_t ldx, int64_t Cin, int Kr, int rv, int64_t s, const float* w,
+                       int64_t wsc, int64_t wsi, float* acc) {
 #define VITA_PH(NC_, NR_) \
-  if (s == NR_ && nc == NC_) return micro_ph<NC_, NR_>(xs, ldx, Cin, Kr, rv, w, wsc, wsi, acc)
+  if (nr == NR_ && nc == NC_) return micro_ph<NC_, NR_>(xs, ldx, Cin, Kr, rv, s, w, wsc, wsi, acc)
 #if VITA_VW == 16
   VITA_PH(1, 8); VITA_PH(1, 7); VITA_PH(1, 6); VITA_PH(1, 5);
   VITA_PH(2, 4); VITA_PH(2, 3); VITA_PH(4, 2); VITA_PH(8, 1);
+  VITA_PH(3, 2); VITA_PH(5, 1); VITA_PH(6, 1); VITA_PH(7, 1);
 #endif
-  VITA_PH(1, 4); VITA_PH(1, 3); VITA_PH(2, 2); VITA_PH(1, 2); VITA_PH(4, 1); VITA_PH(1, 1);
-#if VITA_VW == 16
-  VITA_PH(3, 2); VITA_PH(2, 1); VITA_PH(3, 1); VITA_PH(5, 1); VITA_PH(6, 1); VITA_PH(7, 1);
-#else
-  VITA_PH(2, 1); VITA_PH(3, 1);
-#endif
+  VITA_PH(1, 4); VITA_PH(1, 3); VITA_PH(2, 2); VITA_PH(1, 2); VITA_PH(4, 1); VITA_PH(3, 1); VITA_PH(2, 1); VITA_PH(1, 1);
 #undef VITA_PH
-  for (int c = 0; c < nc; ++c) micro_ph_n(s, 1, xs, ldx, Cin, Kr, rv, w + c * wsc, wsc, wsi, acc + c * s * kTT);
+  for (int c = 0; c < nc; ++c) micro_ph_n(1, nr, xs, ldx, Cin, Kr, rv, s, w + c * wsc, wsc, wsi, acc + c * nr * kTT);
 }
 
 // dst[0, n) = float(src[0, n)), whole vectors plus one partial one.
@@ -305,9 +305,9 @@ void conv_transpose1d_impl(const ConvTranspose1dArgs& a) {
   const float* W = weight_f32<T>(a.weight, wstore);
   load_bias<T>(a.bias, Cout, bias);
 
-  // Phase r, output u = s*q + r: y = sum_{n < Kr} w[r + s*n] x[q - n]
-  //   = sum_{m < Kr} w[r + s*(Kr-1-m)] xs[q + m + OFF - Kr + 1],
-  // with xs[p] = act(x[p - OFF]), OFF = ceil(K/s) - 1 (the largest Kr - 1) and Kr = ceil((K - r) / s).
+  // Phase r, output u = s*q + r: y = sum_{n < KrMax} w[r + s*n] x[q - n] (taps k >= K absent)
+  //   = sum_{m < KrMax} w[r + s*(KrMax-1-m)] xs[q + m],
+  // with xs[p] = act(x[p - OFF]), OFF = KrMax - 1 and KrMax = ceil(K / s).
   // Tiles cover q in [q0, q0 + kTT) for every phase: outputs t = u - pl in [s*q0 - pl, s*(q0 + kTT) - pl).
   const int64_t KrMax = ceil_div(K, s);
   const int64_t OFF = KrMax - 1;
@@ -323,6 +323,8 @@ void conv_transpose1d_impl(const ConvTranspose1dArgs& a) {
   const int64_t per_chunk = std::max<int64_t>(1, std::min<int64_t>(8, ntile));
   const int64_t nchunk = ceil_div(ntile, per_chunk);
   const int64_t span = s * kTT;  // outputs per tile and channel
+  const int phb = ph_block(s), phc = ph_channels(s);
+  const int64_t rv = K - s * (KrMax - 1);  // phases that have tap block KrMax - 1
 
   for (int64_t b0 = 0; b0 < B; b0 += Bg) {
     const int64_t nb = std::min(Bg, B - b0);
@@ -340,32 +342,32 @@ void conv_transpose1d_impl(const ConvTranspose1dArgs& a) {
         for (int64_t tile = c * per_chunk; tile < tile_end; ++tile) {
           const int64_t q0 = qs + tile * kTT;
           const int64_t t_lo = std::max<int64_t>(0, s * q0 - pl), t_hi = std::min<int64_t>(Tout, s * (q0 + kTT) - pl);
-          const int phc = ph_channels(s);
-          for (int64_t o0 = g * kOG; o0 < o_end; o0 += phc ? phc : kOB) {
-            const int no = int(std::min<int64_t>(phc ? phc : kOB, o_end - o0));
-            if (phc) {
-              // All phases in one micro tile: acc[(oo*s + r)*kTT + j] is output s*(q0 + j) + r - pl.
-              micro_ph_n(s, no, xb + q0, Lp, Cin, int(KrMax), int(K - s * (KrMax - 1)), W + o0 * K + s * (KrMax - 1), K, Cout * K, acc);
-              for (int oo = 0; oo < no; ++oo)
-                for (int64_t r = 0; r < s; ++r) {
-                  float* yb = ybuf.data() + oo * span + r;
-                  const float* ac = acc + (oo * s + r) * kTT;
-                  for (int j = 0; j < kTT; ++j) yb[s * j] = ac[j];
-                }
-            }
-            for (int64_t r = 0; r < (phc ? 0 : s); ++r) {
+          for (int64_t o0 = g * kOG; o0 < o_end; o0 += phb ? phc : kOB) {
+            const int no = int(std::min<int64_t>(phb ? phc : kOB, o_end - o0));
+            for (int64_t r = 0; r < (phb ? 0 : s); ++r) {
+              // Per-phase tile: acc[oo*kTT + j] is output s*(q0 + j) + r - pl; phase r has Kr taps,
+              // read from xs[q + m + OFF - Kr + 1] (weight [Cin, Cout, K]: tap m -> k = r + s*(Kr-1-m)).
               const int64_t Kr = K > r ? ceil_div(K - r, s) : 0;
-              if (Kr > 0) {
-                // weight [Cin, Cout, K]: o stride K, i stride Cout*K, tap m -> k = r + s*(Kr-1-m).
+              if (Kr > 0)
                 micro_n(no, xb + q0 + OFF - Kr + 1, Lp, Cin, int(Kr), 1, W + o0 * K + r + s * (Kr - 1), K, Cout * K, -s, acc);
-              } else {
+              else
                 std::fill(acc, acc + kOB * kTT, 0.f);
-              }
               for (int oo = 0; oo < no; ++oo) {
                 float* yb = ybuf.data() + oo * span + r;
                 const float* ac = acc + oo * kTT;
                 for (int j = 0; j < kTT; ++j) yb[s * j] = ac[j];
               }
+            }
+            for (int64_t r0 = 0; r0 < (phb ? s : 0); r0 += phb) {
+              const int nr = int(std::min<int64_t>(phb, s - r0));
+              // acc[(oo*nr + r)*kTT + j] is output s*(q0 + j) + r0 + r - pl of channel o0 + oo.
+              micro_ph_n(no, nr, xb + q0, Lp, Cin, int(KrMax), int(rv - r0), s, W + o0 * K + s * (KrMax - 1) + r0, K, Cout * K, acc);
+              for (int oo = 0; oo < no; ++oo)
+                for (int r = 0; r < nr; ++r) {
+                  float* yb = ybuf.data() + oo * span + r0 + r;
+                  const float* ac = acc + (oo * nr + r) * kTT;
+                  for (int j = 0; j < kTT; ++j) yb[s * j] = ac[j];
+                }
             }
             for (int oo = 0; oo < no; ++oo) {
               const int64_t o = o0 + oo;
