@@ -2,9 +2,10 @@
 // per vector width: conv1d.cpp (VITA_VW 8: AVX2 / generic) and conv1d_avx512.cpp (16: AVX-512),
 // chosen at run time by conv1d.cpp (cpu_isa.h).
 //
-// Scheme (both ops): the activated input of a batch group is staged once into a zero-padded
-// float32 buffer (LeakyReLU, dtype conversion and the padding are applied there, so the inner loop
-// is branch-free), then parallel_for runs over (batch, output-channel group, time chunk) tasks.
+// Scheme (both ops): the activated input is staged into a zero-padded float32 buffer (LeakyReLU,
+// dtype conversion and the padding are applied there, so the inner loop is branch-free) and
+// parallel_for runs over (batch, time chunk, output-channel group) tasks; conv1d stages per task
+// (the chunk's rows, reused by the channel groups that follow), conv_transpose1d per batch group.
 // A register-blocked micro kernel computes a kOB-channel x kTT-step tile: per (input channel, tap)
 // it loads kTV vectors of VW time steps and broadcasts kOB weights (kOB * kTV FMAs), accumulating
 // in float32 (AVX2: 4 x 3 vectors of 8 = 12 of the 16 registers; AVX-512: 8 x 3 vectors of 16 =
@@ -181,7 +182,30 @@ void load_bias(const TensorRef& bias, int64_t Cout, std::vector<float>& out) {
   if (bias.ndim >= 0) load_rowv(bias.ptr<T>(), out.data(), Cout);
 }
 
-// Stage rows: dst[r][p] = act(x[b, i, p - off]) for 0 <= p - off < Tin, else 0; r = (b - b0) * Cin + i.
+// dst[p] = act(x[b, i, p - off]) for 0 <= p - off < Tin, else 0, for p < Lp (off may be negative).
+template <class T>
+inline void stage_row(const T* xrow, int64_t Tin, int64_t off, int64_t Lp, bool lrelu, float slope, float* d) {
+  const int64_t p0 = std::min(Lp, std::max<int64_t>(0, off)), p1 = std::max(p0, std::min<int64_t>(Lp, off + Tin));
+  std::fill(d, d + p0, 0.f);
+  const T* s = xrow + (p0 - off);
+  const int64_t n = p1 - p0;
+  int64_t p = 0;
+  for (; p + VW <= n; p += VW) {
+    vf v = loadv(s + p);
+    if (lrelu) v = v >= 0.f ? v : v * slope;
+    stv(d + p0 + p, v);
+  }
+  if (p < n) {
+    vf v = loadv_n(s + p, n - p);
+    if (lrelu) v = v >= 0.f ? v : v * slope;
+    float b8[VW];
+    stv(b8, v);
+    std::copy(b8, b8 + (n - p), d + p0 + p);
+  }
+  std::fill(d + p1, d + Lp, 0.f);
+}
+
+// Stage rows: dst[r][p] = act(x[b, i, p - off]), r = (b - b0) * Cin + i, rows of Lp floats.
 template <class T>
 void stage_input(const TensorRef& x, int64_t b0, int64_t nb, int64_t off, int64_t Lp, bool lrelu, float slope, float* dst) {
   const int64_t Cin = x.size(1), Tin = x.size(2);
@@ -190,25 +214,7 @@ void stage_input(const TensorRef& x, int64_t b0, int64_t nb, int64_t off, int64_
   parallel_for(nb * Cin, std::max<int64_t>(1, 8192 / (Lp + 1)), [&](int64_t rb, int64_t re) {
     for (int64_t r = rb; r < re; ++r) {
       const int64_t b = b0 + r / Cin, i = r % Cin;
-      float* d = dst + r * Lp;
-      const int64_t p0 = std::min(Lp, std::max<int64_t>(0, off)), p1 = std::max(p0, std::min<int64_t>(Lp, off + Tin));
-      std::fill(d, d + p0, 0.f);
-      const T* s = X + b * sb + i * sc + (p0 - off);
-      const int64_t n = p1 - p0;
-      int64_t p = 0;
-      for (; p + VW <= n; p += VW) {
-        vf v = loadv(s + p);
-        if (lrelu) v = v >= 0.f ? v : v * slope;
-        stv(d + p0 + p, v);
-      }
-      if (p < n) {
-        vf v = loadv_n(s + p, n - p);
-        if (lrelu) v = v >= 0.f ? v : v * slope;
-        float b8[VW];
-        stv(b8, v);
-        std::copy(b8, b8 + (n - p), d + p0 + p);
-      }
-      std::fill(d + p1, d + Lp, 0.f);
+      stage_row(X + b * sb + i * sc, Tin, off, Lp, lrelu, slope, dst + r * Lp);
     }
   });
 }
@@ -220,7 +226,7 @@ inline int64_t batch_group(int64_t B, int64_t rows_per_item, int64_t Lp) {
 
 template <class T>
 void conv1d_impl(const Conv1dArgs& a) {
-  const int64_t B = a.x.size(0), Cin = a.x.size(1);
+  const int64_t B = a.x.size(0), Cin = a.x.size(1), Tin = a.x.size(2);
   const int64_t Cout = a.out.size(1), Tout = a.out.size(2);
   const int K = int(a.weight.size(2));
   const int64_t d = a.dilation;
@@ -229,69 +235,74 @@ void conv1d_impl(const Conv1dArgs& a) {
   const float* W = weight_f32<T>(a.weight, wstore);
   load_bias<T>(a.bias, Cout, bias);
   const int64_t ntile = ceil_div(Tout, kTT);
-  const int64_t Lp = ntile * kTT + (K - 1) * d;
-  const int64_t Bg = batch_group(B, Cin, Lp);
-  std::vector<float> xs(size_t(Bg * Cin * Lp));
 
   const bool has_res = a.residual.ndim >= 0, has_acc = a.accum.ndim >= 0 && a.beta != 0.f;
+  const T* X = a.x.ptr<T>();
   T* O = a.out.ptr<T>();
   const T* R = has_res ? a.residual.ptr<T>() : nullptr;
   const T* A = has_acc ? a.accum.ptr<T>() : nullptr;
+  const int64_t xsb = a.x.stride(0), xsc = a.x.stride(1);
   const int64_t osb = a.out.stride(0), osc = a.out.stride(1);
   const int64_t rsb = has_res ? a.residual.stride(0) : 0, rsc = has_res ? a.residual.stride(1) : 0;
   const int64_t asb = has_acc ? a.accum.stride(0) : 0, asc = has_acc ? a.accum.stride(1) : 0;
   const float alpha = a.alpha, beta = a.beta;
   const bool tanh_out = a.tanh_out;
 
-  // Task = (batch item, group of kOG output channels, chunk of micro tiles in time).
+  // Task = (batch item, chunk of micro tiles in time, group of kOG output channels), channel
+  // groups innermost: a thread stages the activated input of its chunk (all Cin rows, L2-sized)
+  // once and reuses it for the groups that follow, so there is one parallel region per call and
+  // the staged rows are still in cache when the micro kernel reads them.
   const int64_t ngrp = ceil_div(Cout, kOG);
   const int64_t tiles_per_chunk = std::max<int64_t>(1, std::min<int64_t>(8, ntile));
   const int64_t nchunk = ceil_div(ntile, tiles_per_chunk);
+  const int64_t chunk_len = tiles_per_chunk * kTT;
+  const int64_t ldx = chunk_len + (K - 1) * d;  // staged row: the chunk's outputs need this much input
 
-  for (int64_t b0 = 0; b0 < B; b0 += Bg) {
-    const int64_t nb = std::min(Bg, B - b0);
-    stage_input<T>(a.x, b0, nb, a.pad_left, Lp, a.lrelu, a.slope, xs.data());
-    parallel_for(nb * ngrp * nchunk, 1, [&](int64_t tb, int64_t te) {
-      alignas(64) float acc[kOB * kTT];
-      for (int64_t task = tb; task < te; ++task) {
-        const int64_t bl = task / (ngrp * nchunk), rem = task % (ngrp * nchunk);
-        const int64_t g = rem / nchunk, c = rem % nchunk;
-        const int64_t b = b0 + bl;
-        const float* xb = xs.data() + bl * Cin * Lp;
-        const int64_t tile_end = std::min(ntile, (c + 1) * tiles_per_chunk);
-        for (int64_t tile = c * tiles_per_chunk; tile < tile_end; ++tile) {
-          const int64_t t0 = tile * kTT;
-          const int64_t nt = std::min<int64_t>(kTT, Tout - t0);
-          const int64_t o_end = std::min(Cout, (g + 1) * kOG);
-          for (int64_t o0 = g * kOG; o0 < o_end; o0 += kOB) {
-            const int no = int(std::min<int64_t>(kOB, o_end - o0));
-            micro_n(no, xb + t0, Lp, Cin, K, d, W + o0 * Cin * K, Cin * K, K, 1, acc);
-            for (int oo = 0; oo < no; ++oo) {
-              const int64_t o = o0 + oo;
-              const float* ac = acc + oo * kTT;
-              const float bo = bias[o];
-              T* orow = O + b * osb + o * osc + t0;
-              const T* rrow = R ? R + b * rsb + o * rsc + t0 : nullptr;
-              const T* arow = A ? A + b * asb + o * asc + t0 : nullptr;
-              for (int64_t j = 0; j < nt; j += VW) {
-                const int64_t n = std::min<int64_t>(VW, nt - j);
-                const bool full = n == VW;
-                vf y = ldv(ac + j) + bo;
-                if (rrow) y += full ? loadv(rrow + j) : loadv_n(rrow + j, n);
-                if (alpha != 1.f) y *= alpha;
-                if (arow) y += beta * (full ? loadv(arow + j) : loadv_n(arow + j, n));
-                if (tanh_out) y = tanhv(y);
-                if (full)
-                  storev(orow + j, y);
-                else
-                  storev_n(orow + j, y, n);
-              }
+  parallel_for(B * nchunk * ngrp, 1, [&](int64_t tb, int64_t te) {
+    alignas(64) float acc[kOB * kTT];
+    std::vector<float> xs(size_t(Cin * ldx));
+    int64_t staged = -1;
+    for (int64_t task = tb; task < te; ++task) {
+      const int64_t bc = task / ngrp, g = task % ngrp;
+      const int64_t b = bc / nchunk, c = bc % nchunk;
+      if (staged != bc) {
+        for (int64_t i = 0; i < Cin; ++i)
+          stage_row(X + b * xsb + i * xsc, Tin, a.pad_left - c * chunk_len, ldx, a.lrelu, a.slope, xs.data() + i * ldx);
+        staged = bc;
+      }
+      const int64_t tile_end = std::min(ntile, (c + 1) * tiles_per_chunk);
+      for (int64_t tile = c * tiles_per_chunk; tile < tile_end; ++tile) {
+        const int64_t t0 = tile * kTT;
+        const int64_t nt = std::min<int64_t>(kTT, Tout - t0);
+        const int64_t o_end = std::min(Cout, (g + 1) * kOG);
+        for (int64_t o0 = g * kOG; o0 < o_end; o0 += kOB) {
+          const int no = int(std::min<int64_t>(kOB, o_end - o0));
+          micro_n(no, xs.data() + (t0 - c * chunk_len), ldx, Cin, K, d, W + o0 * Cin * K, Cin * K, K, 1, acc);
+          for (int oo = 0; oo < no; ++oo) {
+            const int64_t o = o0 + oo;
+            const float* ac = acc + oo * kTT;
+            const float bo = bias[o];
+            T* orow = O + b * osb + o * osc + t0;
+            const T* rrow = R ? R + b * rsb + o * rsc + t0 : nullptr;
+            const T* arow = A ? A + b * asb + o * asc + t0 : nullptr;
+            for (int64_t j = 0; j < nt; j += VW) {
+              const int64_t n = std::min<int64_t>(VW, nt - j);
+              const bool full = n == VW;
+              vf y = ldv(ac + j) + bo;
+              if (rrow) y += full ? loadv(rrow + j) : loadv_n(rrow + j, n);
+              if (alpha != 1.f) y *= alpha;
+              if (arow) y += beta * (full ? loadv(arow + j) : loadv_n(arow + j, n));
+              if (tanh_out) y = tanhv(y);
+              if (full)
+                storev(orow + j, y);
+              else
+                storev_n(orow + j, y, n);
             }
           }
         }
       }
-    });
-  }
+    }
+  });
 }
 
 template <class T>
