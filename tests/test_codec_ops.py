@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vita_engine import ops
+from vita_engine import _C, ops
 from vita_engine.ops import reference as R
 
 TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -15,6 +15,26 @@ def _close(y, ref, dtype, what=""):
     scale = max(1.0, ref.abs().max().item())
     err = (y.double().cpu() - ref.double().cpu()).abs().max().item()
     assert err <= TOL[dtype] * scale * 4, f"{what}: max err {err} (scale {scale})"
+
+
+# The CPU builds of these kernels (csrc/cpu/conv1d*.cpp): each test below that takes `isa` runs
+# every build the CPU has, chosen through VITA_CPU_ISA; builds the CPU lacks are skipped.
+ISA_ORDER = {"avx2": 0, "avx512": 1, "avx512bf16": 2, "amx": 3}
+
+
+@pytest.fixture(params=["avx2", "avx512"])
+def isa(request, monkeypatch):
+    if request.node.callspec.params.get("device", "cpu") != "cpu":
+        if request.param != "avx2":
+            pytest.skip("the ISA choice only applies to the CPU kernels")
+        return request.param
+    monkeypatch.delenv("VITA_CPU_ISA", raising=False)
+    best = _C.cpu_isa()
+    if ISA_ORDER[request.param] > ISA_ORDER[best]:
+        pytest.skip(f"this CPU has no {request.param} (best: {best})")
+    monkeypatch.setenv("VITA_CPU_ISA", request.param)
+    assert _C.cpu_isa() == request.param
+    return request.param
 
 
 def _rand(*shape, dtype, device, s=1.0):
@@ -33,12 +53,14 @@ CONV_CASES = [
     (2, 4, 4, 3, 1, 1, 2, 0),        # single step, left pad only
     (3, 48, 80, 11, 5, 150, 25, 25), # CUDA tensor-core path: partial M tile, several N tiles
     (2, 20, 24, 3, 3, 70, 3, 3),     # CUDA tensor-core path: Cin not a multiple of 16
+    (1, 17, 19, 7, 3, 97, 9, 9),     # CPU: 8-channel tiles + 3 left over, 48-step tiles + a partial one
+    (2, 9, 9, 3, 1, 48, 1, 1),       # CPU: exactly one 48-step tile, one channel past a tile
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c)))
-def test_conv1d_fused(device, dtype, case):
+def test_conv1d_fused(device, dtype, case, isa):
     B, Ci, Co, K, d, T, pl, pr = case
     x = _rand(B, Ci, T, dtype=dtype, device=device)
     w = _rand(Co, Ci, K, dtype=dtype, device=device, s=(Ci * K) ** -0.5)
@@ -68,7 +90,7 @@ def test_conv1d_same_padding_and_default_out():
         _close(y, ref, torch.float32)
 
 
-def test_conv1d_inplace_residual_and_accum(device):
+def test_conv1d_inplace_residual_and_accum(device, isa):
     """The MRF pattern: out aliases residual (x = x + conv(...)) and accum (xs += conv/3)."""
     x = torch.randn(2, 8, 50, device=device)
     w = torch.randn(8, 8, 3, device=device) * 0.2
@@ -85,7 +107,7 @@ def test_conv1d_inplace_residual_and_accum(device):
     _close(acc, ref, torch.float32, "accum alias")
 
 
-def test_conv1d_strided_views(device):
+def test_conv1d_strided_views(device, isa):
     """Slices of a time buffer (dense time dim, other strides free) are read and written in place."""
     big = torch.randn(3, 10, 80, device=device)
     x = big[:, 2:8, 5:45]  # [3, 6, 40], channel stride 80
@@ -110,12 +132,23 @@ CONVT_CASES = [
     (1, 16, 16, 8, 4, 30, (2, 2)),
     (2, 3, 1, 3, 1, 10, (1, 1)),  # stride 1
     (2, 64, 32, 11, 5, 40, (3, 3)),  # CUDA tensor-core phases
+    # CPU phase-major tiles: every stride up to two register blocks, K below / a multiple of /
+    # not a multiple of the stride, channel counts that leave partial tiles, long crops
+    (1, 7, 9, 6, 6, 11, (2, 1)),
+    (2, 5, 3, 14, 7, 8, (5, 5)),
+    (1, 9, 10, 9, 9, 7, (0, 3)),
+    (1, 6, 5, 20, 10, 6, (4, 6)),
+    (2, 4, 17, 12, 4, 25, (4, 4)),
+    (1, 3, 11, 3, 2, 60, (7, 2)),
+    (1, 5, 6, 16, 16, 4, (8, 8)),
+    (1, 4, 3, 5, 12, 5, (1, 1)),    # K < stride, stride a multiple of the AVX2 block
+    (1, 512, 16, 16, 8, 41, (4, 4)),  # the codec's first upsampler, a 48-step tile + 1 q
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CONVT_CASES, ids=lambda c: "x".join(map(str, c[:6])))
-def test_conv_transpose1d(device, dtype, case):
+def test_conv_transpose1d(device, dtype, case, isa):
     B, Ci, Co, K, s, T, pad = case
     x = _rand(B, Ci, T, dtype=dtype, device=device)
     w = _rand(Ci, Co, K, dtype=dtype, device=device, s=(Ci * K / s) ** -0.5)
@@ -132,7 +165,7 @@ def test_conv_transpose1d(device, dtype, case):
         _close(y2, ref2, dtype, "output_padding")
 
 
-def test_conv_transpose1d_window_equals_slice(device):
+def test_conv_transpose1d_window_equals_slice(device, isa):
     """A left crop (pad_left) and a short out give exactly a window of the full output (streaming)."""
     x = torch.randn(1, 6, 20, device=device)
     w = torch.randn(6, 3, 11, device=device)
@@ -178,3 +211,31 @@ def test_empty_batch_and_zero_length():
     assert ops.conv1d(torch.randn(2, 4, 0), w, padding=(1, 1)).shape == (2, 3, 0)
     y = ops.conv1d(torch.randn(2, 4, 0), w, torch.ones(3), padding=(2, 2))  # all padding -> bias only
     assert torch.equal(y, torch.ones(2, 3, 2))
+
+
+def test_cpu_isa_names_a_path_and_caps(monkeypatch):
+    monkeypatch.delenv("VITA_CPU_ISA", raising=False)
+    best = _C.cpu_isa()
+    assert best in ISA_ORDER
+    monkeypatch.setenv("VITA_CPU_ISA", "avx2")
+    assert _C.cpu_isa() == "avx2"
+    monkeypatch.setenv("VITA_CPU_ISA", "amx")  # a cap above what the CPU has changes nothing
+    assert _C.cpu_isa() == best
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_codec_layer_shapes_match_between_cpu_paths(dtype, isa, monkeypatch):
+    """Real codec widths (512 -> 256 upsampler x8, a 256-channel k11 d5 resblock conv) on the path
+    under test vs float64."""
+    x = _rand(2, 512, 13, dtype=dtype, device="cpu")
+    w = _rand(512, 256, 16, dtype=dtype, device="cpu", s=(512 * 2) ** -0.5)
+    b = _rand(256, dtype=dtype, device="cpu")
+    out = torch.full((2, 256, 13 * 8), float("nan"), dtype=dtype)  # (13 - 1) * 8 - 8 + 16
+    ops.conv_transpose1d(x, w, b, stride=8, padding=4, lrelu_slope=0.1, out=out)
+    _close(out, R.conv_transpose1d_ref(x.double(), w.double(), b.double(), stride=8, padding=4, lrelu_slope=0.1), dtype, "ups0")
+    h = _rand(1, 256, 101, dtype=dtype, device="cpu")
+    w2 = _rand(256, 256, 11, dtype=dtype, device="cpu", s=(256 * 11) ** -0.5)
+    res = _rand(1, 256, 101, dtype=dtype, device="cpu")
+    y = ops.conv1d(h, w2, b, padding="same", dilation=5, lrelu_slope=0.1, residual=res)
+    _close(y, R.conv1d_ref(h.double(), w2.double(), b.double(), padding=25, dilation=5, lrelu_slope=0.1, residual=res.double()),
+           dtype, "resblock")

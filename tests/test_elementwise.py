@@ -16,13 +16,34 @@ def close(a, b, dtype):
     torch.testing.assert_close(a.float().cpu(), b.float().cpu(), rtol=rtol, atol=atol)
 
 
+# The CPU builds of these kernels (csrc/cpu/rowops*.cpp): each test that takes `isa` runs every
+# build the CPU has, chosen through VITA_CPU_ISA; builds the CPU lacks are skipped.
+ISA_ORDER = {"avx2": 0, "avx512": 1, "avx512bf16": 2, "amx": 3}
+
+
+@pytest.fixture(params=["avx2", "avx512"])
+def isa(request, monkeypatch):
+    params = request.node.callspec.params
+    if params.get("device", "cpu") != "cpu":
+        if request.param != "avx2":
+            pytest.skip("the ISA choice only applies to the CPU kernels")
+        return request.param
+    monkeypatch.delenv("VITA_CPU_ISA", raising=False)
+    best = vita_engine._C.cpu_isa()
+    if ISA_ORDER[request.param] > ISA_ORDER[best]:
+        pytest.skip(f"this CPU has no {request.param} (best: {best})")
+    monkeypatch.setenv("VITA_CPU_ISA", request.param)
+    assert vita_engine._C.cpu_isa() == request.param
+    return request.param
+
+
 def rand(*shape, dtype=torch.float32, device="cpu"):
     return torch.randn(*shape, dtype=torch.float32).to(dtype=dtype, device=device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 17), (5, 4097), (3, 2, 128), (64, 3584), (0, 32)])
-def test_rms_norm(device, dtype, shape):
+def test_rms_norm(device, dtype, shape, isa):
     x = rand(*shape, dtype=dtype, device=device) * 3
     w = rand(shape[-1], dtype=dtype, device=device)
     y = ops.rms_norm(x, w, 1e-6)
@@ -30,7 +51,7 @@ def test_rms_norm(device, dtype, shape):
     close(y, ref.rms_norm(x, w, 1e-6), dtype)
 
 
-def test_rms_norm_float64_reference_agrees():
+def test_rms_norm_float64_reference_agrees(isa):
     # The fp32 kernel vs the same math in float64: catches accumulation-order bugs.
     x = torch.randn(33, 4097) * 10
     w = torch.randn(4097)
@@ -41,7 +62,7 @@ def test_rms_norm_float64_reference_agrees():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 17), (7, 4097), (2, 3, 96)])
-def test_fused_add_rms_norm(device, dtype, shape):
+def test_fused_add_rms_norm(device, dtype, shape, isa):
     x = rand(*shape, dtype=dtype, device=device)
     r = rand(*shape, dtype=dtype, device=device)
     w = rand(shape[-1], dtype=dtype, device=device)
@@ -51,7 +72,7 @@ def test_fused_add_rms_norm(device, dtype, shape):
     close(y, ry, dtype)
 
 
-def test_norm_noncontiguous_rows_are_handled():
+def test_norm_noncontiguous_rows_are_handled(isa):
     base = torch.randn(6, 2, 64)
     x = base[:, 0, :]  # strided rows, dense last dim
     w = torch.randn(64)
@@ -60,7 +81,7 @@ def test_norm_noncontiguous_rows_are_handled():
     close(ops.rms_norm(xt, w), ref.rms_norm(xt, w), torch.float32)
 
 
-def test_norm_writes_every_element_of_poisoned_output():
+def test_norm_writes_every_element_of_poisoned_output(isa):
     x = torch.randn(9, 4097)
     w = torch.randn(4097)
     out = torch.full_like(x, float("nan"))
@@ -73,7 +94,7 @@ def test_norm_writes_every_element_of_poisoned_output():
     assert torch.isfinite(out).all() and torch.isfinite(res_out).all()
 
 
-def test_fused_add_rms_norm_in_place_aliasing():
+def test_fused_add_rms_norm_in_place_aliasing(isa):
     x = torch.randn(4, 100)
     r = torch.randn(4, 100)
     w = torch.randn(100)
@@ -84,8 +105,8 @@ def test_fused_add_rms_norm_in_place_aliasing():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hq,hk,d,rd", [(28, 4, 128, None), (4, 2, 32, None), (3, 1, 64, 32), (2, 2, 18, 10)])
-def test_rotary_embedding(device, dtype, hq, hk, d, rd):
+@pytest.mark.parametrize("hq,hk,d,rd", [(28, 4, 128, None), (4, 2, 32, None), (3, 1, 64, 32), (2, 2, 18, 10), (3, 2, 80, 72)])
+def test_rotary_embedding(device, dtype, hq, hk, d, rd, isa):
     T = 37
     q = rand(T, hq, d, dtype=dtype, device=device)
     k = rand(T, hk, d, dtype=dtype, device=device)
@@ -101,7 +122,7 @@ def test_rotary_embedding(device, dtype, hq, hk, d, rd):
     assert torch.equal(q, q)  # inputs untouched (out of place)
 
 
-def test_rotary_on_strided_qkv_views_and_int32_positions():
+def test_rotary_on_strided_qkv_views_and_int32_positions(isa):
     T, hq, hk, d = 11, 4, 2, 32
     qkv = torch.randn(T, (hq + 2 * hk) * d)
     q = qkv[:, : hq * d].view(T, hq, d)
@@ -132,8 +153,8 @@ def test_rotary_matches_hf_qwen2():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 2), (5, 34), (3, 4, 18944), (0, 8)])
-def test_silu_and_mul(device, dtype, shape):
+@pytest.mark.parametrize("shape", [(1, 2), (5, 34), (3, 4, 18944), (0, 8), (2, 2 * 4099), (1, 2 * 8203)])
+def test_silu_and_mul(device, dtype, shape, isa):
     x = rand(*shape, dtype=dtype, device=device) * 4
     y = ops.silu_and_mul(x)
     assert y.shape == (*shape[:-1], shape[-1] // 2)
@@ -220,3 +241,39 @@ def test_torch_compile_sees_custom_ops():
     ea, eb = f(x, w, r)
     close(a, ea, torch.float32)
     close(b, eb, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_residual_sum_rounds_exactly_like_torch(dtype, isa):
+    """residual_out = round(x + r) in the storage dtype: bit-identical to torch for every value,
+    ties (random pairs of 16-bit values give many), overflow to inf, subnormals, inf and NaN, at a
+    width with whole vectors and a partial one."""
+    g = torch.Generator().manual_seed(7)
+    bits = torch.randint(-32768, 32768, (6, 1003), generator=g, dtype=torch.int16)
+    x = bits.view(dtype).clone()
+    r = torch.randint(-32768, 32768, (6, 1003), generator=g, dtype=torch.int16).view(dtype).clone()
+    x[0, :8] = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 1e-40, 3e38, -3e38], dtype=torch.float32).to(dtype)
+    w = torch.ones(1003, dtype=dtype)
+    out = torch.empty_like(x)
+    res_out = torch.full_like(x, 7.0)
+    vita_engine._C.fused_add_rms_norm(x, r, w, out, res_out, 1e-6, 0)
+    expect = x + r
+    same = (res_out.view(torch.int16) == expect.view(torch.int16)) | (torch.isnan(res_out) & torch.isnan(expect))
+    assert same.all(), f"{int((~same).sum())} sums rounded differently, e.g. {x[~same][:3]} + {r[~same][:3]} -> {res_out[~same][:3]}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_ops_write_every_element_and_nothing_else(dtype, isa):
+    """Odd widths (a partial vector at each row end) into poisoned, row-strided outputs: every
+    element written, the gaps between rows untouched."""
+    x = rand(3, 2 * 1029, dtype=dtype) * 3
+    buf = torch.full((3, 1029 + 5), float("nan"), dtype=dtype)
+    out = buf[:, :1029]
+    vita_engine._C.silu_and_mul(x, out, 0)
+    close(out, ref.silu_and_mul(x), dtype)
+    assert torch.isnan(buf[:, 1029:]).all()
+    w = rand(1029, dtype=dtype)
+    buf.fill_(float("nan"))
+    vita_engine._C.rms_norm(x[:, :1029], w, out, 1e-6, 0)
+    close(out, ref.rms_norm(x[:, :1029], w), dtype)
+    assert torch.isnan(buf[:, 1029:]).all()
