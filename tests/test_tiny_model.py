@@ -54,20 +54,3 @@ def test_codec_streams_with_the_real_lookahead(tiny_model):
     assert y.shape == ref.shape == (40 * 600,)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
 
-
-def test_cached_tiny_checkpoint_is_named_by_its_generator(tmp_path, monkeypatch):
-    """`Engine.from_pretrained("tiny")` never reuses a cache written by an older generator."""
-    import json
-
-    from vita_engine.runtime.engine import tiny_checkpoint
-    from vita_engine.testing import tiny_fingerprint
-
-    monkeypatch.setenv("VITA_ENGINE_CACHE", str(tmp_path))
-    stale = tmp_path / "tiny-seed0"  # the name older versions used
-    (stale / "vita_tts_ckpt" / "codec").mkdir(parents=True)
-    (stale / "config.json").write_text("{}")
-    (stale / "vita_tts_ckpt" / "codec" / "final.pt").write_bytes(b"")
-    d = tiny_checkpoint()
-    assert d.name == f"tiny-{tiny_fingerprint()}-seed0" and d.parent == tmp_path
-    assert json.loads((d / "vita_tts_ckpt" / "codec" / "model.json").read_text())["upsample_rates"] == [8, 5, 5, 3]
-    assert tiny_checkpoint() == d  # written once

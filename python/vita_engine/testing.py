@@ -24,7 +24,7 @@ from typing import Dict, Optional
 import torch
 
 __all__ = ["make_tiny_checkpoint", "TINY", "TINY_CODEC_TOKENS_PER_TEXT_TOKEN", "VISION_DIR", "AUDIO_DIR", "tiny_tokenizer",
-           "tiny_fingerprint", "write_safetensors_sharded"]
+           "write_safetensors_sharded"]
 
 VISION_DIR = "InternViT-300M-448px"
 AUDIO_DIR = "audio-encoder-Qwen2-7B-1107-weight-base-11wh-tunning"
@@ -78,14 +78,6 @@ def tiny_tokenizer(vocab_size: int = 1024):
     if max(ids.values()) >= vocab_size:
         raise RuntimeError(f"tiny tokenizer exceeds {vocab_size} ids")
     return tok, ids
-
-
-def tiny_fingerprint() -> str:
-    """A short hash of this generator's source: the name of a cached tiny checkpoint carries it, so a
-    cache written by an older generator (other sizes, other weights) is never mistaken for the current one."""
-    import hashlib
-
-    return hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:10]
 
 
 def _lin(g, out_f, in_f, dtype=torch.float32):

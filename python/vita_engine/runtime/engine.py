@@ -57,11 +57,10 @@ def _cache_root() -> Path:
 
 
 def tiny_checkpoint(seed: int = 0) -> Path:
-    """The tiny random checkpoint (spec §10 layout, see `vita_engine.testing`) in a cache folder, written
-    once (atomically); the folder name carries the generator's fingerprint, so an update never reuses a stale cache."""
-    from ..testing import make_tiny_checkpoint, tiny_fingerprint
+    """The tiny random checkpoint (spec §10) in a cache folder, written once (atomically)."""
+    from ..testing import make_tiny_checkpoint
 
-    d = _cache_root() / f"tiny-{tiny_fingerprint()}-seed{seed}"
+    d = _cache_root() / f"tiny-seed{seed}"
     if (d / "config.json").is_file() and (d / "vita_tts_ckpt" / "codec" / "final.pt").is_file():
         return d
     d.parent.mkdir(parents=True, exist_ok=True)
