@@ -108,9 +108,10 @@ def load_engine():
         from _fake_engine import FakeEngine
 
         return FakeEngine(), False
-    # the tiny random model rarely stops by itself: bound the answers so the tests stay fast
+    # the tiny random model rarely stops by itself, and its TTS speaks ~12 codec tokens (0.3 s) per text
+    # token: bound the answers (text, and 0.6 s of audio per TTS segment) so the tests stay fast
     try:
-        return Engine.from_pretrained("tiny", device="cpu", max_new_tokens=24), True
+        return Engine.from_pretrained("tiny", device="cpu", max_new_tokens=24, tts_max_tokens=24), True
     except TypeError:  # a runtime without that option
         return Engine.from_pretrained("tiny", device="cpu"), True
 

@@ -80,12 +80,14 @@ def test_codec_state_dict_folded(tiny_ckpt):
 
     sd = codec_state_dict(tiny_ckpt / "vita_tts_ckpt/codec")
     assert not any(k.endswith(("weight_g", "weight_v")) or k.startswith("encoder.") for k in sd)
-    assert sd["generator.ups.0.weight"].shape == (32, 16, 8)  # ConvTranspose1d [in, out, k]
+    assert sd["generator.ups.0.weight"].shape == (64, 32, 16)  # ConvTranspose1d [in, out, k]
+    assert sd["generator.ups.3.weight"].shape == (8, 4, 5)
+    assert sd["generator.resblocks.11.convs2.2.weight"].shape == (4, 4, 11)  # 4 stages x 3 resblocks
     assert sd["quantizer.quantizer_modules.0.embedding.weight"].shape == (64, 32)
     assert sd["quantizer.quantizer_modules_globaltokens.1.embedding.weight"].shape == (64, 8)
     raw = torch.load(tiny_ckpt / "vita_tts_ckpt/codec/final.pt", weights_only=True)["generator"]
     v, g = raw["ups.1.weight_v"], raw["ups.1.weight_g"]
-    assert g.shape == (16, 1, 1)
+    assert g.shape == (32, 1, 1)  # weight norm over dim 0 (= in channels of a ConvTranspose1d)
     torch.testing.assert_close(sd["generator.ups.1.weight"], g * v / v.flatten(1).norm(dim=1).view(-1, 1, 1))
 
 
@@ -93,6 +95,11 @@ def test_codec_state_dict_folded(tiny_ckpt):
 def test_codec_loaded(tiny_model):
     c = tiny_model.codec
     assert c is not None
-    assert c.hop_length == 12 and c.sample_rate == 24000
+    # the real generator structure at small widths (testing.py): x600 hop, 24 kHz, 4 stages, the
+    # global add at the 2nd stage, the real configuration's streaming look-ahead
+    assert c.hop_length == 600 and c.sample_rate == 24000
+    assert c.upsample_rates == [8, 5, 5, 3] and c.upsample_kernel_sizes == [16, 11, 11, 5]
+    assert c.channels == [32, 16, 8, 4] and c.channels.index(c.global_dim) == 1
+    assert c.lookahead_tokens == 13 and c.lookahead_samples == 7798
     wav = c.decode(torch.tensor([1, 2, 3, 4, 5]))
-    assert wav.shape[-1] == 5 * 12
+    assert wav.shape[-1] == 5 * 600

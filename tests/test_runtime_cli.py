@@ -1,5 +1,6 @@
 """`vita-engine demo --json` runs end to end on the tiny model and prints the latency report."""
 import json
+import wave
 
 from vita_engine import cli
 
@@ -13,3 +14,8 @@ def test_demo_json(tiny_ckpt, capsys, tmp_path):
         assert k in rep
     assert rep["ttfa_ms"] >= 0 and "prefill_ms" in rep["stages"] and "audio_encoder_ms" in rep["stages"]
     assert out.is_file()
+    # seconds of speech from 12 text tokens (the tiny TTS speaks ~12 codec tokens of 25 ms per text
+    # token), not a click
+    assert rep["audio_out_seconds"] >= 1.0, rep
+    with wave.open(str(out)) as w:
+        assert w.getframerate() == 24000 and abs(w.getnframes() / 24000 - rep["audio_out_seconds"]) < 1e-3

@@ -1,8 +1,23 @@
-"""Test and demo helpers: `make_tiny_checkpoint(dir)` writes a tiny random VITA-1.5 (spec §10 sizes)
-in exactly the real on-disk layout, loaded by the same code path as the real checkpoint."""
+"""Test and demo helpers: `make_tiny_checkpoint(dir)` writes a tiny random VITA-1.5 in exactly the real
+on-disk layout, loaded by the same code path as the real checkpoint.
+
+Sizes are spec §10's, with two departures so that the tiny model behaves like the real one where the
+runtime depends on it (issue 11 item 5):
+* the codec has the REAL generator structure at 1/8 of its widths: upsample rates [8, 5, 5, 3] with
+  kernels [16, 11, 11, 5] (hop 600 samples = 25 ms per token at 24 kHz, not §10's 12), resblock
+  kernels [3, 7, 11] with dilations [1, 3, 5], channels 64 -> 32 -> 16 (global add: global_dim 16 at
+  the 2nd stage, as 128 in 512 -> 256 -> 128 -> 64 -> 32) -> 8 -> 4. Its streaming look-ahead is
+  therefore the real configuration's 13 tokens (7798 samples). code_dim / global_dim stay small
+  (32 / 16): the engine reads them from model.json where VITA hard-codes 512 / 128, a test-only
+  extension;
+* the random TTS stops (samples eos) after ~TINY_CODEC_TOKENS_PER_TEXT_TOKEN codec tokens per text
+  token, like speech, instead of at an arbitrary step (see `_shape_speech_length`); the engine's stop
+  rule is VITA's unchanged (eos or max_tokens).
+"""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -11,20 +26,22 @@ from ._errors import require_torch
 require_torch(__name__)
 import torch  # noqa: E402
 
-__all__ = ["make_tiny_checkpoint", "TINY", "VISION_DIR", "AUDIO_DIR", "tiny_tokenizer", "write_safetensors_sharded"]
+__all__ = ["make_tiny_checkpoint", "TINY", "TINY_CODEC_TOKENS_PER_TEXT_TOKEN", "VISION_DIR", "AUDIO_DIR", "tiny_tokenizer",
+           "write_safetensors_sharded"]
 
 VISION_DIR = "InternViT-300M-448px"
 AUDIO_DIR = "audio-encoder-Qwen2-7B-1107-weight-base-11wh-tunning"
 
-#: spec §10 tiny sizes
+#: spec §10 tiny sizes, except the codec (the real structure at small widths, see the module docstring)
 TINY = dict(
     llm=dict(hidden=128, layers=2, heads=4, kv_heads=2, inter=256, vocab=1024, theta=1e6, eps=1e-6),
     vision=dict(image=56, patch=14, hidden=32, layers=2, heads=2, mlp=64, eps=1e-6, max_tiles=2),
     audio=dict(mel=80, ch=32, d=32, layers=2, heads=2, ff=64, adapter=64, kernel=5),
     tts=dict(hidden=32, heads=2, inter=64, blocks=2, odim=64, topk=2),
     codec=dict(code_dim=32, global_dim=16, n_codes=64, n_code_groups=1, residul_layer=1, global_code_num=2,
-               global_tokens=[3, 7], upsample_initial_channel=32, upsample_rates=[4, 3], upsample_kernel_sizes=[8, 5],
-               resblock="1", resblock_kernel_sizes=[3, 5], resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5]]),
+               global_tokens=[3, 7], upsample_initial_channel=64, upsample_rates=[8, 5, 5, 3],
+               upsample_kernel_sizes=[16, 11, 11, 5], resblock="1", resblock_kernel_sizes=[3, 7, 11],
+               resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]]),
 )
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -118,7 +135,7 @@ def write_safetensors_sharded(tensors: Dict[str, torch.Tensor], d: Path, shards:
 def make_tiny_checkpoint(dir, seed: int = 0, *, dtype: torch.dtype = torch.float32, shards: int = 2,
                          index: bool = True, cmvn_in_safetensors: bool = True, cmvn_json: bool = False,
                          vocab_rows: Optional[int] = None, tts_wrap_model: bool = False) -> Path:
-    """Write a tiny random VITA-1.5 checkpoint (spec §10) into `dir` and return its path.
+    """Write a tiny random VITA-1.5 checkpoint (spec §10 sizes, real codec structure) into `dir` and return its path.
 
     Layout (as the real one): config.json, generation_config.json, tokenizer files, sharded
     model-*.safetensors (+ index) with LLM + vision tower + projector + audio encoder + adapter,
@@ -168,6 +185,7 @@ def make_tiny_checkpoint(dir, seed: int = 0, *, dtype: torch.dtype = torch.float
     t: Dict[str, torch.Tensor] = {}
     # ---- LLM -----------------------------------------------------------------------------------
     t["model.embed_tokens.weight"] = torch.randn(V, H, generator=g) * 0.5
+    _mark_text_rows(t["model.embed_tokens.weight"], Tc["hidden"])
     hd = H // L["heads"]
     for i in range(L["layers"]):
         _decoder_layer(g, t, f"model.layers.{i}.", H, L["heads"], L["kv_heads"], hd, L["inter"], True)
@@ -295,6 +313,7 @@ def make_tiny_checkpoint(dir, seed: int = 0, *, dtype: torch.dtype = torch.float
     td["norm.weight"] = _norm(g, th)
     td["out_fnn.weight"] = _lin(g, V4, th)
     td["out_fnn.bias"] = _vec(g, V4, 0.1)
+    _shape_speech_length(td, Tc)
     td = {k: v.to(dtype) for k, v in td.items()}
     torch.save({"model": td} if tts_wrap_model else td, str(dd / "final.pt"))
 
@@ -302,9 +321,73 @@ def make_tiny_checkpoint(dir, seed: int = 0, *, dtype: torch.dtype = torch.float
     cd = d / "vita_tts_ckpt" / "codec"
     cd.mkdir(parents=True, exist_ok=True)
     (cd / "model.json").write_text(json.dumps({**{k: Cc[k] for k in Cc}, "sampling_rate": 24000,
-                                               "num_mels": 80, "n_fft": 1024, "hop_size": 12}, indent=2))
+                                               "num_mels": 80, "n_fft": 1024, "hop_size": math.prod(Cc["upsample_rates"])}, indent=2))
     torch.save(_tiny_codec(g, Cc, dtype), str(cd / "final.pt"))
     return d
+
+
+# ---- speech length of the random TTS ---------------------------------------------------------------
+# With plain random weights the AR decoder samples eos (id V+2) at an arbitrary step: the answer is a
+# click, or never ends before the cap. The engine stops a segment as VITA's decoder does (eos, or
+# max_tokens), so the tiny weights carry a small circuit that samples eos once about
+# TINY_CODEC_TOKENS_PER_TEXT_TOKEN codec tokens per text token have been emitted (real speech: ~40
+# codec tokens/s at ~3-4 text tokens/s). Everything else in the decoder stays random.
+#   * residual channel _MARK: +_TEXT_MARK in every text-embedding piece (the LLM embedding columns
+#     j*tts_hidden, so each of the `split` pieces of a row), untouched by the NAR layers; every codec /
+#     sos embedding row has it set so that its RMS-normalised value is exactly -_SPEECH_MARK;
+#   * AR layer 0, last head: q = k = 0 (uniform causal attention) and one value row reading _MARK:
+#     its output is the mean mark over [bos, text prefix, sos, codec so far], positive while the
+#     prefix outweighs the speech, negative after; o_proj writes it (x _BALANCE_GAIN) to channel
+#     _BALANCE, which nothing else writes and the codec/sos rows leave at 0;
+#   * out_fnn's eos row reads -_EOS_GAIN x _BALANCE (bias 0); no other row reads _BALANCE.
+# The sign of the mean, hence the stop, does not depend on the RMS normalisation: eos stays out of
+# the top-2 while the balance is positive and wins shortly after it turns negative, at
+#   n + 1 = (split*N + 1) * mean normalised text mark / _SPEECH_MARK  (~10.5 N for a mark of ~1.6),
+# the eos logit needing a small negative balance to enter the top-2 makes it ~12 N.
+#: codec tokens per text token the tiny TTS emits (measured 10-14 over seeds 0-4, segments of 4-48 text tokens)
+TINY_CODEC_TOKENS_PER_TEXT_TOKEN = 12
+_MARK, _BALANCE = 0, 1
+_TEXT_MARK, _SPEECH_MARK, _BALANCE_GAIN, _EOS_GAIN = 1.5, 0.6, 2.0, 20.0
+
+
+def _mark_text_rows(embed: torch.Tensor, tts_hidden: int) -> None:
+    for j in range(embed.shape[1] // tts_hidden):
+        embed[:, j * tts_hidden + _MARK] = _TEXT_MARK
+
+
+def _shape_speech_length(td: Dict[str, torch.Tensor], Tc: dict) -> None:
+    """The eos circuit described above, written into the random TTS tensors `td` (float32, in place)."""
+    h, nh, V = Tc["hidden"], Tc["heads"], Tc["odim"]
+    hd = h // nh
+    bos, sos, eos = V, V + 1, V + 2
+    for i in range(Tc["blocks"] // 2):  # the NAR output keeps the text mark as it came in
+        td[f"layers_pre_nn.{i}.self_attn.o_proj.weight"][_MARK] = 0
+        td[f"layers_pre_nn.{i}.mlp.down_proj.weight"][_MARK] = 0
+    e = td["embedding.weight"]
+    e[bos, _MARK] = _TEXT_MARK  # bos opens the prefix
+    c = _SPEECH_MARK
+    for r in list(range(V)) + [sos]:
+        e[r, _BALANCE] = 0
+        e[r, _MARK] = 0
+        rest = float((e[r] ** 2).sum())  # x0 / rms(x) = -c  <=>  x0 = -c * sqrt(rest / (h - c^2))
+        e[r, _MARK] = -c * (rest / (h - c * c)) ** 0.5
+    a = "layers.0.self_attn."
+    head = slice((nh - 1) * hd, nh * hd)
+    col = (nh - 1) * hd  # that head's first value/output component
+    td[a + "q_proj.weight"][head] = 0
+    td[a + "k_proj.weight"][head] = 0
+    td[a + "v_proj.weight"][col] = 0
+    td[a + "v_proj.weight"][col, _MARK] = 1.0
+    td[a + "o_proj.weight"][:, col] = 0
+    for i in range(Tc["blocks"]):
+        td[f"layers.{i}.self_attn.o_proj.weight"][_BALANCE] = 0
+        td[f"layers.{i}.mlp.down_proj.weight"][_BALANCE] = 0
+    td[a + "o_proj.weight"][_BALANCE, col] = _BALANCE_GAIN
+    w = td["out_fnn.weight"]
+    w[:, _BALANCE] = 0
+    w[eos] = 0
+    w[eos, _BALANCE] = -_EOS_GAIN
+    td["out_fnn.bias"][eos] = 0
 
 
 def _wn(g, t, p, shape, transpose=False, bias=True):

@@ -14,7 +14,8 @@ import torch
 
 __all__ = ["DIMS", "random_vita_model"]
 
-#: spec §2-§5 (the real model) and a small CPU-sized variant of the same structure (for tests)
+#: spec §2-§5 (the real model) and a small CPU-sized variant of the same structure (for tests). The TTS
+#: weights are plain random (no eos shaping as in testing.py): its segments end at bench's tts_max_tokens.
 DIMS = {
     "full": dict(llm=dict(hidden=3584, layers=28, heads=28, kv=4, inter=18944, vocab=152064),
                  vision=dict(hidden=1024, layers=24, heads=16, inter=4096, image=448),
@@ -26,9 +27,10 @@ DIMS = {
     "mini": dict(llm=dict(hidden=256, layers=2, heads=4, kv=2, inter=512, vocab=2048),
                  vision=dict(hidden=64, layers=1, heads=2, inter=128, image=448),
                  audio=dict(heads=4, layers=1), tts=dict(hidden=64, heads=2, inter=128, blocks=2, odim=64),
+                 # the real generator structure at 1/8 width, as the tiny test model's (testing.TINY)
                  codec=dict(code_dim=32, global_dim=16, n_codes=64, global_code_num=2, global_tokens=[3, 7],
-                            upsample_initial_channel=32, upsample_rates=[4, 3], upsample_kernel_sizes=[8, 5],
-                            resblock_kernel_sizes=[3, 5], resblock_dilation_sizes=[[1, 3, 5]] * 2)),
+                            upsample_initial_channel=64, upsample_rates=[8, 5, 5, 3], upsample_kernel_sizes=[16, 11, 11, 5],
+                            resblock_kernel_sizes=[3, 7, 11], resblock_dilation_sizes=[[1, 3, 5]] * 3)),
 }
 
 
