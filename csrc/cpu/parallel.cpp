@@ -38,13 +38,15 @@ class Pool {
       n_ = n;
       chunk_ = (n + chunks - 1) / chunks;
       next_.store(0);
-      pending_ = int(workers_.size());
       ++generation_;
     }
     cv_.notify_all();
     work();
+    // Wait only for workers that joined this call, not for every worker to wake up: on a loaded
+    // machine a sleeping worker may be scheduled milliseconds later, long after the caller has
+    // done all the chunks itself. No worker can join once the chunks are gone (see loop()).
     std::unique_lock<std::mutex> lk(mu_);
-    done_cv_.wait(lk, [this] { return pending_ == 0; });
+    done_cv_.wait(lk, [this] { return active_ == 0; });
     fn_ = nullptr;
     return true;
   }
@@ -68,10 +70,14 @@ class Pool {
         cv_.wait(lk, [&] { return quit_ || generation_ != seen; });
         if (quit_) return;
         seen = generation_;
+        // Join under the lock and only while chunks remain, so the caller's wait for active_ == 0
+        // covers every worker that can still touch fn_.
+        if (fn_ == nullptr || next_.load() >= n_) continue;
+        ++active_;
       }
       work();
       std::lock_guard<std::mutex> lk(mu_);
-      if (--pending_ == 0) done_cv_.notify_one();
+      if (--active_ == 0) done_cv_.notify_one();
     }
   }
   void stop() {
@@ -91,7 +97,7 @@ class Pool {
   int nthreads_ = 1;
   bool quit_ = false;
   uint64_t generation_ = 0;
-  int pending_ = 0;
+  int active_ = 0;
   const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
   int64_t n_ = 0, chunk_ = 1;
   std::atomic<int64_t> next_{0};
