@@ -1,0 +1,84 @@
+"""The TTS stage: starts a TTS stream (NAR + AR prefix prefill) for each segment the segmenter handed
+over, then runs batched AR steps (`TTSBatchDecoder.step`) for the streams in flight, as many per
+tick as the policy gives each stream."""
+from __future__ import annotations
+
+import logging
+import time
+
+from . import _compat
+from .events import Error
+from .metrics import nvtx_range
+from .stage import Stage
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TTSStage"]
+
+
+class TTSStage(Stage):
+    def step(self) -> bool:
+        tts = self.e.tts
+        if tts is None:
+            return False
+        busy = self._start_segments(tts)
+        sids = {}
+        for st in self.states.values():
+            t = st.turn
+            if t is None:
+                continue
+            for seg in t.segments:
+                if seg.sid is not None and not seg.tts_done:
+                    sids[seg.sid] = (st, t, seg)
+        if not sids:
+            return busy
+        with nvtx_range("tts_ar", self.nvtx):
+            out = tts.step(list(sids))
+        now = time.perf_counter()
+        for sid, tok in out.items():
+            st, t, seg = sids[sid]
+            if tok is None:
+                seg.tts_done = True
+                tts.release(sid)
+                if not seg.codec:  # the TTS ended the segment at once (eos first): it has no audio
+                    st.stats["tts_empty_segments"] = st.stats.get("tts_empty_segments", 0) + 1
+                    t.tts_empty = getattr(t, "tts_empty", 0) + 1  # type: ignore[attr-defined]
+            else:
+                seg.codec.append(int(tok))
+                t.clock.mark("first_codec_token", now)
+        return True
+
+    def _start_segments(self, tts) -> bool:
+        """NAR + prefix prefill of every segment not yet started (in order per turn; a segment that
+        finds no capacity waits, keeping the order, and is dropped with an Error after
+        `tts_capacity_wait_s` or at once when no stream in flight could free capacity)."""
+        busy = False
+        for st in self.states.values():
+            t = st.turn
+            if t is None or t.speculative:
+                continue
+            for si, seg in enumerate(t.segments):
+                if seg.sid is None and not seg.tts_done:
+                    t0 = time.perf_counter()
+                    try:
+                        with nvtx_range("tts_nar", self.nvtx):
+                            seg.sid = tts.start(seg.text_ids, seed=(st.session.seed * 1000003 + t.idx * 1009 + si) % (2**62))
+                    except _compat.TTSCapacityError as ex:
+                        now = time.perf_counter()
+                        if seg.waiting_since is None:
+                            seg.waiting_since = now
+                            st.stats["tts_capacity_waits"] = st.stats.get("tts_capacity_waits", 0) + 1
+                        if tts.active() and now - seg.waiting_since < float(self.o["tts_capacity_wait_s"]):
+                            break  # streams in flight will free capacity: retry next tick, keep the order
+                        # nothing can free capacity (no stream in flight) or waited too long: never drop silently
+                        seg.tts_done, seg.dropped = True, True
+                        st.stats["tts_dropped_segments"] = st.stats.get("tts_dropped_segments", 0) + 1
+                        st.session._sink.put(Error(t.idx, f"TTS capacity exhausted: answer segment {si} "
+                                                          f"({len(seg.text_ids)} text tokens) is not spoken "
+                                                          f"after {now - seg.waiting_since:.1f} s: {ex}"))
+                        log.warning("session %d turn %d: TTS segment dropped: %s", st.session.id, t.idx, ex)
+                        continue
+                    if "tts_nar_ms" not in t.clock.ms:
+                        t.clock.add("tts_nar_ms", (time.perf_counter() - t0) * 1e3)
+                    busy = True
+        return busy
