@@ -1,9 +1,10 @@
-"""The codec stage: pushes each turn's new codec tokens (in segment order, one codec stream per turn)
-into exact streaming codec windows (`Codec.push_many`, streams in the same state batched), emits the
-final samples as AudioChunk events, and ends the turn once the LLM and every segment are done."""
+"""The codec stage: pushes each turn's codec tokens (in segment order, one codec stream per turn) into
+exact streaming codec windows when the policy says a window is due (`Codec.push_many`: streams in the
+same state are batched; first windows go before later ones), emits the final samples as AudioChunk
+events, and ends the turn once the LLM and every segment are done (the rest is pushed and flushed)."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Tuple
 
 import numpy as np
 import torch
@@ -19,38 +20,26 @@ __all__ = ["CodecStage"]
 class CodecStage(Stage):
     def step(self) -> bool:
         codec = self.e.codec
-        streams, lists, owners = [], [], []
-        busy = False
+        first: List[Tuple[SessionState, Turn, int]] = []
+        later: List[Tuple[SessionState, Turn, int]] = []
         for st in list(self.states.values()):
             t = st.turn
             if t is None or t.speculative:
                 continue
-            toks: List[int] = []
-            while t.head < len(t.segments):
-                seg = t.segments[t.head]
-                toks += seg.codec[seg.pushed:]
-                seg.pushed = len(seg.codec)
-                if not seg.tts_done:
-                    break
-                t.head += 1
-            if toks and codec is not None:
-                if t.codec_stream is None:
-                    t.codec_stream = codec.stream()
-                streams.append(t.codec_stream)
-                lists.append(toks)
-                owners.append((st, t))
-                st.stats["codec_tokens"] += len(toks)
-        if streams:
-            busy = True
-            with nvtx_range("codec", self.nvtx):
-                outs = codec.push_many(streams, lists)
-            for (st, t), y in zip(owners, outs):
-                if y is not None and y.numel():
-                    t.clock.mark("first_window")
-                    self._emit_audio(st, t, y)
+            t.collect_codec()
+            if codec is None:
+                t.codec_pending.clear()
+                continue
+            n = self.policy.codec_push(t) if not self._ending(t) else len(t.codec_pending)
+            if n > 0:
+                (first if t.codec_pushed == 0 else later).append((st, t, n))
+        busy = bool(first or later)
+        for group in (first, later):  # first windows are on the critical path: they go out first
+            if group:
+                self._push(codec, group)
         for st in list(self.states.values()):
             t = st.turn
-            if t is not None and t.llm_done and t.head >= len(t.segments):
+            if t is not None and not t.speculative and self._ending(t):
                 if t.codec_stream is not None:
                     y = t.codec_stream.flush()
                     if y is not None and y.numel():
@@ -59,6 +48,28 @@ class CodecStage(Stage):
                 self.sch.life.finish(st, t)
                 busy = True
         return busy
+
+    @staticmethod
+    def _ending(t: Turn) -> bool:
+        """The LLM is done and every segment's codec tokens are collected: the turn's audio is complete."""
+        return t.llm_done and t.head >= len(t.segments)
+
+    def _push(self, codec, group: List[Tuple[SessionState, Turn, int]]) -> None:
+        streams, lists = [], []
+        for st, t, n in group:
+            if t.codec_stream is None:
+                t.codec_stream = codec.stream()
+            streams.append(t.codec_stream)
+            lists.append(t.codec_pending[:n])
+            del t.codec_pending[:n]
+            t.codec_pushed += n
+            st.stats["codec_tokens"] += n
+        with nvtx_range("codec", self.nvtx):
+            outs = codec.push_many(streams, lists)
+        for (st, t, _), y in zip(group, outs):
+            if y is not None and y.numel():
+                t.clock.mark("first_window")
+                self._emit_audio(st, t, y)
 
     def _emit_audio(self, st: SessionState, t: Turn, y: torch.Tensor) -> None:
         pcm = np.clip(y.detach().float().reshape(-1).cpu().numpy(), -1.0, 1.0).astype(np.float32)

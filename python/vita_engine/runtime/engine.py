@@ -42,6 +42,15 @@ DEFAULT_OPTIONS: Dict[str, Any] = dict(
     tts_max_tokens=None,        # per TTS segment (default: the decoder config's 1000)
     tts_capacity_wait_s=10.0,   # a TTS segment waits this long for a free stream slot/pages, then is
                                 # dropped with an Error event (at once when no stream could free any)
+    # scheduling policy (policy.py, docs/scheduling.md): "critical_path" or "lockstep" (before issue 12)
+    scheduling="critical_path",
+    llm_first_segment_steps=8,  # LLM decode steps per tick for a turn whose first TTS segment is not out
+    llm_text_lead_tokens=16,    # afterwards, decode while the unspoken answer text is below this
+    tts_first_window_tokens=1,  # first codec window: the look-ahead + this many tokens of final audio
+    tts_burst_steps=32,         # AR steps per tick for a stream before its turn's first window
+    tts_catchup_steps=1,        # extra AR steps per tick while the audio lead is below audio_lead_ms
+    audio_lead_ms=200.0,
+    codec_window_ms=40.0,       # later codec windows: at least this much audio (at most a look-ahead)
     cpu_threads=None,           # torch intra-op threads for the scheduler (CPU)
     nvtx=None,                  # NVTX ranges per stage (default: on when CUDA and nvtx are available)
     use_reference=False,        # run every op on its pure-torch reference

@@ -26,12 +26,24 @@ __all__ = ["LLMStage"]
 class LLMStage(Stage):
     def step(self) -> bool:
         decode, prefill = self.policy.llm_rows(list(self.states.values()))
+        busy = self._forward(decode, prefill)
+        # back-to-back forwards for the rows on the critical path (the policy says which, and how many)
+        for _ in range(self.policy.llm_extra_forwards):
+            rows = self.policy.llm_extra_rows(list(self.states.values()))
+            if not rows:
+                break
+            busy |= self._forward(rows, [])
+        return busy
+
+    def _forward(self, decode: List[SessionState], prefill: List[tuple]) -> bool:
+        """One batched forward: a decode row per session in `decode`, a prefill chunk per (session, n)."""
         work: List[LLMWork] = []
         rows: List[tuple] = []  # (state, turn, kind)
-        for st in decode:
-            t = st.turn
-            work.append(LLMWork(st.seq, self.model.llm.embed([t.tokens[-1]])))
-            rows.append((st, t, "decode"))
+        if decode:
+            x = self.model.llm.embed([st.turn.tokens[-1] for st in decode])  # one lookup for every row
+            for i, st in enumerate(decode):
+                work.append(LLMWork(st.seq, x[i:i + 1]))
+                rows.append((st, st.turn, "decode"))
         for st, n in prefill:
             t = st.turn
             last = t.prefilled + n == t.x.shape[0]

@@ -25,7 +25,7 @@ from .batch_llm import BatchLLM
 from .codec_stage import CodecStage
 from .lifecycle import Lifecycle
 from .llm_stage import LLMStage
-from .policy import Policy
+from .policy import make_policy
 from .state import SessionState
 from .tts_stage import TTSStage
 from .turns import TurnTaking
@@ -50,7 +50,7 @@ class Scheduler:
         self.ticks = 0
         self.tick_errors = 0
         self.nvtx = bool(self.o["nvtx"])
-        self.policy = Policy(self.o, codec=engine.codec)
+        self.policy = make_policy(self.o, codec=engine.codec, has_tts=engine.tts is not None)
         self.life = Lifecycle(self)
         self.turns = TurnTaking(self)
         self.llm_stage = LLMStage(self)

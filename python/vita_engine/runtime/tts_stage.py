@@ -22,30 +22,42 @@ class TTSStage(Stage):
         if tts is None:
             return False
         busy = self._start_segments(tts)
-        sids = {}
+        now = time.perf_counter()
+        plan = {}  # sid -> [session, turn, segment, steps left this tick]
         for st in self.states.values():
             t = st.turn
             if t is None:
                 continue
+            t.collect_codec()  # the policy looks at the segment that plays next
             for seg in t.segments:
                 if seg.sid is not None and not seg.tts_done:
-                    sids[seg.sid] = (st, t, seg)
-        if not sids:
+                    plan[seg.sid] = [st, t, seg, self.policy.tts_steps(t, seg, now)]
+        if not plan:
             return busy
-        with nvtx_range("tts_ar", self.nvtx):
-            out = tts.step(list(sids))
-        now = time.perf_counter()
-        for sid, tok in out.items():
-            st, t, seg = sids[sid]
-            if tok is None:
-                seg.tts_done = True
-                tts.release(sid)
-                if not seg.codec:  # the TTS ended the segment at once (eos first): it has no audio
-                    st.stats["tts_empty_segments"] = st.stats.get("tts_empty_segments", 0) + 1
-                    t.tts_empty = getattr(t, "tts_empty", 0) + 1  # type: ignore[attr-defined]
-            else:
-                seg.codec.append(int(tok))
-                t.clock.mark("first_codec_token", now)
+        # batched AR steps: every stream with steps left joins the next one (bursts run back to back)
+        while True:
+            sids = [sid for sid, p in plan.items() if p[3] > 0]
+            if not sids:
+                break
+            with nvtx_range("tts_ar", self.nvtx):
+                out = tts.step(sids)
+            now = time.perf_counter()
+            for sid, tok in out.items():
+                p = plan[sid]
+                st, t, seg = p[0], p[1], p[2]
+                p[3] -= 1
+                if tok is None:
+                    p[3] = 0
+                    seg.tts_done = True
+                    tts.release(sid)
+                    if not seg.codec:  # the TTS ended the segment at once (eos first): it has no audio
+                        st.stats["tts_empty_segments"] = st.stats.get("tts_empty_segments", 0) + 1
+                        t.tts_empty = getattr(t, "tts_empty", 0) + 1  # type: ignore[attr-defined]
+                else:
+                    seg.codec.append(int(tok))
+                    t.clock.mark("first_codec_token", now)
+        for st, t, _, _ in plan.values():
+            t.collect_codec()
         return True
 
     def _start_segments(self, tts) -> bool:
