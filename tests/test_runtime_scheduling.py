@@ -244,3 +244,24 @@ def test_lockstep_policy_still_runs(tiny_ckpt, one_thread):  # noqa: F811
         s.close()
     finally:
         e.close()
+
+
+def test_scheduler_stats(tiny_ckpt, one_thread):  # noqa: F811
+    e = make_engine(tiny_ckpt)
+    try:
+        assert e.scheduler_stats()["tick_ms"] == {"n": 0}
+        s = e.session()
+        s.run_turn(text="Hello there.", timeout=60)
+        st = e.scheduler_stats(reset=True)
+        assert st["ticks"] > 0 and st["policy"]["scheduling"] == "critical_path"
+        assert st["policy"]["codec_lookahead_tokens"] == e.codec.lookahead_tokens
+        for k in ("tick_ms", "host_ms", "turns_ms", "llm_ms", "tts_ms", "codec_ms"):
+            d = st[k]
+            assert d["n"] == st["ticks"] and 0 <= d["p50"] <= d["p90"] <= d["p99"] <= d["max"], k
+        # the stages run inside the tick
+        assert st["llm_ms"]["max"] <= st["tick_ms"]["max"] + 1e-6
+        assert st["llm_forwards_per_tick"] > 0 and st["tts_steps_per_tick"] > 0 and st["codec_pushes_per_tick"] > 0
+        assert e.scheduler_stats()["ticks"] < st["ticks"]  # reset started a new window
+        s.close()
+    finally:
+        e.close()

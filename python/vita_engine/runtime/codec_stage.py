@@ -18,6 +18,8 @@ __all__ = ["CodecStage"]
 
 
 class CodecStage(Stage):
+    pushes = 0  # codec stream pushes (streams, not push_many calls; a counter for the tick statistics)
+
     def step(self) -> bool:
         codec = self.e.codec
         first: List[Tuple[SessionState, Turn, int]] = []
@@ -66,6 +68,7 @@ class CodecStage(Stage):
             st.stats["codec_tokens"] += n
         with nvtx_range("codec", self.nvtx):
             outs = codec.push_many(streams, lists)
+        self.pushes += len(streams)
         for (st, t, _), y in zip(group, outs):
             if y is not None and y.numel():
                 t.clock.mark("first_window")

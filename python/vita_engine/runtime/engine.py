@@ -51,6 +51,8 @@ DEFAULT_OPTIONS: Dict[str, Any] = dict(
     tts_catchup_steps=1,        # extra AR steps per tick while the audio lead is below audio_lead_ms
     audio_lead_ms=200.0,
     codec_window_ms=40.0,       # later codec windows: at least this much audio (at most a look-ahead)
+    audio_interval_ms=16.0,     # input audio batched across sessions over this interval (VAD + fbank)
+    speculative_defer_ms=100.0, # speculative encode/prefill waits up to this while a first audio is due
     cpu_threads=None,           # torch intra-op threads for the scheduler (CPU)
     nvtx=None,                  # NVTX ranges per stage (default: on when CUDA and nvtx are available)
     use_reference=False,        # run every op on its pure-torch reference
@@ -192,6 +194,20 @@ class Engine:
     def metrics_summary(self) -> Dict[str, Dict[str, float]]:
         """p50/p90/p99 (and n, mean, max) of every §7 key across all finished turns and sessions."""
         return self.metrics.summary()
+
+    def scheduler_stats(self, reset: bool = False) -> Dict[str, Any]:
+        """The scheduler's per-tick figures over the ticks since the engine started (or the last reset):
+        `tick_ms`, `host_ms` (CPU time of the scheduler thread) and the wall time of each stage
+        (`turns_ms`, `llm_ms`, `tts_ms`, `codec_ms`) as {n, mean, p50, p90, p99, max}; the mean work per
+        tick (`sessions_per_tick`, `llm_forwards_per_tick`, `llm_rows_per_tick`, `tts_steps_per_tick`,
+        `codec_pushes_per_tick`); `ticks` (ticks that did work), `idle_waits`; and `policy` (the
+        scheduling policy and its codec window sizes). `reset=True` starts a new window after reading."""
+        sch = self._scheduler
+        out = sch.tick_stats.summary()
+        out["policy"] = sch.policy.describe()
+        if reset:
+            sch.tick_stats.reset()
+        return out
 
     @property
     def stats(self) -> dict:

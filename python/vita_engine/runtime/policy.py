@@ -14,6 +14,10 @@ the latency users feel, so the chain that produces it runs back to back:
   has not finished) is below `llm_text_lead_tokens`, or when the TTS has nothing left to say. A tick
   where no row qualifies runs no LLM forward at all, so the LLM yields to first-window work.
   Prefill: committed turns first, then speculative ones, oldest first, `prefill_chunk_tokens` per tick.
+* Slack: speculative work (the encoder run at a pause and the speculative turn's prefill) has the
+  end-of-turn timer as slack, so while a committed turn awaits its first audio it waits, up to
+  `speculative_defer_ms`. Audio input is batched over `audio_interval_ms` (one VAD + fbank call for
+  every session's new audio; the end-of-turn decision comes at most that much later).
 * TTS: the stream that plays next in a turn without audio yet gets the AR steps it still needs for the
   first window (codec look-ahead + `tts_first_window_tokens`), up to `tts_burst_steps` in one tick.
   After the first window it gets 1 step per tick, plus `tts_catchup_steps` while its audio lead over
@@ -29,6 +33,7 @@ new codec token is pushed at once.
 from __future__ import annotations
 
 import math
+import time
 from typing import Dict, List, Optional, Tuple
 
 from .state import Segment, SessionState, Turn
@@ -72,6 +77,13 @@ class Policy:
         sr = int(getattr(codec, "sample_rate", 24000) or 24000)
         self.token_ms = hop * 1000.0 / sr                    # audio per codec token
         self.lookahead = int(codec.lookahead_tokens) if codec is not None else 0
+
+    audio_interval_ms = 0.0  # audio input waits this long to be batched (VAD + fbank) with other sessions'
+
+    # ---- turn taking -------------------------------------------------------------------------------
+    def speculative_starts(self, states: List[SessionState], ages_ms: List[float]) -> int:
+        """How many of the waiting speculative starts (oldest first, `ages_ms` since their pause) run now."""
+        return len(ages_ms)
 
     # ---- LLM ---------------------------------------------------------------------------------------
     def llm_rows(self, states: List[SessionState]) -> Tuple[List[SessionState], List[Tuple[SessionState, int]]]:
@@ -128,12 +140,29 @@ class CriticalPathPolicy(Policy):
         self.catchup_steps = _int_opt(options, "tts_catchup_steps", 0)
         self.audio_lead_ms = _float_opt(options, "audio_lead_ms", 0.0)
         window_ms = _float_opt(options, "codec_window_ms", 0.0)
+        self.audio_interval_ms = _float_opt(options, "audio_interval_ms", 0.0)
+        self.speculative_defer_ms = _float_opt(options, "speculative_defer_ms", 0.0)
         # tokens finalized by the first window: everything pushed except the look-ahead tail
         self.first_window = self.lookahead + self.first_window_tokens
         # later pieces: >= codec_window_ms of audio, but never more than a look-ahead of tokens (a codec
         # with a tiny hop, like the tiny test model's 0.5 ms per token, would otherwise hold its audio
         # back for a whole segment)
         self.window = max(1, min(math.ceil(window_ms / self.token_ms - 1e-9), max(1, self.lookahead)))
+
+    # ---- turn taking -------------------------------------------------------------------------------
+    def first_audio_pending(self, states: List[SessionState]) -> bool:
+        """Is a committed turn waiting for its first audio (work on the critical path in flight)?"""
+        if not (self.has_tts and self.has_codec):
+            return False
+        return any(st.turn is not None and not st.turn.speculative and "first_audio" not in st.turn.clock.t
+                   for st in states)
+
+    def speculative_starts(self, states, ages_ms):
+        # a speculative start (encoder + prefill) has the end-of-turn timer as slack (500 - 200 ms by
+        # default): it waits while another turn's first audio is being made, up to speculative_defer_ms
+        if not self.first_audio_pending(states):
+            return len(ages_ms)
+        return sum(a >= self.speculative_defer_ms for a in ages_ms)
 
     # ---- LLM ---------------------------------------------------------------------------------------
     def _first_segment_pending(self, t: Turn) -> bool:
@@ -153,7 +182,13 @@ class CriticalPathPolicy(Policy):
 
     def llm_rows(self, states):
         decode = [st for st in states if _decoding(st.turn) and self._needs_text(st.turn)]
-        return decode, _prefill_chunks(states, self.prefill_chunk_tokens, committed_first=True)
+        prefill = _prefill_chunks(states, self.prefill_chunk_tokens, committed_first=True)
+        if prefill and any(st.turn.speculative for st, _ in prefill) and self.first_audio_pending(states):
+            # speculative prefill has slack too: it waits (up to speculative_defer_ms after its start)
+            now = time.perf_counter()
+            prefill = [(st, n) for st, n in prefill if not st.turn.speculative
+                       or (now - st.turn.clock.t.get("created", now)) * 1e3 >= self.speculative_defer_ms]
+        return decode, prefill
 
     def llm_extra_rows(self, states):
         return [st for st in states if _decoding(st.turn) and not st.turn.speculative

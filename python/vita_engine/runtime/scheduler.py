@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import traceback
 from typing import Dict, List
 
@@ -25,6 +26,7 @@ from .batch_llm import BatchLLM
 from .codec_stage import CodecStage
 from .lifecycle import Lifecycle
 from .llm_stage import LLMStage
+from .metrics import TickStats
 from .policy import make_policy
 from .state import SessionState
 from .tts_stage import TTSStage
@@ -49,6 +51,7 @@ class Scheduler:
         self._stop = False
         self.ticks = 0
         self.tick_errors = 0
+        self.tick_stats = TickStats()
         self.nvtx = bool(self.o["nvtx"])
         self.policy = make_policy(self.o, codec=engine.codec, has_tts=engine.tts is not None)
         self.life = Lifecycle(self)
@@ -91,9 +94,13 @@ class Scheduler:
                 log.error("scheduler tick failed:\n%s", traceback.format_exc())
                 busy = False
             if not busy:
+                self.tick_stats.idle_waits += 1
+                wait = 0.02
+                if self.turns.next_due is not None:  # audio is waiting for its batch interval
+                    wait = min(wait, max(0.0, self.turns.next_due - time.perf_counter()))
                 with self._cv:
-                    if not self._wake:
-                        self._cv.wait(timeout=0.02)
+                    if not self._wake and wait > 0:
+                        self._cv.wait(timeout=wait)
                     self._wake = False
         for st in list(self.states.values()):
             self.life.close(st)
@@ -101,18 +108,26 @@ class Scheduler:
     # ---- one tick ----------------------------------------------------------------------------------
     def tick(self) -> bool:
         self.ticks += 1
+        clock, cpu = time.perf_counter, time.thread_time
+        c0, t0 = cpu(), clock()
+        f0, r0 = self.llm.forwards, self.llm.rows
+        s0, p0 = self.tts_stage.steps, self.codec_stage.pushes
         with self._lock:
             new, self._new = self._new, []
         for st in new:
             self.states[st.session.id] = st
         busy = bool(new)
-        for st in list(self.states.values()):
-            try:
-                busy |= self.turns.admin(st)
-            except Exception as ex:
-                log.error("session %d: %s", st.session.id, traceback.format_exc())
-                self.life.fail(st, f"{type(ex).__name__}: {ex}")
+        busy |= self.turns.step()
+        t1 = clock()
         busy |= self.llm_stage.step()
+        t2 = clock()
         busy |= self.tts_stage.step()
+        t3 = clock()
         busy |= self.codec_stage.step()
+        busy |= self.turns.speculate()  # after the critical work of the tick: it has slack
+        t4 = clock()
+        if busy:
+            self.tick_stats.add(((t4 - t0) * 1e3, (cpu() - c0) * 1e3, (t1 - t0) * 1e3, (t2 - t1) * 1e3,
+                                 (t3 - t2) * 1e3, (t4 - t3) * 1e3, len(self.states), self.llm.forwards - f0,
+                                 self.llm.rows - r0, self.tts_stage.steps - s0, self.codec_stage.pushes - p0))
         return busy

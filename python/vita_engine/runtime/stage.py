@@ -11,8 +11,11 @@ class Stage:
         self.e = sch.e
         self.o = sch.o
         self.model = sch.model
-        self.policy = sch.policy
         self.nvtx = sch.nvtx
+
+    @property
+    def policy(self):
+        return self.sch.policy  # looked up each time: the policy can be swapped on a running engine
 
     @property
     def states(self):

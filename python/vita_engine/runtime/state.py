@@ -102,6 +102,7 @@ class SessionState:
         self.arrivals: Deque[Tuple[int, float]] = collections.deque(maxlen=4096)  # (end sample, wall time)
         self.hist = np.zeros(0, np.float32)                # recent audio (pre-roll)
         self.utt_start: Optional[int] = None               # sample index of the utterance's first sample
+        self.spec_request: Optional[Tuple[float, float]] = None  # (SpeculativeEnd speech_end_ms, time): not yet served
         self.pending_images: List[Any] = []                # [pixel_values or features]
         self.pending_frames: List[Tuple[float, Any]] = []
         self.queued_texts: Deque[Tuple[str, float]] = collections.deque()

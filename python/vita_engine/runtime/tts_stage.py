@@ -17,6 +17,8 @@ __all__ = ["TTSStage"]
 
 
 class TTSStage(Stage):
+    steps = 0  # batched AR steps run (a counter for the tick statistics)
+
     def step(self) -> bool:
         tts = self.e.tts
         if tts is None:
@@ -41,6 +43,7 @@ class TTSStage(Stage):
                 break
             with nvtx_range("tts_ar", self.nvtx):
                 out = tts.step(sids)
+            self.steps += 1
             now = time.perf_counter()
             for sid, tok in out.items():
                 p = plan[sid]
