@@ -284,7 +284,7 @@ def main(argv=None) -> int:
     d.set_defaults(fn=_demo)
 
     b = sub.add_parser("bench", help="N concurrent sessions with real-time-paced audio: latency distributions")
-    b.add_argument("--sessions", type=int, default=1)
+    b.add_argument("--sessions", default="1", help="concurrent sessions, or a comma-separated sweep run one after the other (1,4,16)")
     b.add_argument("--turns", type=int, default=3)
     b.add_argument("--dims", default="tiny", choices=["tiny", "mini", "full"],
                    help="tiny checkpoint; random weights at the real VITA-1.5 dimensions (full, GPU); or a small random model (mini)")
