@@ -98,6 +98,7 @@ def test_tts_capacity_exhausted_ends_turn_with_error(tiny_ckpt, one_thread, monk
         raise _compat.TTSCapacityError("TTSBatchDecoder: KV pool exhausted (test)")
 
     monkeypatch.setattr(e.tts, "start", full)
+    monkeypatch.setattr(e.tts, "start_many", full)  # the scheduler starts the segments of a tick together
     try:
         s = e.session(seed=0)
         r = s.run_turn(text="hi", timeout=30)

@@ -18,7 +18,9 @@ the latency users feel, so the chain that produces it runs back to back:
   end-of-turn timer as slack, so while a committed turn awaits its first audio it waits, up to
   `speculative_defer_ms`. Audio input is batched over `audio_interval_ms` (one VAD + fbank call for
   every session's new audio; the end-of-turn decision comes at most that much later).
-* TTS: the stream that plays next in a turn without audio yet gets the AR steps it still needs for the
+* TTS: a segment's stream starts when the segmenter hands it over; a later segment of a turn waits for
+  the one before it while another turn's first audio is being made. The stream that plays next in a
+  turn without audio yet gets the AR steps it still needs for the
   first window (codec look-ahead + `tts_first_window_tokens`), up to `tts_burst_steps` in one tick.
   After the first window it gets 1 step per tick, plus `tts_catchup_steps` while its audio lead over
   real-time playback is below `audio_lead_ms`. Streams of later segments (spoken afterwards) get 1.
@@ -100,6 +102,14 @@ class Policy:
         return 0
 
     # ---- TTS ---------------------------------------------------------------------------------------
+    def first_audio_pending(self, states: List[SessionState]) -> bool:
+        """Is a committed turn waiting for its first audio (work on the critical path in flight)?"""
+        return False
+
+    def tts_start(self, t: Turn, index: int, urgent: bool) -> bool:
+        """Start the TTS stream of segment `index` of `t` now? (`urgent`: first_audio_pending)."""
+        return True
+
     def tts_steps(self, t: Turn, seg: Segment, now: float) -> int:
         """AR steps this tick for the TTS stream of `seg` (a segment of turn `t` in flight); `now` is
         time.perf_counter(), the clock of TurnClock."""
@@ -199,6 +209,12 @@ class CriticalPathPolicy(Policy):
         return self.first_segment_steps - 1
 
     # ---- TTS ---------------------------------------------------------------------------------------
+    def tts_start(self, t, index, urgent):
+        # the segment that plays next starts at once; a later one (decoded in parallel for throughput)
+        # waits for its predecessor while another turn's first audio is being made: its NAR + prefix
+        # prefill then stays out of the critical ticks
+        return not urgent or index == 0 or t.segments[index - 1].tts_done
+
     def tts_steps(self, t, seg, now):
         if t.head >= len(t.segments) or t.segments[t.head] is not seg:
             return 1  # a later segment: decoded in parallel, spoken after the head one
