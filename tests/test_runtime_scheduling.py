@@ -57,13 +57,18 @@ def test_policy_codec_windows_and_bursts():
     seg.codec = list(range(9))
     t.collect_codec()
     assert p.tts_steps(t, seg, 0.0) == 5
-    assert p.codec_push(t) == 0  # 9 < 14: nothing is final yet
+    assert p.codec_push(t, 0.0) == 0  # 9 < 14: nothing is final yet
     seg.codec += list(range(5))
     t.collect_codec()
-    assert p.codec_push(t) == 14
+    assert p.codec_push(t, 0.0) == 14
     # after it: whole 2-token pieces only
     t.codec_pushed, t.codec_pending = 14, [1, 2, 3]
-    assert p.codec_push(t) == 2
+    assert p.codec_push(t, 0.0) == 2
+    # ... but not while the client holds >= codec_lead_ms of decoded audio beyond real-time playback
+    t.samples, t.clock.t["first_audio"] = 24000, 10.0  # 1 s of audio sent
+    assert p.codec_push(t, 10.5) == 0 and p.codec_push(t, 10.95) == 2  # 500 ms ahead / 50 ms ahead
+    t.samples = 0
+    del t.clock.t["first_audio"]
     # a later segment (spoken after the head one) gets one step per tick
     later = _seg(5, 9, sid=2)
     t.segments.append(later)
@@ -98,7 +103,7 @@ def test_policy_llm_text_lead():
     # lockstep: always one row, one step, every token pushed
     lp = LockstepPolicy(o, _Codec())
     t.codec_pending = [1]
-    assert lp.llm_rows([st])[0] == [st] and lp.tts_steps(t, t.segments[0], 0.0) == 1 and lp.codec_push(t) == 1
+    assert lp.llm_rows([st])[0] == [st] and lp.tts_steps(t, t.segments[0], 0.0) == 1 and lp.codec_push(t, 0.0) == 1
 
 
 def test_policy_prefill_order_committed_first():

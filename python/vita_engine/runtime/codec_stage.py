@@ -4,6 +4,7 @@ same state are batched; first windows go before later ones), emits the final sam
 events, and ends the turn once the LLM and every segment are done (the rest is pushed and flushed)."""
 from __future__ import annotations
 
+import time
 from typing import List, Tuple
 
 import numpy as np
@@ -22,9 +23,12 @@ class CodecStage(Stage):
 
     def step(self) -> bool:
         codec = self.e.codec
-        first: List[Tuple[SessionState, Turn, int]] = []
+        now = time.perf_counter()
+        first: List[Tuple[SessionState, Turn, int]] = []   # first windows: the critical path
+        ending: List[Tuple[SessionState, Turn, int]] = []  # the rest of a finished turn, before its flush
         later: List[Tuple[SessionState, Turn, int]] = []
-        for st in list(self.states.values()):
+        states = list(self.states.values())
+        for st in states:
             t = st.turn
             if t is None or t.speculative:
                 continue
@@ -32,16 +36,32 @@ class CodecStage(Stage):
             if codec is None:
                 t.codec_pending.clear()
                 continue
-            n = self.policy.codec_push(t) if not self._ending(t) else len(t.codec_pending)
+            if self._ending(t):
+                if t.codec_pending:
+                    ending.append((st, t, len(t.codec_pending)))
+                continue
+            n = self.policy.codec_push(t, now)
             if n > 0:
                 (first if t.codec_pushed == 0 else later).append((st, t, n))
-        busy = bool(first or later)
-        for group in (first, later):  # first windows are on the critical path: they go out first
+        busy = bool(first or later or ending)
+        for group in (first, ending):
             if group:
                 self._push(codec, group)
+        if later:
+            # later windows in the policy's order, streams in the same state batched, within the
+            # policy's time budget for this tick (the rest waits for the next tick)
+            budget = self.policy.codec_budget_ms(self.policy.first_audio_pending(states))
+            t0 = time.perf_counter()
+            groups: dict = {}
+            for c in self.policy.order_windows(later, now):
+                groups.setdefault((c[1].codec_pushed, c[2]), []).append(c)
+            for g in groups.values():
+                if (time.perf_counter() - t0) * 1e3 >= budget:
+                    break
+                self._push(codec, g)
         for st in list(self.states.values()):
             t = st.turn
-            if t is not None and not t.speculative and self._ending(t):
+            if t is not None and not t.speculative and self._ending(t) and not t.codec_pending:
                 if t.codec_stream is not None:
                     y = t.codec_stream.flush()
                     if y is not None and y.numel():

@@ -1,12 +1,14 @@
 """What runs in each scheduler tick (the policy), apart from how each stage does its work.
 
-The stages (turns.py, llm_stage.py, tts_stage.py, codec_stage.py) ask this module four questions:
-which LLM rows run this tick (and which get extra back-to-back forwards), how many TTS AR steps each
-stream gets, and how many codec tokens each turn pushes into its codec window now. Change the
-scheduling here without reading the stages; docs/scheduling.md gives the reasoning.
+The stages (turns.py, llm_stage.py, tts_stage.py, codec_stage.py) ask this module: when audio input
+is processed and speculative starts run, which LLM rows run this tick (and which get extra back-to-back
+forwards), when a TTS segment starts and how many AR steps each stream gets, and how many codec
+tokens each turn pushes into its codec window now. Change the scheduling here without reading the
+stages; docs/scheduling.md gives the reasoning.
 
 `CriticalPathPolicy` (default, option `scheduling="critical_path"`): the first audio of a turn is
-the latency users feel, so the chain that produces it runs back to back:
+the latency users feel, so the chain that produces it runs back to back and everything with slack
+waits for it:
 
 * LLM: a turn whose first TTS segment has not been handed over decodes up to `llm_first_segment_steps`
   tokens per tick (extra forwards with only those rows). Afterwards the LLM only has to stay ahead of
@@ -14,19 +16,23 @@ the latency users feel, so the chain that produces it runs back to back:
   has not finished) is below `llm_text_lead_tokens`, or when the TTS has nothing left to say. A tick
   where no row qualifies runs no LLM forward at all, so the LLM yields to first-window work.
   Prefill: committed turns first, then speculative ones, oldest first, `prefill_chunk_tokens` per tick.
+* TTS: a segment's stream starts when the segmenter hands it over; a later segment of a turn waits for
+  the one before it while another turn's first audio is being made. The stream that plays next in a
+  turn without audio yet gets the AR steps it still needs for the first window (codec look-ahead +
+  `tts_first_window_tokens`), up to `tts_burst_steps` in one tick. After the first window it gets 1
+  step per tick, plus `tts_catchup_steps` while its audio lead over real-time playback is below
+  `audio_lead_ms`. Streams of later segments (spoken afterwards) get 1.
+* Codec: the first window (exactly the look-ahead + `tts_first_window_tokens` tokens) is pushed as soon
+  as those tokens exist; later windows in multiples of `codec_window_ms` of audio (at most a
+  look-ahead's worth of tokens per piece), so a window finalizes a useful amount of audio and streams
+  at the same count batch, and only once the client holds less than `codec_lead_ms` of decoded audio
+  beyond real-time playback (a window's cost is mostly per call: later, larger windows are cheaper).
+  While a first audio is being made, later windows share `codec_budget_ms` per tick, the streams whose
+  client runs out of audio first going first.
 * Slack: speculative work (the encoder run at a pause and the speculative turn's prefill) has the
   end-of-turn timer as slack, so while a committed turn awaits its first audio it waits, up to
   `speculative_defer_ms`. Audio input is batched over `audio_interval_ms` (one VAD + fbank call for
   every session's new audio; the end-of-turn decision comes at most that much later).
-* TTS: a segment's stream starts when the segmenter hands it over; a later segment of a turn waits for
-  the one before it while another turn's first audio is being made. The stream that plays next in a
-  turn without audio yet gets the AR steps it still needs for the
-  first window (codec look-ahead + `tts_first_window_tokens`), up to `tts_burst_steps` in one tick.
-  After the first window it gets 1 step per tick, plus `tts_catchup_steps` while its audio lead over
-  real-time playback is below `audio_lead_ms`. Streams of later segments (spoken afterwards) get 1.
-* Codec: the first window (exactly the look-ahead + `tts_first_window_tokens` tokens) is pushed as soon
-  as those tokens exist; later windows in multiples of `codec_window_ms` of audio (at most a look-ahead's worth of tokens per
-  piece), so a window finalizes a useful amount of audio and streams at the same count batch.
 
 `LockstepPolicy` (`scheduling="lockstep"`, the engine before issue 12, kept for comparison): every
 answering session decodes one token per tick, every TTS stream takes one AR step per tick, and every
@@ -78,6 +84,7 @@ class Policy:
         hop = int(getattr(codec, "hop_length", 600) or 600)
         sr = int(getattr(codec, "sample_rate", 24000) or 24000)
         self.token_ms = hop * 1000.0 / sr                    # audio per codec token
+        self.sample_rate = sr
         self.lookahead = int(codec.lookahead_tokens) if codec is not None else 0
 
     audio_interval_ms = 0.0  # audio input waits this long to be batched (VAD + fbank) with other sessions'
@@ -116,10 +123,18 @@ class Policy:
         raise NotImplementedError
 
     # ---- codec -------------------------------------------------------------------------------------
-    def codec_push(self, t: Turn) -> int:
+    def codec_push(self, t: Turn, now: float) -> int:
         """How many of `t.codec_pending` (codec tokens in playback order) to push into the codec now.
         At the end of the turn the stage pushes the rest and flushes, whatever this says."""
         raise NotImplementedError
+
+    def codec_budget_ms(self, urgent: bool) -> float:
+        """Time per tick for later (not first) codec windows; `urgent`: first_audio_pending."""
+        return math.inf
+
+    def order_windows(self, later: list, now: float) -> list:
+        """The order in which the later windows [(session, turn, n)] of this tick are pushed."""
+        return later
 
     def describe(self) -> Dict[str, float]:
         return {}
@@ -133,7 +148,7 @@ class LockstepPolicy(Policy):
     def tts_steps(self, t, seg, now):
         return 1
 
-    def codec_push(self, t):
+    def codec_push(self, t, now):
         return len(t.codec_pending)
 
     def describe(self):
@@ -150,6 +165,8 @@ class CriticalPathPolicy(Policy):
         self.catchup_steps = _int_opt(options, "tts_catchup_steps", 0)
         self.audio_lead_ms = _float_opt(options, "audio_lead_ms", 0.0)
         window_ms = _float_opt(options, "codec_window_ms", 0.0)
+        self.codec_lead_ms = _float_opt(options, "codec_lead_ms", 0.0)
+        self.codec_budget_ms_urgent = _float_opt(options, "codec_budget_ms", 0.0)
         self.audio_interval_ms = _float_opt(options, "audio_interval_ms", 0.0)
         self.speculative_defer_ms = _float_opt(options, "speculative_defer_ms", 0.0)
         # tokens finalized by the first window: everything pushed except the look-ahead tail
@@ -233,11 +250,28 @@ class CriticalPathPolicy(Policy):
         return ahead if t0 is None else ahead - (now - t0) * 1e3
 
     # ---- codec -------------------------------------------------------------------------------------
-    def codec_push(self, t):
+    def codec_push(self, t, now):
         ready = len(t.codec_pending)
         if t.codec_pushed == 0:  # exactly the first window: every turn's first push batches with the others'
             return self.first_window if ready >= self.first_window else 0
+        if ready < self.window or self.client_lead(t, now) >= self.codec_lead_ms:
+            return 0  # the client still holds enough decoded audio: a later, larger window is cheaper
         return ready - ready % self.window
+
+    def codec_budget_ms(self, urgent):
+        # while a first audio is being made, later windows get a time slice per tick (the ones whose
+        # client runs out of audio first go first), so the tick stays short when the codec is the
+        # bottleneck and the critical path moves on in the next tick
+        return self.codec_budget_ms_urgent if urgent else math.inf
+
+    def order_windows(self, later, now):
+        return sorted(later, key=lambda c: self.client_lead(c[1], now))
+
+    def client_lead(self, t: Turn, now: float) -> float:
+        """ms of decoded audio sent beyond what real-time playback from the first AudioChunk has used."""
+        t0 = t.clock.t.get("first_audio")
+        sent = t.samples * 1e3 / self.sample_rate
+        return sent if t0 is None else sent - (now - t0) * 1e3
 
     def describe(self):
         return {"scheduling": "critical_path", "codec_lookahead_tokens": self.lookahead,
