@@ -137,7 +137,7 @@ def run_bench(args) -> int:
     dims = "model" if args.model else args.dims
     runs = []
     try:
-        _warm_up(eng)
+        _warm_up(eng, audio, sr)
         for n in counts:
             eng.metrics.reset()
             eng.scheduler_stats(reset=True)
@@ -172,12 +172,14 @@ def run_bench(args) -> int:
     return 0
 
 
-def _warm_up(eng) -> None:
-    """One short text turn before measuring, so the first measured turn does not pay one-time costs
-    (first kernel calls, allocator growth, lazy model state)."""
+def _warm_up(eng, audio, sr) -> None:
+    """One short text turn and one spoken turn (fed as fast as possible) before measuring, so the first
+    measured turn does not pay one-time costs (first kernel calls, the VAD's and encoder's first
+    shapes, allocator growth, lazy model state)."""
     s = eng.session()
     try:
         s.run_turn(text="Hello.", timeout=300)
+        s.run_turn(audio, sr, chunk_ms=40.0, timeout=300)
     finally:
         s.close()
 
