@@ -139,13 +139,15 @@ class TurnTaking(Stage):
             for st, _ in runs:
                 self._failed(st, ex)
             return
+        # fbank before the events: an end of turn then finds its features ready, and the batched
+        # fbank of the other sessions is not on its critical path
+        fbank_many([st.frontend for st, _ in runs if st.utt_start is not None and st.frontend is not None])
         for (st, _), x, evs in zip(runs, xs, events):
             try:
                 st.n_samples += x.size
                 self._on_vad(st, evs)
             except Exception as ex:
                 self._failed(st, ex)
-        fbank_many([st.frontend for st, _ in runs if st.utt_start is not None and st.frontend is not None])
 
     def _on_vad(self, st: SessionState, evs: list) -> None:
         life = self.sch.life
