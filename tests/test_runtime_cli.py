@@ -19,3 +19,34 @@ def test_demo_json(tiny_ckpt, capsys, tmp_path):
     assert rep["audio_out_seconds"] >= 1.0, rep
     with wave.open(str(out)) as w:
         assert w.getframerate() == 24000 and abs(w.getnframes() / 24000 - rep["audio_out_seconds"]) < 1e-3
+
+
+def test_bench_sweep_json(tiny_ckpt, capsys):
+    """`bench --sessions 1,2` runs both counts in one process: one result each, every turn completed,
+    ttfa percentiles and the scheduler's tick/host figures."""
+    rc = cli.main(["bench", "--model", str(tiny_ckpt), "--sessions", "1,2", "--turns", "1", "--fast", "--json",
+                   "--max-new-tokens", "8", "--tts-max-tokens", "16"])
+    assert rc == 0
+    runs = json.loads(capsys.readouterr().out)["sweep"]
+    assert [r["sessions"] for r in runs] == [1, 2]
+    for r in runs:
+        assert r["turns_done"] == r["sessions"]
+        assert r["metrics"]["ttfa_ms"]["n"] == r["sessions"]
+        m = r["metrics"]["ttfa_ms"]
+        assert 0 <= m["p50"] <= m["p90"] <= m["p99"]
+        s = r["scheduler"]
+        assert s["ticks"] > 0 and s["policy"]["scheduling"] == "critical_path"
+        for k in ("tick_ms", "host_ms", "llm_ms", "tts_ms", "codec_ms", "turns_ms"):
+            assert s[k]["n"] == s["ticks"] and 0 <= s[k]["p50"] <= s[k]["p99"], k
+
+
+def test_bench_bad_sessions(capsys):
+    # One line naming the option, exit 2, before any model is loaded.
+    import pytest
+
+    for bad in ("0", "1,x", "", "1,,4"):
+        with pytest.raises(SystemExit) as ei:
+            cli.main(["bench", "--sessions", bad])
+        assert ei.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--sessions" in err[0], err

@@ -65,7 +65,7 @@ def test_engine_deltas_and_tts_text_are_clean(tiny_ckpt, one_thread, monkeypatch
     decode(answer ids), and the text handed to the TTS has no U+FFFD either; an answer cut by
     max_new_tokens in the middle of a character still delivers its tail."""
     import vita_engine.ops as ops
-    from vita_engine.runtime.scheduler import Scheduler
+    from vita_engine.runtime.llm_stage import LLMStage
 
     e = make_engine(tiny_ckpt, tts_max_tokens=4)
     try:
@@ -83,14 +83,14 @@ def test_engine_deltas_and_tts_text_are_clean(tiny_ckpt, one_thread, monkeypatch
             return torch.tensor([script[s] if s < len(script) else stop for s in steps], dtype=out.dtype, device=out.device)
 
         segs = []
-        orig_add = Scheduler._add_segment
+        orig_add = LLMStage.add_segment
 
         def add_segment(self, st, t, text, tok_end):
             segs.append(text)
             return orig_add(self, st, t, text, tok_end)
 
         monkeypatch.setattr(ops, "sample_tokens", fake_sample)
-        monkeypatch.setattr(Scheduler, "_add_segment", add_segment)
+        monkeypatch.setattr(LLMStage, "add_segment", add_segment)
         for text, cut in (("hé 世界, ça va? 你好!", 0), ("ok 世界 €", 1)):
             ids = byte_ids(fmt, text)
             if cut:

@@ -16,19 +16,19 @@ ANSWERS = ("Hello there, nice to meet you.", "?! ... ;; -- ** !!")  # turn 1: no
 
 def _script_answers(monkeypatch, e, answers):
     """The LLM 'answers' turn k with `answers[k]` (real tokens, then a stop id)."""
-    from vita_engine.runtime.scheduler import Scheduler
+    from vita_engine.runtime.llm_stage import LLMStage
 
     fmt = e.chat
     ids = [fmt.encode(a) for a in answers]
     stop = min(fmt.stop_ids)
-    orig = Scheduler._on_token
+    orig = LLMStage.on_token
 
     def on_token(self, st, t, tok):
         script = ids[t.idx % len(ids)]
         n = len(t.tokens)
         return orig(self, st, t, script[n] if n < len(script) else stop)
 
-    monkeypatch.setattr(Scheduler, "_on_token", on_token)
+    monkeypatch.setattr(LLMStage, "on_token", on_token)
 
 
 def _run_sessions(e, n_sessions, turns, timeout):
@@ -98,6 +98,7 @@ def test_tts_capacity_exhausted_ends_turn_with_error(tiny_ckpt, one_thread, monk
         raise _compat.TTSCapacityError("TTSBatchDecoder: KV pool exhausted (test)")
 
     monkeypatch.setattr(e.tts, "start", full)
+    monkeypatch.setattr(e.tts, "start_many", full)  # the scheduler starts the segments of a tick together
     try:
         s = e.session(seed=0)
         r = s.run_turn(text="hi", timeout=30)

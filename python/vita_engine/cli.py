@@ -298,6 +298,16 @@ def _bench(args) -> int:
         return run_bench(args)
 
 
+def _session_counts(s: str) -> str:
+    """`bench --sessions`: one count or a comma-separated sweep, each >= 1 (checked before any model loads)."""
+    parts = [p.strip() for p in s.split(",")]
+    if not s.strip() or any(not p for p in parts):
+        raise argparse.ArgumentTypeError(f"{s!r}: expected a session count or a comma-separated list of counts (e.g. 16 or 1,4,16)")
+    for p in parts:
+        E.int_at_least(1)(p)
+    return s
+
+
 def main(argv=None) -> int:
     p = E.Parser(prog="vita-engine", description="vita-engine: real-time VITA-1.5 inference engine")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -322,7 +332,8 @@ def main(argv=None) -> int:
     d.set_defaults(fn=_demo)
 
     b = sub.add_parser("bench", help="N concurrent sessions with real-time-paced audio: latency distributions")
-    b.add_argument("--sessions", type=E.int_at_least(1), default=1)
+    b.add_argument("--sessions", type=_session_counts, default="1",
+                   help="concurrent sessions, or a comma-separated sweep run one after the other (1,4,16)")
     b.add_argument("--turns", type=E.int_at_least(1), default=3)
     b.add_argument("--dims", default="tiny", choices=["tiny", "mini", "full"],
                    help="tiny checkpoint; random weights at the real VITA-1.5 dimensions (full, GPU); or a small random model (mini)")

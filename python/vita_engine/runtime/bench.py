@@ -1,16 +1,23 @@
 """`vita-engine bench`: N concurrent sessions, K spoken turns each, real-time-paced audio (asyncio),
-then p50/p90/p99 of every §7 key across turns and sessions (`Engine.metrics_summary()`)."""
+then p50/p90/p99 of every §7 key across turns and sessions (`Engine.metrics_summary()`) and of the
+scheduler's tick and host time (`Engine.scheduler_stats()`). `--sessions 1,4,16` sweeps the counts
+one after the other in one process (one engine) and adds a summary table and, with `--plot`, a
+ttfa-vs-sessions plot."""
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import time
+from typing import List
 
 import numpy as np
 
 from .events import AudioChunk, TurnEnd
+from .metrics import TICK_KEYS
 
-__all__ = ["run_bench", "drive_sessions"]
+__all__ = ["run_bench", "drive_sessions", "parse_sessions"]
 
 PLOT_KEYS = ("fbank_ms", "audio_encoder_ms", "prefill_ms", "first_text_token_ms", "tts_nar_ms", "first_codec_token_ms",
              "first_codec_window_ms", "ttfa_ms", "response_ms")
@@ -67,7 +74,22 @@ async def drive_sessions(engine, n_sessions, turns, audio, sr, *, chunk_ms=40.0,
     return res
 
 
-def _engine_for(args):
+def parse_sessions(value) -> List[int]:
+    """`--sessions`: one count ("16") or a comma-separated sweep ("1,4,16"), each >= 1."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        counts = [value]
+    else:
+        try:
+            counts = [int(p) for p in str(value).split(",") if p.strip()]
+        except ValueError:
+            counts = []
+    if not counts or any(c < 1 for c in counts):
+        raise SystemExit(f"bench --sessions: expected a session count or a comma-separated list of counts >= 1 "
+                         f"(e.g. 16 or 1,4,16), got {value!r}")
+    return counts
+
+
+def _engine_for(args, max_sessions: int):
     import torch
 
     from .engine import Engine
@@ -76,8 +98,10 @@ def _engine_for(args):
     dt = args.dtype or ("bfloat16" if dev.startswith("cuda") else "float32")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "bf16": torch.bfloat16,
              "fp16": torch.float16, "fp32": torch.float32}[dt]
-    opts = dict(max_new_tokens=args.max_new_tokens, max_sessions=max(16, args.sessions),
+    opts = dict(max_new_tokens=args.max_new_tokens, max_sessions=max(16, max_sessions),
                 use_reference=bool(getattr(args, "use_reference", False)))
+    if getattr(args, "scheduling", None):
+        opts["scheduling"] = args.scheduling
     ttsmax = getattr(args, "tts_max_tokens", None)
     if dev == "cpu":
         torch.set_num_threads(args.threads)
@@ -98,45 +122,128 @@ def _engine_for(args):
     return Engine.from_pretrained("tiny", device=dev, dtype=dtype, **opts), dt
 
 
+def _r(d, nd=2):
+    return {k: (round(v, nd) if isinstance(v, float) else v) for k, v in d.items()}
+
+
 def run_bench(args) -> int:
+    """One engine; the session counts of `--sessions` one after the other (metrics and tick statistics
+    restart for each count)."""
     from . import _compat
 
-    eng, dt = _engine_for(args)
+    counts = parse_sessions(args.sessions)
+    eng, dt = _engine_for(args, max(counts))
     audio, sr = _compat.load_sample("question.wav")
-    t0 = time.perf_counter()
+    dims = "model" if args.model else args.dims
+    runs = []
     try:
-        res = asyncio.run(drive_sessions(eng, args.sessions, args.turns, audio, sr, realtime=not args.fast))
-        summary = eng.metrics_summary()
-        stats = eng.stats
+        _warm_up(eng, audio, sr)
+        for n in counts:
+            eng.metrics.reset()
+            eng.scheduler_stats(reset=True)
+            load0 = _loadavg()
+            t0 = time.perf_counter()
+            res = asyncio.run(drive_sessions(eng, n, args.turns, audio, sr, realtime=not args.fast))
+            wall = time.perf_counter() - t0
+            summary = eng.metrics_summary()
+            sched = eng.scheduler_stats()
+            out = {"sessions": n, "turns": args.turns, "dims": dims, "device": args.device, "dtype": dt,
+                   "wall_s": round(wall, 2), "turns_done": sum(r["turns"] for r in res),
+                   "audio_out_s": round(sum(r["samples"] for r in res) / 24000.0, 3),
+                   "load_avg": [load0, _loadavg()],
+                   "metrics": {k: _r(d) for k, d in summary.items()},
+                   "scheduler": {k: (_r(v, 3) if isinstance(v, dict) else v) for k, v in sched.items()},
+                   "engine": eng.stats}
+            runs.append(out)
+            if not args.json:
+                _print_run(out, summary, sched)
     finally:
         eng.close()
-    wall = time.perf_counter() - t0
-    out = {"sessions": args.sessions, "turns": args.turns, "dims": "model" if args.model else args.dims, "device": args.device,
-           "dtype": dt, "wall_s": round(wall, 2), "turns_done": sum(r["turns"] for r in res),
-           "audio_out_s": round(sum(r["samples"] for r in res) / 24000.0, 3),
-           "metrics": {k: {q: round(v, 2) for q, v in d.items()} for k, d in summary.items()},
-           "engine": stats}
     if args.json:
-        print(json.dumps(out, indent=1))
-    else:
-        print(f"{args.sessions} session(s) x {args.turns} turn(s), {out['dims']} on {args.device} ({dt}); "
-              f"{out['turns_done']} turns in {out['wall_s']} s, {out['audio_out_s']} s of speech out")
-        print(f"{'key':<24}{'n':>5}{'p50':>10}{'p90':>10}{'p99':>10}{'max':>10}")
-        for k, d in summary.items():
-            print(f"{k:<24}{d['n']:>5}{d['p50']:>10.2f}{d['p90']:>10.2f}{d['p99']:>10.2f}{d['max']:>10.2f}")
+        print(json.dumps(runs[0] if len(runs) == 1 else {"sweep": runs}, indent=1))
+    elif len(runs) > 1:
+        _print_sweep(runs)
     if args.plot:
-        _plot(summary, args.plot, f"{args.sessions} session(s), {out['dims']}, {args.device}")
+        title = f"{dims}, {args.device} ({dt}), {args.turns} turn(s) per session"
+        if len(runs) == 1:
+            _plot(summary, args.plot, f"{counts[0]} session(s), {title}")
+        else:
+            _plot_sweep(runs, args.plot, title)
     return 0
 
 
-def _plot(summary, path, title):
+def _warm_up(eng, audio, sr) -> None:
+    """One short text turn and one spoken turn (fed as fast as possible) before measuring, so the first
+    measured turn does not pay one-time costs (first kernel calls, the VAD's and encoder's first
+    shapes, allocator growth, lazy model state)."""
+    s = eng.session()
+    try:
+        s.run_turn(text="Hello.", timeout=300)
+        s.run_turn(audio, sr, chunk_ms=40.0, timeout=300)
+    finally:
+        s.close()
+
+
+def _loadavg():
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # not available on this platform
+        return None
+
+
+def _print_run(out, summary, sched):
+    n = out["sessions"]
+    want = n * out["turns"]
+    print(f"{n} session(s) x {out['turns']} turn(s), {out['dims']} on {out['device']} ({out['dtype']}); "
+          f"{out['turns_done']} of {want} turns in {out['wall_s']} s, {out['audio_out_s']} s of speech out"
+          f" (load average {out['load_avg'][0]} -> {out['load_avg'][1]})")
+    if out["turns_done"] < want:
+        print(f"WARNING: only {out['turns_done']} of {want} turns completed")
+    print(f"{'key':<24}{'n':>5}{'p50':>10}{'p90':>10}{'p99':>10}{'max':>10}")
+    for k, d in summary.items():
+        print(f"{k:<24}{d['n']:>5}{d['p50']:>10.2f}{d['p90']:>10.2f}{d['p99']:>10.2f}{d['max']:>10.2f}")
+    print(f"scheduler: {sched['ticks']} ticks with work, {sched['idle_waits']} idle waits; per tick: "
+          f"{sched['llm_forwards_per_tick']:.2f} LLM forwards ({sched['llm_rows_per_tick']:.1f} rows), "
+          f"{sched['tts_steps_per_tick']:.2f} TTS steps, {sched['codec_pushes_per_tick']:.2f} codec pushes, "
+          f"{sched['sessions_per_tick']:.1f} sessions")
+    for k in TICK_KEYS:
+        d = sched[k]
+        if d.get("n"):
+            print(f"  {k:<22}{d['n']:>5}{d['p50']:>10.2f}{d['p90']:>10.2f}{d['p99']:>10.2f}{d['max']:>10.2f}")
+    print()
+
+
+def _print_sweep(runs):
+    print("sweep (ms)      ttfa p50    p90    p99 | response p50    p90    p99 |  tick p50   p90   p99 | host p90  turns")
+    for r in runs:
+        m, s = r["metrics"], r["scheduler"]
+        t, rs = m.get("ttfa_ms", {}), m.get("response_ms", {})
+        tk, h = s.get("tick_ms", {}), s.get("host_ms", {})
+
+        def f(d, q, w):
+            return f"{d[q]:>{w}.1f}" if q in d else " " * (w - 1) + "-"
+
+        print(f"{r['sessions']:>4} session(s) {f(t, 'p50', 9)}{f(t, 'p90', 7)}{f(t, 'p99', 7)} |"
+              f"{f(rs, 'p50', 13)}{f(rs, 'p90', 7)}{f(rs, 'p99', 7)} |{f(tk, 'p50', 10)}{f(tk, 'p90', 6)}{f(tk, 'p99', 6)} |"
+              f"{f(h, 'p90', 9)}  {r['turns_done']}/{r['sessions'] * r['turns']}")
+
+
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("bench --plot needs matplotlib: pip install matplotlib") from None
+        print("bench --plot: matplotlib is not installed, no plot written (pip install matplotlib)", file=sys.stderr)
+        return None
+    return plt
+
+
+def _plot(summary, path, title):
+    plt = _pyplot()
+    if plt is None:
+        return
     keys = [k for k in PLOT_KEYS if k in summary]
     fig, ax = plt.subplots(figsize=(9, 4))
     x = np.arange(len(keys))
@@ -147,5 +254,42 @@ def _plot(summary, path, title):
     ax.set_ylabel("ms")
     ax.set_title(title)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _plot_sweep(runs, path, title):
+    """ttfa/response percentiles vs sessions (left) and the p50 of each stage vs sessions (right)."""
+    plt = _pyplot()
+    if plt is None:
+        return
+    ns = [r["sessions"] for r in runs]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key, style in (("ttfa_ms", "-"), ("response_ms", "--")):
+        for q, mk in (("p50", "o"), ("p90", "s"), ("p99", "^")):
+            ys = [r["metrics"].get(key, {}).get(q, np.nan) for r in runs]
+            a.plot(ns, ys, style, marker=mk, label=f"{key} {q}")
+    a.set_xlabel("sessions")
+    a.set_ylabel("ms")
+    a.set_xscale("log", base=2)
+    a.set_xticks(ns)
+    a.set_xticklabels([str(n) for n in ns])
+    a.set_title("first audio vs sessions")
+    a.legend(fontsize=7)
+    for key in PLOT_KEYS:
+        if key in ("ttfa_ms", "response_ms"):
+            continue
+        ys = [r["metrics"].get(key, {}).get("p50", np.nan) for r in runs]
+        if not all(np.isnan(ys)):
+            b.plot(ns, ys, marker="o", label=key)
+    ys = [r["scheduler"].get("tick_ms", {}).get("p50", np.nan) for r in runs]
+    b.plot(ns, ys, "k:", marker="x", label="tick_ms")
+    b.set_xlabel("sessions")
+    b.set_xscale("log", base=2)
+    b.set_xticks(ns)
+    b.set_xticklabels([str(n) for n in ns])
+    b.set_title("stages (p50)")
+    b.legend(fontsize=7)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -42,6 +42,19 @@ DEFAULT_OPTIONS: Dict[str, Any] = dict(
     tts_max_tokens=None,        # per TTS segment (default: the decoder config's 1000)
     tts_capacity_wait_s=10.0,   # a TTS segment waits this long for a free stream slot/pages, then is
                                 # dropped with an Error event (at once when no stream could free any)
+    # scheduling policy (policy.py, docs/scheduling.md): "critical_path" or "lockstep" (before issue 12)
+    scheduling="critical_path",
+    llm_first_segment_steps=8,  # LLM decode steps per tick for a turn whose first TTS segment is not out
+    llm_text_lead_tokens=16,    # afterwards, decode while the unspoken answer text is below this
+    tts_first_window_tokens=1,  # first codec window: the look-ahead + this many tokens of final audio
+    tts_burst_steps=32,         # AR steps per tick for a stream before its turn's first window
+    tts_catchup_steps=1,        # extra AR steps per tick while the audio lead is below audio_lead_ms
+    audio_lead_ms=200.0,
+    codec_window_ms=40.0,       # later codec windows: at least this much audio (at most a look-ahead)
+    codec_lead_ms=120.0,        # ... and only once the client holds less decoded audio than this
+    codec_budget_ms=10.0,       # time per tick for later windows while a first audio is being made
+    audio_interval_ms=16.0,     # input audio batched across sessions over this interval (VAD + fbank)
+    speculative_defer_ms=100.0, # speculative encode/prefill waits up to this while a first audio is due
     cpu_threads=None,           # torch intra-op threads for the scheduler (CPU)
     nvtx=None,                  # NVTX ranges per stage (default: on when CUDA and nvtx are available)
     use_reference=False,        # run every op on its pure-torch reference
@@ -191,6 +204,20 @@ class Engine:
         """p50/p90/p99 (and n, mean, max) of every §7 key across all finished turns and sessions."""
         return self.metrics.summary()
 
+    def scheduler_stats(self, reset: bool = False) -> Dict[str, Any]:
+        """The scheduler's per-tick figures over the ticks since the engine started (or the last reset):
+        `tick_ms`, `host_ms` (CPU time of the scheduler thread) and the wall time of each stage
+        (`turns_ms`, `llm_ms`, `tts_ms`, `codec_ms`) as {n, mean, p50, p90, p99, max}; the mean work per
+        tick (`sessions_per_tick`, `llm_forwards_per_tick`, `llm_rows_per_tick`, `tts_steps_per_tick`,
+        `codec_pushes_per_tick`); `ticks` (ticks that did work), `idle_waits`; and `policy` (the
+        scheduling policy and its codec window sizes). `reset=True` starts a new window after reading."""
+        sch = self._scheduler
+        out = sch.tick_stats.summary()
+        out["policy"] = sch.policy.describe()
+        if reset:
+            sch.tick_stats.reset()
+        return out
+
     @property
     def stats(self) -> dict:
         """Counters and memory figures (read-only, any thread; the server's /metrics exports them)."""
@@ -212,9 +239,10 @@ class Engine:
         return out
 
     @property
-    def tick_stats(self):
-        """Histograms of busy scheduler ticks (metrics.TickStats: tick_ms and host overhead)."""
-        return self._scheduler.tick_stats
+    def tick_histograms(self):
+        """Cumulative histograms of busy scheduler ticks (metrics.TickHistograms: tick_ms and host
+        overhead outside the model stages), for /metrics; `scheduler_stats()` has the percentiles."""
+        return self._scheduler.tick_hist
 
     def close(self) -> None:
         with self._lock:

@@ -15,14 +15,14 @@ construction / `reset()`.
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..model.audio import fbank_frames
 
-__all__ = ["IncrementalAudioFrontend"]
+__all__ = ["IncrementalAudioFrontend", "fbank_many"]
 
 
 class IncrementalAudioFrontend:
@@ -73,6 +73,12 @@ class IncrementalAudioFrontend:
     def push(self, x16k) -> int:
         """Append 16 kHz float32 mono samples; computes the fbank frames that became complete.
         Returns the number of new frames."""
+        self.append(x16k)
+        return self.compute()
+
+    def append(self, x16k) -> None:
+        """Append samples without computing fbank yet (`compute()` or `fbank_many()` does, batched;
+        `features`, `encode_partial` and `finish` compute what is pending first)."""
         x = np.asarray(x16k)
         if x.ndim != 1:
             raise ValueError(f"IncrementalAudioFrontend.push: expected 1-D 16 kHz mono samples, got shape {list(x.shape)}")
@@ -80,7 +86,7 @@ class IncrementalAudioFrontend:
             raise TypeError(f"IncrementalAudioFrontend.push: expected float samples in [-1, 1], got {x.dtype}")
         k = x.shape[0]
         if k == 0:
-            return 0
+            return
         need = self._n + k
         if need > self._samples.shape[0]:
             cap = self._samples.shape[0]
@@ -91,24 +97,43 @@ class IncrementalAudioFrontend:
             self._samples = grown
         self._samples[self._n: need] = x
         self._n = need
-        done = self.stats["frames"]
+
+    @property
+    def pending_frames(self) -> int:
+        """Complete fbank frames whose features are not computed yet."""
         total = fbank_frames(self._n, self.sample_rate, self.audio_model.config.frame_length_ms,
                              self.audio_model.config.frame_shift_ms)
-        if total <= done:
+        return max(0, total - self.stats["frames"])
+
+    def _pending_window(self):
+        """(samples covering exactly the pending frames, number of frames), or (None, 0)."""
+        n = self.pending_frames
+        if n == 0:
+            return None, 0
+        done = self.stats["frames"]
+        return self._samples[done * self.hop: (done + n - 1) * self.hop + self.win], n
+
+    def _add_frames(self, f: torch.Tensor, ms: float) -> None:
+        self._chunks.append(f)
+        self.stats["fbank_ms"] += ms
+        self.stats["frames"] += int(f.shape[0])
+        self.stats["samples"] = self._n
+
+    def compute(self) -> int:
+        """fbank of the pending frames (this stream alone). Returns the number of new frames."""
+        seg, n = self._pending_window()
+        if n == 0:
             return 0
         t0 = time.perf_counter()
-        seg = self._samples[done * self.hop: (total - 1) * self.hop + self.win]
         f = self.audio_model.fbank(seg)
-        assert f.shape[0] == total - done, (f.shape, total, done)
-        self._chunks.append(f)
-        self.stats["fbank_ms"] += (time.perf_counter() - t0) * 1000.0
-        self.stats["frames"] = total
-        self.stats["samples"] = self._n
-        return total - done
+        assert f.shape[0] == n, (f.shape, n)
+        self._add_frames(f, (time.perf_counter() - t0) * 1000.0)
+        return n
 
     @property
     def features(self) -> torch.Tensor:
         """CMVN-normalised fbank of the utterance so far, [frames, num_mel_bins] float32."""
+        self.compute()
         if self._chunks:
             self._feats = torch.cat([self._feats, *self._chunks], 0)
             self._chunks = []
@@ -116,6 +141,7 @@ class IncrementalAudioFrontend:
 
     # ---- encoder -------------------------------------------------------------------------------
     def _frames_for(self, end_ms: Optional[float]) -> int:
+        self.compute()
         T = self.num_frames
         if end_ms is not None:
             end = int(round(float(end_ms) * self.sample_rate / 1000.0))
@@ -158,3 +184,36 @@ class IncrementalAudioFrontend:
             raise ValueError(f"IncrementalAudioFrontend.finish: utterance too short to encode "
                              f"({self._n} samples = {T} fbank frames; the encoder needs >= {self.min_frames()} frames, ~85 ms)")
         return self._encode(T)
+
+
+def fbank_many(frontends: Sequence[IncrementalAudioFrontend]) -> None:
+    """`fe.compute()` for several streams with ONE fbank call: each stream's pending window is padded
+    to a whole number of hops and the windows are concatenated, so every frame of every stream starts
+    at a hop boundary of the concatenation (Kaldi frames depend only on their own samples); the two
+    frames that straddle each seam are dropped. Same features as each stream alone (float rounding).
+    Streams on different audio models are computed alone."""
+    work = [(fe,) + fe._pending_window() for fe in frontends]
+    work = [w for w in work if w[2]]
+    if not work:
+        return
+    am = work[0][0].audio_model
+    alone = [w for w in work if w[0].audio_model is not am]
+    work = [w for w in work if w[0].audio_model is am]
+    for fe, _, _ in alone:
+        fe.compute()
+    if len(work) == 1:
+        work[0][0].compute()
+        return
+    hop = work[0][0].hop
+    parts, starts, pos = [], [], 0
+    for fe, seg, n in work:
+        padded = -(-seg.shape[0] // hop) * hop  # whole hops: the next window starts hop-aligned
+        parts += [seg, np.zeros(padded - seg.shape[0], np.float32)]
+        starts.append(pos // hop)
+        pos += padded
+    t0 = time.perf_counter()
+    f = am.fbank(np.concatenate(parts))
+    ms = (time.perf_counter() - t0) * 1000.0
+    total = sum(n for _, _, n in work)
+    for (fe, _, n), s in zip(work, starts):
+        fe._add_frames(f[s:s + n], ms * n / total)

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-__all__ = ["KEYS", "STAGE_KEYS", "TurnClock", "MetricsStore", "TickStats", "nvtx_range"]
+__all__ = ["KEYS", "STAGE_KEYS", "TICK_KEYS", "TurnClock", "MetricsStore", "TickStats", "TickHistograms", "distribution", "nvtx_range"]
 
 STAGE_KEYS = ("fbank_ms", "audio_encoder_ms", "vision_ms", "prefill_ms", "first_text_token_ms", "tts_nar_ms",
               "first_codec_token_ms", "first_codec_window_ms")
@@ -59,6 +59,58 @@ class TurnClock:
         return v
 
 
+TICK_KEYS = ("tick_ms", "host_ms", "turns_ms", "llm_ms", "tts_ms", "codec_ms")
+COUNT_KEYS = ("sessions", "llm_forwards", "llm_rows", "tts_steps", "codec_pushes")
+
+
+def distribution(xs) -> Dict[str, float]:
+    """{n, mean, p50, p90, p99, max} of a sequence of numbers (empty -> {"n": 0})."""
+    a = np.asarray(xs, dtype=np.float64)
+    if a.size == 0:
+        return {"n": 0}
+    return {"n": int(a.size), "mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
+            "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)), "max": float(a.max())}
+
+
+class TickStats:
+    """Per-tick scheduler figures (ticks that did work; idle waits are not ticks), last `maxlen` ticks.
+
+    tick_ms: wall time of the tick. host_ms: CPU time of the scheduler thread in the tick
+    (`time.thread_time`): on CUDA the Python + launch overhead (plus any spinning in a
+    synchronization), on CPU it also holds the kernels the thread runs itself. turns_ms, llm_ms, tts_ms,
+    codec_ms: wall time of each stage. Counts per tick: sessions, llm_forwards, llm_rows, tts_steps
+    (batched AR steps), codec_pushes (streams pushed)."""
+
+    def __init__(self, maxlen: int = 200_000):
+        import collections
+
+        self._rows = collections.deque(maxlen=maxlen)
+        self._lock = threading.Lock()
+        self.idle_waits = 0
+
+    def add(self, row: tuple) -> None:
+        """row: TICK_KEYS values then COUNT_KEYS values."""
+        with self._lock:
+            self._rows.append(row)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._rows.clear()
+            self.idle_waits = 0
+
+    def summary(self) -> Dict[str, object]:
+        with self._lock:
+            rows = np.array(self._rows, dtype=np.float64).reshape(-1, len(TICK_KEYS) + len(COUNT_KEYS))
+            idle = self.idle_waits
+        out: Dict[str, object] = {"ticks": int(rows.shape[0]), "idle_waits": idle}
+        for j, k in enumerate(TICK_KEYS):
+            out[k] = distribution(rows[:, j])
+        for j, k in enumerate(COUNT_KEYS):
+            col = rows[:, len(TICK_KEYS) + j]
+            out[k + "_per_tick"] = float(col.mean()) if col.size else 0.0
+        return out
+
+
 class MetricsStore:
     """Thread-safe collection of every finished turn's values."""
 
@@ -80,15 +132,17 @@ class MetricsStore:
         rows = self.rows()
         keys = list(KEYS) + sorted({k for r in rows for k in r} - set(KEYS))
         for k in keys:
-            xs = np.array([r[k] for r in rows if k in r and isinstance(r[k], (int, float))], dtype=np.float64)
-            if xs.size == 0:
-                continue
-            out[k] = {"n": int(xs.size), "mean": float(xs.mean()), "p50": float(np.percentile(xs, 50)),
-                      "p90": float(np.percentile(xs, 90)), "p99": float(np.percentile(xs, 99)), "max": float(xs.max())}
+            xs = [r[k] for r in rows if k in r and isinstance(r[k], (int, float))]
+            if xs:
+                out[k] = distribution(xs)
         return out
 
+    def reset(self) -> None:
+        with self._lock:
+            self._rows.clear()
 
-class TickStats:
+
+class TickHistograms:
     """Cumulative histograms of busy scheduler ticks: wall time (tick_ms) and host overhead (the
     part of it outside `nvtx_range` model stages: inbox, VAD, turn taking, bookkeeping, events).
     Written by the scheduler thread (`start`/`stop`), read by anyone (`snapshot`)."""

@@ -22,7 +22,7 @@ class Segment:
     text_ids: List[int]
     sid: Optional[int] = None          # TTS stream id once started
     codec: List[int] = field(default_factory=list)
-    pushed: int = 0                    # codec tokens pushed to the codec stream
+    pushed: int = 0                    # codec tokens collected into the turn's codec queue (Turn.collect_codec)
     tts_done: bool = False
     waiting_since: Optional[float] = None  # first TTSCapacityError (the segment waits for a free slot/pages)
     dropped: bool = False              # never spoken: TTS capacity exhausted (reported with an Error event)
@@ -57,7 +57,9 @@ class Turn:
     segmenter: Any = None
     seg_tokens: int = 0                # tokens whose text went into the segmenter
     segments: List[Segment] = field(default_factory=list)
-    head: int = 0                      # first segment not fully pushed to the codec
+    head: int = 0                      # first segment whose codec tokens are not all collected
+    codec_pending: List[int] = field(default_factory=list)  # collected in segment order, not yet pushed
+    codec_pushed: int = 0              # codec tokens pushed into the turn's codec stream
     codec_stream: Any = None
     samples: int = 0                   # PCM samples emitted
     text: str = ""
@@ -65,6 +67,28 @@ class Turn:
     @property
     def prompt_end(self) -> int:
         return self.kv_start + int(self.x.shape[0])
+
+    def collect_codec(self) -> None:
+        """Move the codec tokens that are next in playback order (the head segment's, then the next
+        segment's once the head one is finished) into `codec_pending`."""
+        while self.head < len(self.segments):
+            seg = self.segments[self.head]
+            if seg.pushed < len(seg.codec):
+                self.codec_pending += seg.codec[seg.pushed:]
+                seg.pushed = len(seg.codec)
+            if not seg.tts_done:
+                break
+            self.head += 1
+
+    @property
+    def codec_available(self) -> int:
+        """Codec tokens in playback order so far (pushed + pending; call collect_codec first)."""
+        return self.codec_pushed + len(self.codec_pending)
+
+    @property
+    def tts_idle(self) -> bool:
+        """No segment is waiting for or in TTS: more audio needs more text from the LLM."""
+        return all(g.tts_done for g in self.segments)
 
 
 class SessionState:
@@ -78,6 +102,7 @@ class SessionState:
         self.arrivals: Deque[Tuple[int, float]] = collections.deque(maxlen=4096)  # (end sample, wall time)
         self.hist = np.zeros(0, np.float32)                # recent audio (pre-roll)
         self.utt_start: Optional[int] = None               # sample index of the utterance's first sample
+        self.spec_request: Optional[Tuple[float, float]] = None  # (SpeculativeEnd speech_end_ms, time): not yet served
         self.pending_images: List[Any] = []                # [pixel_values or features]
         self.pending_frames: List[Tuple[float, Any]] = []
         self.queued_texts: Deque[Tuple[str, float]] = collections.deque()

@@ -37,11 +37,11 @@ from __future__ import annotations
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["VADConfig", "StreamingVAD", "VADEvent", "SpeechStart", "SpeculativeEnd", "SpeechResumed",
+__all__ = ["VADConfig", "StreamingVAD", "push_many", "VADEvent", "SpeechStart", "SpeculativeEnd", "SpeechResumed",
            "TurnEnd", "SpeechDiscarded", "load_vad_model", "VAD_SAMPLE_RATE"]
 
 VAD_SAMPLE_RATE = 16000
@@ -229,6 +229,11 @@ class StreamingVAD:
     # ---- streaming -----------------------------------------------------------------------------
     def push(self, x16k) -> list:
         """Feed 16 kHz float32 mono samples (any count); returns the list of new VADEvents."""
+        frames = self._take_frames(x16k)
+        return self._decide(self._probs_for(frames) if frames.shape[0] else [])
+
+    def _take_frames(self, x16k) -> np.ndarray:
+        """Validate, buffer, and return the complete frames now available [n, frame_samples]."""
         x = np.asarray(x16k)
         if x.ndim != 1:
             raise ValueError(f"StreamingVAD.push: expected 1-D 16 kHz mono samples, got shape {list(x.shape)}")
@@ -239,11 +244,13 @@ class StreamingVAD:
         buf = np.concatenate([self._buf, x]) if self._buf.size else x
         fs = self.config.frame_samples
         n = buf.shape[0] // fs
-        events: list = []
-        if n:
-            for p in self._probs_for(np.ascontiguousarray(buf[: n * fs]).reshape(n, fs)):
-                self._step(p, events)
         self._buf = buf[n * fs:].copy()
+        return np.ascontiguousarray(buf[: n * fs]).reshape(n, fs)
+
+    def _decide(self, probs) -> list:
+        events: list = []
+        for p in probs:
+            self._step(p, events)
         return events
 
     def _step(self, p: float, events: list) -> None:
@@ -291,3 +298,44 @@ class StreamingVAD:
         elif not self._speculated and silence_ms >= c.speculative_silence_ms and speech_ms >= c.min_speech_ms:
             self._speculated = True
             events.append(SpeculativeEnd(now, s_ms, e_ms))
+
+
+def push_many(vads: Sequence[StreamingVAD], chunks: Sequence) -> List[list]:
+    """`[v.push(x) for v, x in zip(vads, chunks)]`, batched across the streams: streams on the shared
+    Silero module get ONE STFT + encoder call over every complete frame of every stream and one LSTM
+    step per frame index with the streams stacked (state [2, streams, 128]), so the scheduler's VAD
+    cost per tick does not grow by a model call per session. The probabilities equal each stream's own
+    `push` to float rounding (~1e-7); streams on other models fall back to their own `push`."""
+    import torch
+
+    if len(vads) != len(chunks):
+        raise ValueError(f"push_many: {len(vads)} VAD streams but {len(chunks)} chunks")
+    frames = [v._take_frames(x) for v, x in zip(vads, chunks)]
+    probs: List[List[float]] = [[] for _ in vads]
+    batch = [i for i, v in enumerate(vads) if frames[i].shape[0] and v._inner is not None and v._inner is vads[0]._inner]
+    for i, v in enumerate(vads):
+        if frames[i].shape[0] and i not in batch:
+            probs[i] = v._probs_for(frames[i])
+    if batch:
+        inner = vads[batch[0]]._inner
+        cs = vads[batch[0]]._ctx_size
+        rows, offs = [], []
+        for i in batch:
+            v, fr = vads[i], torch.from_numpy(frames[i])
+            n, fs = fr.shape
+            flat = torch.cat([v._context.reshape(-1), fr.reshape(-1)])
+            offs.append(sum(r.shape[0] for r in rows))
+            rows.append(flat.unfold(0, fs + cs, fs))  # frame j with its left context
+            v._context = flat[-cs:].reshape(1, cs).clone()
+        with torch.inference_mode():
+            feats = inner.encoder(inner.run_extractors(torch.cat(rows, 0)))
+            for j in range(max(frames[i].shape[0] for i in batch)):
+                live = [k for k, i in enumerate(batch) if frames[i].shape[0] > j]
+                idx = torch.tensor([offs[k] + j for k in live])
+                state = torch.cat([vads[batch[k]]._state for k in live], 1)
+                o, state = inner.decoder(feats.index_select(0, idx), state)
+                p = o.reshape(len(live), -1).mean(1).tolist()
+                for r, k in enumerate(live):
+                    vads[batch[k]]._state = state[:, r:r + 1].clone()
+                    probs[batch[k]].append(p[r])
+    return [v._decide(p) for v, p in zip(vads, probs)]

@@ -2,7 +2,7 @@
 
 Besides the server's own counters, each scrape reads the engine's figures (KV pool, TTS streams,
 scheduler tick times) through its read-only accessors: `engine.stats` (a dict) and, when the engine
-has one, `engine.tick_stats.snapshot()`. An engine without them (a stand-in) exports what it has.
+has one, `engine.tick_histograms.snapshot()`. An engine without them (a stand-in) exports what it has.
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ class EngineCollector:
                                ("tick_errors", "vita_scheduler_tick_errors", "Scheduler ticks that raised")):
             if st.get(key) is not None:
                 yield CounterMetricFamily(name, doc, value=float(st[key]))
-        ts = getattr(self.engine, "tick_stats", None)
+        ts = getattr(self.engine, "tick_histograms", None)
         if ts is None:
             return
         try:

@@ -1,0 +1,259 @@
+"""Turn lifecycle on the scheduler thread: start (prompt assembly, vision, history trimming), commit and
+discard of speculative turns, and the endings (finish, interrupt, fail, close) that put the answer
+into the history and release what the turn held.
+
+History trimming (per-session token budget `session_max_tokens`): before a turn is prefilled, if the
+session's KV + the turn's prompt + its answer allowance would exceed the budget, the oldest turns are
+evicted: the KV is truncated to the system prompt (its pages stay, the rest are freed) and the
+remaining recent turns are replayed through the LLM from their stored input embeddings (no audio or
+vision re-encode). A turn that cannot fit even alone fails with an Error event.
+"""
+from __future__ import annotations
+
+import time
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from .chat import system_prompt_for
+from .events import Error, Interrupted, Metrics, TurnEnd
+from .metrics import TurnClock, nvtx_range
+from .stage import Stage
+from .state import SessionState, Turn, TurnRecord
+
+__all__ = ["Lifecycle"]
+
+
+class Lifecycle(Stage):
+    # ---- start -------------------------------------------------------------------------------------
+    def start_turn(self, st: SessionState, kind: str, *, audio=None, text: Optional[str] = None,
+                   speculative: bool = False, spec_end_ms=None, decision=None, last_voiced=None) -> None:
+        m, fmt, s = self.model, self.e.chat, st.session
+        clock = TurnClock()
+        clock.mark("created")
+        if not speculative:
+            clock.decision = decision if decision is not None else time.perf_counter()
+            clock.last_voiced = last_voiced
+        if kind == "audio":
+            fs = st.frontend.stats
+            clock.add("fbank_ms", fs.get("fbank_ms", 0.0))
+            clock.add("audio_encoder_ms", fs.get("encoder_ms", 0.0))
+        # images / video frames
+        feats: List[torch.Tensor] = []
+        modality = "lang"
+        if st.pending_frames:
+            modality = "video"
+            fr = [pv for _, pv in sorted(st.pending_frames, key=lambda p: p[0])]
+            k = min(len(fr), int(self.o["max_video_frames"]))
+            idx = np.linspace(0, len(fr) - 1, k).round().astype(int) if k > 1 else [len(fr) - 1]
+            sel = [fr[i] for i in idx]
+            t0 = time.perf_counter()
+            with nvtx_range("vision", self.nvtx):
+                enc = m.vision.encode(torch.cat(sel, 0))
+            clock.add("vision_ms", (time.perf_counter() - t0) * 1e3)
+            feats += list(enc)
+        if st.pending_images:
+            modality = "image" if modality == "lang" else modality
+            t0 = time.perf_counter()
+            with nvtx_range("vision", self.nvtx):
+                for pv in st.pending_images:
+                    feats += list(m.vision.encode(pv))
+            clock.add("vision_ms", (time.perf_counter() - t0) * 1e3)
+        first = st.sys_len is None
+        system = (s.system_prompt if s.system_prompt is not None else system_prompt_for(modality)) if first else None
+        msg = fmt.user_message(len(feats), audio is not None, text)
+        close_ids = (st.unfed_ids + fmt.encode("<|im_end|>\n")) if st.needs_close else []
+        sys_ids = fmt.system_ids(system) if first else []
+        user_ids = fmt.turn_ids(msg, system=None, close_previous=False)
+        x_user = m.splice(user_ids, image_features=feats or None, audio_features=audio)
+        head = m.llm.embed(close_ids + sys_ids) if (close_ids or sys_ids) else x_user[:0]
+        restore = (st.needs_close, list(st.unfed_ids), st.sys_len, list(st.records))
+        budget = int(self.o["session_max_tokens"])
+        max_new = s.max_new_tokens
+        x = torch.cat([head, x_user], 0)
+        evicted = False
+        if st.seq.length + x.shape[0] + max_new > budget and st.sys_len is not None:
+            x = self._evict(st, x_user, budget - max_new)
+            evicted = True
+        n_sys = len(sys_ids) + len(close_ids) if first else 0
+        avail = budget - st.seq.length - x.shape[0]
+        turn = Turn(idx=st.next_turn, kind=kind, clock=clock, x=x, kv_start=st.seq.length, restore=restore,
+                    record_x=x_user, max_new_tokens=max(0, min(max_new, avail)), speculative=speculative,
+                    spec_end_ms=spec_end_ms)
+        turn.sys_tokens = n_sys  # type: ignore[attr-defined]
+        turn.evicted = evicted  # type: ignore[attr-defined]
+        st.turn = turn
+        st.needs_close, st.unfed_ids = False, []
+        if not speculative:
+            self._on_commit(st)
+        if avail < 1:
+            self.fail(st, f"turn of {x.shape[0]} prompt tokens does not fit the session budget of {budget} tokens "
+                          f"(session_max_tokens); history already trimmed to the system prompt")
+
+    def _evict(self, st: SessionState, x_user: torch.Tensor, limit: int) -> torch.Tensor:
+        """Drop the oldest turns until the rest + the new turn fit `limit`; truncate the KV to the system
+        prompt and return the embeddings to prefill (replayed kept turns + the new user block)."""
+        fmt, llm = self.e.chat, self.model.llm
+        close = fmt.encode("<|im_end|>\n")
+        replay = [torch.cat([r.x_user, llm.embed(r.answer_ids + close)], 0) for r in st.records]
+        recs = list(st.records)
+        # the last record's answer may have unfed tokens (already in answer_ids): replay covers them
+        while replay and st.sys_len + sum(int(t.shape[0]) for t in replay) + x_user.shape[0] > limit:
+            replay.pop(0)
+            recs.pop(0)
+        st.stats["evictions"] += 1
+        st.records = recs
+        st.seq.truncate(st.sys_len)
+        return torch.cat(replay + [x_user], 0)
+
+    # ---- speculative turns -------------------------------------------------------------------------
+    def _on_commit(self, st: SessionState) -> None:
+        t = st.turn
+        st.next_turn += 1
+        st.pending_images, st.pending_frames = [], []
+        st.session._playback_s = None
+        if t.kind == "audio":
+            st.frontend.reset()
+
+    def commit(self, st: SessionState, now: float, last_voiced) -> None:
+        """A speculative turn becomes real at the end-of-turn decision."""
+        t = st.turn
+        t.speculative = False
+        t.clock.decision = now
+        t.clock.last_voiced = last_voiced
+        self._on_commit(st)
+        if t.state == "ready":
+            t.state = "decode"
+            tok, t.held_token = t.held_token, None
+            self.sch.llm_stage.on_token(st, t, tok)
+
+    def discard(self, st: SessionState) -> None:
+        """Undo a speculative turn: free its KV pages, roll the history back."""
+        t = st.turn
+        if t is None:
+            return
+        st.turn = None
+        self._rollback(st, t)
+        st.stats["discarded"] = st.stats.get("discarded", 0) + 1
+
+    def _rollback(self, st: SessionState, t: Turn) -> None:
+        """Remove turn t (whose prompt may be partly cached) from the KV and the history."""
+        if getattr(t, "evicted", False):
+            # older turns were already dropped for this turn: the history restarts after the system prompt
+            st.records, st.needs_close, st.unfed_ids = [], False, []
+            st.seq.truncate(st.sys_len or 0)
+        else:
+            st.needs_close, st.unfed_ids, st.sys_len, st.records = t.restore
+            st.seq.truncate(t.kv_start)
+
+    # ---- endings -----------------------------------------------------------------------------------
+    def finish(self, st: SessionState, t: Turn, interrupted: bool = False) -> None:
+        """Close the turn: keep `kept` answer tokens in the history, release the rest, emit the tail events."""
+        if st.turn is not t:
+            return
+        if interrupted:
+            kept = self._delivered_tokens(st, t)
+        else:
+            kept = len(t.tokens)
+        self._release_tts(t)
+        if t.state == "prefill":
+            # the prompt never made it (whole) into the KV: drop the whole turn
+            self._rollback(st, t)
+        else:
+            if st.sys_len is None:
+                st.sys_len = t.kv_start + getattr(t, "sys_tokens", 0)
+            fed = min(kept, t.n_fed)
+            st.seq.truncate(t.prompt_end + fed)
+            st.unfed_ids = list(t.tokens[fed:kept])
+            st.needs_close = True
+            st.records.append(TurnRecord(t.record_x, list(t.tokens[:kept])))
+        st.turn = None
+        vals = t.clock.values()
+        vals["answer_tokens"] = float(kept)
+        vals["audio_out_s"] = t.samples / float(getattr(self.e.codec, "sample_rate", 24000) or 24000)
+        spoken = [g for g in t.segments if g.text_ids]
+        vals["tts_segments"] = float(len(spoken))
+        if getattr(t, "tts_empty", 0):
+            vals["tts_empty_segments"] = float(t.tts_empty)  # type: ignore[attr-defined]
+        if any(g.dropped for g in spoken):
+            vals["tts_dropped_segments"] = float(sum(g.dropped for g in spoken))
+        sink = st.session._sink
+        if interrupted:
+            sink.put(Interrupted(t.idx))
+        sink.put(Metrics(t.idx, vals))
+        sink.put(TurnEnd(t.idx))
+        self.e.metrics.add({k: v for k, v in vals.items()})
+
+    def _delivered_tokens(self, st: SessionState, t: Turn) -> int:
+        """LLM tokens whose audio was delivered (or played, if the client reported a position)."""
+        hop = int(getattr(self.e.codec, "hop_length", 600) or 600)
+        sr = int(getattr(self.e.codec, "sample_rate", 24000) or 24000)
+        delivered = t.samples
+        pb = st.session._playback_s
+        if pb is not None:
+            delivered = min(delivered, int(pb * sr))
+        if self.e.codec is None or self.e.tts is None:
+            return len(t.tokens) if not t.segments else 0
+        cum = 0
+        kept = 0
+        for seg in t.segments:
+            span = len(seg.codec) * hop
+            if span and cum + span <= delivered and seg.tts_done:
+                kept = seg.tok_end
+                cum += span
+                continue
+            if span and delivered > cum:
+                frac = min(1.0, (delivered - cum) / span)
+                kept = seg.tok_start + int(frac * (seg.tok_end - seg.tok_start))
+            break
+        return min(kept, len(t.tokens))
+
+    def _release_tts(self, t: Turn) -> None:
+        tts = self.e.tts
+        for seg in t.segments:
+            if seg.sid is not None and tts is not None:
+                try:
+                    tts.release(seg.sid)
+                except KeyError:
+                    pass
+                seg.sid = None
+            seg.tts_done = True
+        t.codec_stream = None
+
+    def interrupt(self, st: SessionState) -> None:
+        t = st.turn
+        if t is None:
+            return
+        if t.speculative:
+            self.discard(st)
+            return
+        st.stats["interrupts"] += 1
+        self.finish(st, t, interrupted=True)
+
+    def fail(self, st: SessionState, msg: str) -> None:
+        t = st.turn
+        if t is None:
+            return
+        if t.speculative:
+            self.discard(st)
+            return
+        st.session._sink.put(Error(t.idx, msg))
+        self.finish(st, t, interrupted=False)
+
+    def close(self, st: SessionState) -> None:
+        if st.closed:
+            return
+        t = st.turn
+        if t is not None:
+            self._release_tts(t)
+            st.turn = None
+        st.closed = True
+        st.seq.release()
+        self.e.kv.unreserve(st.reserved_blocks)
+        self.states.pop(st.session.id, None)
+        self.e._session_closed(st.session)
+        from .session import _CLOSED
+
+        st.session._sink.put(_CLOSED)
+        st.session._released.set()

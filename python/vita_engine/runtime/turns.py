@@ -1,0 +1,224 @@
+"""Inbox and turn taking on the scheduler thread: each session's commands (audio, images, frames,
+text turns, interrupts, close) are drained in order; audio goes through the VAD into the incremental
+audio features, and the VAD's events drive the turn: speculative prefill on a short pause, commit on
+end of turn, discard on resumed speech, barge-in on new speech while answering.
+
+Audio runs every tick for every listening session, so it is batched across sessions: the audio each
+session received since the last tick goes through ONE batched VAD call (`vad.push_many`) and the
+fbank of every utterance in progress through ONE fbank call (`frontend.fbank_many`); only the rare
+event work (encoding at a pause, starting a turn) is per session."""
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from typing import List, Tuple
+
+import numpy as np
+
+from . import vad as _vad
+from .frontend import fbank_many
+from .stage import Stage
+from .state import SessionState
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TurnTaking"]
+
+
+class TurnTaking(Stage):
+    next_due = None  # perf_counter time at which audio left waiting becomes due (the scheduler wakes then)
+
+    def step(self) -> bool:
+        """Drain every inbox (commands in order; each session's audio since the last command batched
+        with the other sessions'), then start queued text turns where nothing (real) is in flight.
+        Audio waits until the oldest chunk is `policy.audio_interval_ms` old (one batched VAD call per
+        interval instead of one per tick); any other command makes it due at once."""
+        self.next_due = None
+        now = time.perf_counter()
+        oldest = None
+        for st in self.states.values():
+            inbox = st.session._inbox
+            if inbox:
+                head = inbox[0]
+                if head[0] != "audio":
+                    oldest = float("-inf")
+                    break
+                oldest = head[2] if oldest is None else min(oldest, head[2])
+        if oldest is None:
+            return self._start_texts()
+        due = oldest + self.policy.audio_interval_ms * 1e-3
+        if due > now:
+            self.next_due = due
+            return self._start_texts()
+        busy = False
+        pending = list(self.states.values())
+        while pending:  # more than one round only when a session sent audio, a command, then audio again
+            runs: List[Tuple[SessionState, list]] = []
+            again: List[SessionState] = []
+            for st in pending:
+                try:
+                    run, more, did = self._drain(st)
+                except Exception as ex:
+                    self._failed(st, ex)
+                    continue
+                busy |= did
+                if run:
+                    runs.append((st, run))
+                if more:
+                    again.append(st)
+            if runs:
+                self._audio(runs)
+            pending = again
+        return self._start_texts() or busy
+
+    def _start_texts(self) -> bool:
+        busy = False
+        life = self.sch.life
+        for st in list(self.states.values()):
+            if st.queued_texts and (st.turn is None or st.turn.speculative):
+                text, t = st.queued_texts.popleft()
+                try:
+                    if st.turn is not None:
+                        life.discard(st)
+                    life.start_turn(st, "text", text=text, decision=t)
+                except Exception as ex:
+                    self._failed(st, ex)
+                busy = True
+        return busy
+
+    def _failed(self, st: SessionState, ex: Exception) -> None:
+        log.error("session %d: %s", st.session.id, traceback.format_exc())
+        self.sch.life.fail(st, f"{type(ex).__name__}: {ex}")
+
+    def _drain(self, st: SessionState):
+        """Run the session's commands up to its next run of audio chunks.
+        -> (audio chunks [(pcm, t_arrival)], more commands after them, anything done)."""
+        inbox, life = st.session._inbox, self.sch.life
+        did = False
+        while inbox:
+            if inbox[0][0] == "audio":
+                run = []
+                while inbox and inbox[0][0] == "audio":
+                    cmd = inbox.popleft()
+                    run.append((cmd[1], cmd[2]))
+                return run, bool(inbox), True
+            cmd = inbox.popleft()
+            did = True
+            kind = cmd[0]
+            if kind == "close":
+                life.close(st)
+                return [], False, True
+            if kind == "image":
+                st.pending_images.append(cmd[1])
+            elif kind == "frame":
+                st.pending_frames.append((cmd[2], cmd[1]))
+                del st.pending_frames[:-64]
+            elif kind == "text":
+                st.queued_texts.append((cmd[1], cmd[2]))
+            elif kind == "interrupt":
+                life.interrupt(st)
+        return [], False, did
+
+    def _audio(self, runs: List[Tuple[SessionState, list]]) -> None:
+        xs = []
+        for st, run in runs:
+            x = run[0][0] if len(run) == 1 else np.concatenate([c for c, _ in run])
+            n = st.n_samples
+            for c, t in run:
+                n += c.size
+                st.arrivals.append((n, t))
+            keep = st.preroll + x.size
+            st.hist = np.concatenate([st.hist, x])[-keep:]
+            if st.utt_start is not None:
+                st.frontend.append(x)  # fbank below, batched
+            xs.append(x)
+        try:
+            events = _vad.push_many([st.vad for st, _ in runs], xs)
+        except Exception as ex:  # the VAD model itself failed: no session can take turns on this audio
+            for st, _ in runs:
+                self._failed(st, ex)
+            return
+        # fbank before the events: an end of turn then finds its features ready, and the batched
+        # fbank of the other sessions is not on its critical path
+        fbank_many([st.frontend for st, _ in runs if st.utt_start is not None and st.frontend is not None])
+        for (st, _), x, evs in zip(runs, xs, events):
+            try:
+                st.n_samples += x.size
+                self._on_vad(st, evs)
+            except Exception as ex:
+                self._failed(st, ex)
+
+    def _on_vad(self, st: SessionState, evs: list) -> None:
+        life = self.sch.life
+        hist_base = st.n_samples - st.hist.size
+        for ev in evs:
+            name = type(ev).__name__
+            if name == "SpeechStart":
+                self._barge_in(st)
+                start = int(round(getattr(ev, "speech_start_ms", ev.t_ms) * 16))
+                st.spec_request = None
+                st.utt_start = max(hist_base, start - st.preroll)
+                st.frontend.reset()
+                st.frontend.append(st.hist[st.utt_start - hist_base:])
+            elif st.utt_start is None:
+                continue
+            elif name == "SpeculativeEnd":
+                if self.o["speculative"] and st.turn is None and not st.queued_texts:
+                    # encoded and prefilled by speculate(), when the policy finds room for it
+                    st.spec_request = (ev.speech_end_ms, time.perf_counter())
+            elif name == "SpeechResumed":
+                st.spec_request = None
+                if st.turn is not None and st.turn.speculative:
+                    life.discard(st)
+            elif name == "TurnEnd":
+                st.spec_request = None  # never served: the end of turn encodes the utterance itself
+                now = time.perf_counter()
+                last_voiced = st.arrival_time(int(ev.speech_end_ms * 16))
+                t = st.turn
+                if t is not None and t.speculative and t.spec_end_ms is not None and abs(t.spec_end_ms - ev.speech_end_ms) < 1e-6:
+                    life.commit(st, now, last_voiced)
+                else:
+                    if t is not None and t.speculative:
+                        life.discard(st)
+                    end_ms = ev.speech_end_ms - st.utt_start / 16.0
+                    try:
+                        feats = st.frontend.finish(end_ms=end_ms)
+                    except ValueError:
+                        feats = None
+                    if feats is not None and st.turn is None:
+                        life.start_turn(st, "audio", audio=feats, decision=now, last_voiced=last_voiced)
+                st.utt_start = None
+            elif name == "SpeechDiscarded":
+                st.spec_request = None
+                if st.turn is not None and st.turn.speculative:
+                    life.discard(st)
+                st.utt_start = None
+
+    def speculate(self) -> bool:
+        """Serve the speculative starts (encode the utterance up to the pause, start a speculative turn
+        whose prefill then runs while the end-of-turn timer does) that the policy lets run now."""
+        reqs = [st for st in self.states.values() if st.spec_request is not None]
+        if not reqs:
+            return False
+        now = time.perf_counter()
+        reqs.sort(key=lambda st: st.spec_request[1])
+        n = self.policy.speculative_starts(list(self.states.values()), [(now - st.spec_request[1]) * 1e3 for st in reqs])
+        for st in reqs[:n]:
+            end, _ = st.spec_request
+            st.spec_request = None
+            if st.utt_start is None or st.turn is not None or st.queued_texts:
+                continue
+            try:
+                feats = st.frontend.encode_partial(end_ms=end - st.utt_start / 16.0)
+                if feats is not None:
+                    self.sch.life.start_turn(st, "audio", audio=feats, speculative=True, spec_end_ms=end)
+            except Exception as ex:
+                self._failed(st, ex)
+        return n > 0
+
+    def _barge_in(self, st: SessionState) -> None:
+        # a speculative turn is always dropped; a committed one only when barge-in is enabled
+        t = st.turn
+        if t is not None and (t.speculative or self.o["barge_in"]):
+            self.sch.life.interrupt(st)
