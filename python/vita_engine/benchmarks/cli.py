@@ -5,7 +5,6 @@ Importing this module is cheap (no torch): cli.py registers the subcommand with 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import time
@@ -48,25 +47,6 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def _metrics(case, m, peak) -> dict:
-    out = {}
-    s = m.ours_ms * 1e-3
-    if case.bytes:
-        out["gbps"] = round(case.bytes / s / 1e9, 2)
-    if case.flops:
-        out["tflops"] = round(case.flops / s / 1e12, 4)
-    if peak:
-        fr = []
-        if "gbps" in out:
-            fr.append(out["gbps"] / peak["gbps"])
-        if "tflops" in out:
-            key = {"bfloat16": "bf16", "float16": "fp16"}.get(case.dtype, "fp32")
-            fr.append(out["tflops"] / peak[key])
-        if fr:
-            out["peak_frac"] = round(max(fr), 4)  # the binding resource (roofline)
-    return out
-
-
 def _fmt_table(rows: List[dict]) -> str:
     cols = [("name", "case", "<"), ("dtype", "dtype", "<"), ("ours_ms", "ours ms", ">"), ("ref_ms", "torch ms", ">"),
             ("ratio", "ratio", ">"), ("spread", "min-max", "<"), ("rate", "achieved", ">"), ("peak", "%peak", ">"),
@@ -76,8 +56,7 @@ def _fmt_table(rows: List[dict]) -> str:
         if "error" in r:
             lines.append({"name": r["name"], "dtype": r["dtype"], "ours_ms": "ERROR", "shape": r["error"][:100]})
             continue
-        rate = f"{r['tflops']:.3f} TFLOP/s" if "tflops" in r and r.get("family") in _COMPUTE else \
-            (f"{r['gbps']:.1f} GB/s" if "gbps" in r else (f"{r['tflops']:.3f} TFLOP/s" if "tflops" in r else ""))
+        rate = {"tflops": f"{r.get('tflops', 0):.3f} TFLOP/s", "gbps": f"{r.get('gbps', 0):.1f} GB/s"}.get(r.get("metric"), "")
         lines.append({"name": r["name"], "dtype": r["dtype"], "ours_ms": f"{r['ours_ms']:.4g}", "ref_ms": f"{r['ref_ms']:.4g}",
                       "ratio": f"{r['ratio']:.2f}", "spread": f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}", "rate": rate,
                       "peak": f"{100 * r['peak_frac']:.0f}%" if "peak_frac" in r else "",
@@ -89,9 +68,6 @@ def _fmt_table(rows: List[dict]) -> str:
     out.append("-" * len(out[-1]))
     out += [fmt(x) for x in lines]
     return "\n".join(out)
-
-
-_COMPUTE = {"paged_prefill", "varlen_attention", "codec_conv1d", "codec_conv_transpose1d"}
 
 
 def run(args) -> int:
@@ -117,9 +93,7 @@ def run(args) -> int:
     import vita_engine
     from vita_engine import _C
 
-    from .cases._spec import DTYPES
-    from .harness import cpu_description, loadavg, measure, peak_for
-    from .models import clear_cache
+    from .runner import default_dtypes, environment, print_progress, run_cases
 
     dev = args.device
     if dev == "cuda" and not (torch.cuda.is_available() and vita_engine.cuda_available()):
@@ -133,70 +107,35 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
         _C.set_num_threads(args.threads)
-    dtypes = list(dict.fromkeys(_DTYPE_ALIASES[d] for d in (args.dtype or (["float32", "bfloat16"] if dev == "cpu" else ["bfloat16"]))))
-    default_rounds = 7 if dev == "cpu" else 15
-    dev_name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
-    peak = peak_for(dev_name) if dev == "cuda" else None
-    cpu = cpu_description()
+    dtypes = list(dict.fromkeys(_DTYPE_ALIASES[d] for d in (args.dtype or default_dtypes(dev))))
+    env = environment(dev, args.clock)
     header = {
-        "device": dev if dev == "cpu" else f"{dev} ({dev_name})",
-        "cpu": f"{cpu['model']} [{' '.join(cpu['flags'])}]" + (f" kernels: {cpu['kernel_isa']}" if "kernel_isa" in cpu else ""),
-        "threads": f"torch {torch.get_num_threads()} / vita_engine {_C.num_threads()}, clock {args.clock}",
-        "versions": f"torch {torch.__version__}, vita_engine {vita_engine.__version__}",
+        "device": dev if dev == "cpu" else f"{dev} ({env['device_name']})",
+        "cpu": env["cpu"],
+        "threads": f"torch {env['threads']['torch']} / vita_engine {env['threads']['vita_engine']}, clock {args.clock}",
+        "versions": f"torch {env['torch']}, vita_engine {env['vita_engine']}",
     }
-    la = loadavg()
-    if dev == "cpu" and args.clock == "wall" and la is not None and la > (cpu["cores"] or 1):
-        header["note"] = (f"load average {la:.1f} on {cpu['cores']} cores: other processes compete; multi-threaded torch ops "
+    la, cores = env["loadavg"], env["cpu_info"]["cores"] or 1
+    if dev == "cpu" and args.clock == "wall" and la is not None and la > cores:
+        header["note"] = (f"load average {la:.1f} on {cores} cores: other processes compete; multi-threaded torch ops "
                           "suffer most from that (--clock cpu counts the work only)")
     if not args.json:
         print("\n".join(f"{k}: {v}" for k, v in header.items()), flush=True)
         print("ratio = torch ms / ours ms, median over interleaved rounds (>= 1: ours faster); min-max over rounds", flush=True)
-    results, failed, t_start = [], False, time.perf_counter()
-    jobs = [(s, d) for s in specs for d in (s.dtypes if s.dtypes else dtypes)]
-    jobs = list(dict.fromkeys(jobs))
-    for spec, dt in jobs:
-        row = {"name": spec.name, "family": spec.family, "dtype": dt}
-        t0 = time.perf_counter()
-        try:
-            with torch.inference_mode():
-                case = spec.build(dev, DTYPES[dt])
-                err = None if (args.no_check or case.check is None) else case.check()
-                rounds = args.rounds if args.rounds is not None else min(default_rounds, case.rounds or default_rounds)
-                m = measure(case, dev, rounds=rounds, target_ms=args.target_ms, clock=args.clock)
-            row.update(shape=case.shape, ours_ms=round(m.ours_ms, 5), ref_ms=round(m.ref_ms, 5), ratio=round(m.ratio, 4),
-                       ratio_min=round(m.ratio_min, 4), ratio_max=round(m.ratio_max, 4), rounds=m.rounds, ref=m.ref_variant,
-                       calls=[m.calls[0], m.calls[1]], max_err=err, **_metrics(case, m, peak))
-            if case.note:
-                row["note"] = case.note
-            del case
-        except Exception as e:  # noqa: BLE001  (one broken case must not hide the others)
-            row["error"] = f"{type(e).__name__}: {e}"
-            failed = True
-        row["seconds"] = round(time.perf_counter() - t0, 2)
-        results.append(row)
-        print(_progress(row), file=sys.stderr, flush=True)
-        gc.collect()
-    clear_cache()
-    total = time.perf_counter() - t_start
+    t0 = time.perf_counter()
+    results = run_cases(specs, dev, dtypes, rounds=args.rounds, target_ms=args.target_ms, clock=args.clock, check=not args.no_check,
+                        progress=print_progress)
+    total = time.perf_counter() - t0
     if args.json:
-        print(json.dumps({"device": dev, "device_name": dev_name, "cpu": header["cpu"], "cpu_info": cpu,
-                          "threads": {"torch": torch.get_num_threads(), "vita_engine": _C.num_threads()}, "clock": args.clock,
-                          "torch": torch.__version__, "vita_engine": vita_engine.__version__, "loadavg": la,
-                          "seconds": round(total, 1), "results": results}, indent=1))
+        env.pop("peak")
+        print(json.dumps({**env, "seconds": round(total, 1), "results": results}, indent=1))
     else:
         print()
         print(_fmt_table(results))
         slow = [r for r in results if "ratio" in r and r["ratio"] < 1.0]
         print(f"\n{len(results)} cases in {total:.0f} s; " + (f"{len(slow)} below 1.0: " + ", ".join(f"{r['name']}/{r['dtype']} {r['ratio']:.2f}"
                                                                                                   for r in slow) if slow else "all ratios >= 1.0"))
-    return 1 if failed else 0
-
-
-def _progress(r: dict) -> str:
-    if "error" in r:
-        return f"  {r['name']:<26} {r['dtype']:<9} ERROR {r['error']}"
-    return f"  {r['name']:<26} {r['dtype']:<9} ratio {r['ratio']:5.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})  " \
-           f"ours {r['ours_ms']:.4g} ms  torch {r['ref_ms']:.4g} ms  [{r['seconds']:.1f} s]"
+    return 1 if any("error" in r for r in results) else 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -17,6 +17,7 @@ from ._spec import Spec, dtype_name, randn, rel_err
 
 HQ, HKV, D, BS = 28, 4, 128, 16
 POOL_BLOCKS = 1024  # store_kv: a 16k-token pool
+EXPAND_LIMIT = 2 << 30  # bytes of pre-expanded K/V for the sdpa_expanded variant
 
 
 def _working(fns: dict) -> dict:
@@ -82,7 +83,9 @@ def _paged(batch, q_len, kv_len, name):
         kd = kc[btd].reshape(batch, nblk * BS, HKV, D)[:, :kv_len].transpose(1, 2).contiguous()
         vd = vc[btd].reshape(batch, nblk * BS, HKV, D)[:, :kv_len].transpose(1, 2).contiguous()
         qd = q.view(batch, q_len, HQ, D).transpose(1, 2).contiguous()
-        kr, vr = kd.repeat_interleave(HQ // HKV, 1), vd.repeat_interleave(HQ // HKV, 1)
+        # pre-expanded heads cost (HQ/HKV)x the dense K/V: skipped where that would not fit comfortably
+        expand = 2 * kd.numel() * (HQ // HKV) * kd.element_size() <= EXPAND_LIMIT
+        kr, vr = (kd.repeat_interleave(HQ // HKV, 1), vd.repeat_interleave(HQ // HKV, 1)) if expand else (None, None)
         mask = None
         refs = {}
         if q_len > 1:  # bottom-right causal: query j sees keys < kv_len - q_len + j + 1
@@ -91,13 +94,17 @@ def _paged(batch, q_len, kv_len, name):
                 from torch.nn.attention.bias import causal_lower_right
 
                 lr = causal_lower_right(q_len, kv_len)
-                refs["sdpa_lower_right_expanded"] = lambda: F.scaled_dot_product_attention(qd, kr, vr, attn_mask=lr)
+                if expand:
+                    refs["sdpa_lower_right_expanded"] = lambda: F.scaled_dot_product_attention(qd, kr, vr, attn_mask=lr)
             except ImportError:
                 pass
         refs["sdpa_gqa"] = lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=True)
-        refs["sdpa_expanded"] = lambda: F.scaled_dot_product_attention(qd, kr, vr, attn_mask=mask)
+        if expand:
+            refs["sdpa_expanded"] = lambda: F.scaled_dot_product_attention(qd, kr, vr, attn_mask=mask)
         refs = _working(refs)
-        ref0 = refs.get("sdpa_expanded") or next(iter(refs.values()))
+        if not refs:
+            raise RuntimeError("no SDPA variant runs on this torch build")
+        ref0 = refs.get("sdpa_expanded") or refs.get("sdpa_gqa") or next(iter(refs.values()))
         pairs = batch * HQ * sum(kv_len - q_len + j + 1 for j in range(q_len))
         es = kc.element_size()
         kind = "decode" if q_len == 1 else "prefill"
@@ -137,8 +144,9 @@ def _varlen(name, seqs, heads, dim, key_bias):
 SPECS = [
     Spec("store_kv_t16", "store_kv", _store_kv(16)),
     Spec("store_kv_t256", "store_kv", _store_kv(256)),
-    Spec("paged_decode_b1_kv4k", "paged_decode", _paged(1, 1, 4096, "paged_decode_b1_kv4k")),
-    Spec("paged_decode_b16_kv4k", "paged_decode", _paged(16, 1, 4096, "paged_decode_b16_kv4k")),
+    *[Spec(f"paged_decode_b{b}_kv{kv // 1024}k", "paged_decode", _paged(b, 1, kv, f"paged_decode_b{b}_kv{kv // 1024}k"),
+           full_only=(b, kv) not in ((1, 4096), (16, 4096)))
+      for b in (1, 16, 64) for kv in (1024, 4096, 16384)],
     Spec("paged_prefill_c64_kv4k", "paged_prefill", _paged(1, 64, 4096 + 64, "paged_prefill_c64_kv4k")),
     Spec("paged_prefill_c256_kv4k", "paged_prefill", _paged(1, 256, 4096 + 256, "paged_prefill_c256_kv4k")),
     # audio encoder: a 10 s utterance (1000 fbank frames -> 248 encoder frames), rel-PE key bias

@@ -143,7 +143,7 @@ def _stream_push(batch: int):
     return build
 
 
-def _stream_first(device, dtype):
+def stream_first_case(device, dtype):
     codec = cached("codec", device, dtype)
     g = torch.Generator().manual_seed(33)
     n = codec.lookahead_tokens + 1
@@ -159,8 +159,23 @@ def _stream_first(device, dtype):
                 check=lambda: rel_err(ours(), ref()), rounds=5)
 
 
+def decode_case(device, dtype, batch: int, tokens: int) -> Case:
+    """A full decode of `tokens` tokens per row: ours (fused kernels) vs the same graph in
+    torch.nn.functional (`Codec.decode_batch(use_reference=True)`)."""
+    codec = cached("codec", device, dtype)
+    g = torch.Generator().manual_seed(34)
+    tok = torch.randint(0, codec.n_codes, (batch, tokens), generator=g)
+    ours = lambda: codec.decode_batch(tok)  # noqa: E731
+    ref = lambda: codec.decode_batch(tok, use_reference=True)  # noqa: E731
+    sec = tokens * codec.hop_length / codec.sample_rate
+    return Case(f"codec_decode_b{batch}", "codec_decode", dtype_name(dtype), f"batch {batch} x {tokens} tokens ({sec:.2f} s of audio)",
+                ours, {"F.conv graph": ref}, check=lambda: rel_err(ours(), ref()), rounds=5)
+
+
 SPECS = _conv_specs() + [
-    Spec("codec_stream_first", "codec_stream", _stream_first),
+    Spec("codec_decode_b1", "codec_decode", lambda d, t: decode_case(d, t, 1, TOKENS), full_only=True),
+    Spec("codec_decode_b8", "codec_decode", lambda d, t: decode_case(d, t, 8, TOKENS), full_only=True),
+    Spec("codec_stream_first", "codec_stream", stream_first_case),
     Spec("codec_stream_push1", "codec_stream", _stream_push(1)),
     Spec("codec_stream_push1_x8", "codec_stream", _stream_push(8), full_only=True),
 ]

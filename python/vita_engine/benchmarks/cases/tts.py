@@ -9,34 +9,35 @@ from __future__ import annotations
 import torch
 
 from ..harness import Case
-from ..models import REAL_TTS, EngineStep, TorchTTS, cached, texts_for
+from ..models import EngineStep, TorchTTS, cached, texts_for
 from ._spec import Spec, dtype_name, rel_err
 
 TEXT_LEN = 20
 
 
+def step_case(tts, batch: int, text_len: int = TEXT_LEN, name: str = None) -> Case:
+    """Ours vs TorchTTS for any loaded TTSDecoder whose eos is disabled (models.no_eos)."""
+    ours = EngineStep(tts, batch, text_len)
+    ref = TorchTTS(tts, batch, text_len, kv_from=ours)
+    c, es = tts.config, tts.embedding.element_size()
+    per_layer = 4 * c.hidden * c.hidden + 3 * c.hidden * c.intermediate  # qkv + o, gate|up + down
+    weights = (len(tts.ar_layers) * per_layer + (c.odim + 4) * c.hidden) * es
+    kv = 2 * len(tts.ar_layers) * batch * ref.P * c.hidden * es
+
+    def check():  # first-step logits of stream 0: the torch step vs the engine's teacher forcing
+        want = tts.ar_logits(texts_for(tts, 1, text_len)[0], [])[0].float()
+        got = ref.logits()[0]
+        keep = torch.isfinite(got)
+        keep[tts.eos] = False  # no_eos moved that bias
+        return rel_err(got[keep], want[keep])
+
+    shape = f"batch {batch}, hidden {c.hidden}, {c.num_heads} heads, FFN {c.intermediate}, {len(tts.ar_layers)} AR layers, kv {ref.P + 1}"
+    return Case(name or f"tts_ar_step_b{batch}", "tts_step", dtype_name(tts.dtype), shape, ours, {"torch_static_cache": ref.step},
+                bytes=weights + kv, flops=2 * batch * weights / es, check=check)
+
+
 def _step(batch: int):
-    def build(device, dtype):
-        tts = cached("tts", device, dtype)
-        ours = EngineStep(tts, batch, TEXT_LEN)
-        ref = TorchTTS(tts, batch, TEXT_LEN, kv_from=ours)
-        c, es = tts.config, torch.empty((), dtype=dtype).element_size()
-        per_layer = 4 * c.hidden * c.hidden + 3 * c.hidden * c.intermediate  # qkv + o, gate|up + down
-        weights = (len(tts.ar_layers) * per_layer + (c.odim + 4) * c.hidden) * es
-        kv = 2 * len(tts.ar_layers) * batch * ref.P * c.hidden * es
-
-        def check():  # first-step logits of stream 0: the torch step vs the engine's teacher forcing
-            want = tts.ar_logits(texts_for(tts, 1, TEXT_LEN)[0], [])[0].float()
-            got = ref.logits()[0]
-            keep = torch.isfinite(got)
-            keep[tts.eos] = False  # no_eos moved that bias
-            return rel_err(got[keep], want[keep])
-
-        R = REAL_TTS
-        shape = f"batch {batch}, hidden {R['hidden']}, {R['heads']} heads, FFN {R['inter']}, {R['blocks']} AR layers, kv {ref.P + 1}"
-        return Case(f"tts_ar_step_b{batch}", "tts_step", dtype_name(dtype), shape, ours, {"torch_static_cache": ref.step},
-                    bytes=weights + kv, flops=2 * batch * weights / es, check=check)
-    return build
+    return lambda device, dtype: step_case(cached("tts", device, dtype), batch)
 
 
 SPECS = [
