@@ -8,7 +8,7 @@ import pytest
 
 from vita_engine.benchmarks import cli as bcli
 from vita_engine.benchmarks.cases import all_specs, select
-from vita_engine.benchmarks.harness import Case, best_of, calibrate, interleave, measure, peak_for
+from vita_engine.benchmarks.harness import Case, best_of, calibrate, contention, crowded, interleave, measure, peak_for
 
 
 def _scripted(values, log, tag):
@@ -124,6 +124,19 @@ def test_only_selects_names_families_and_globs():
     assert {"rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding", "fuse_embeddings", "store_kv", "paged_decode",
             "paged_prefill", "varlen_attention", "sample_tokens", "codec_conv1d", "codec_conv_transpose1d", "codec_stream",
             "tts_step"} <= fams
+
+
+def test_contention_probe():
+    p = contention(probe_s=0.02)
+    assert 0.0 < p["share"] <= 1.05
+    assert crowded({"share": 0.5}) and crowded({"share": 0.95, "others_busy": 1.2})
+    assert not crowded({"share": 0.95, "others_busy": 0.1}) and not crowded({"share": 0.99})
+
+
+def test_explicit_threads_keep_the_wall_clock(capsys):
+    assert bcli.main(["--json", "--rounds", "1", "--only", "store_kv_t16", "--dtype", "fp32", "--threads", "1", "--target-ms", "1"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["clock"] == "wall" and d["threads"]["torch"] == 1 and "probe" not in d
 
 
 def test_peak_table():

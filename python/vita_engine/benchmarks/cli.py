@@ -27,9 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per case (default 7 on CPU, 15 on CUDA)")
     p.add_argument("--target-ms", type=float, default=30.0, help="length of one timed batch of calls (default 30 ms)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for both torch and vita_engine (default: torch's)")
-    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                   help="cpu: count this thread's CPU time, not time preempted by other processes (CPU only; "
-                        "implies --threads 1). For crowded machines")
+    p.add_argument("--clock", default="auto", choices=["auto", "wall", "cpu"],
+                   help="wall: elapsed time, every core. cpu: this thread's CPU time, so time preempted by other "
+                        "processes does not count (CPU only; implies --threads 1). auto (default): wall, or cpu when "
+                        "a short probe finds other processes competing for the cores and --threads is not given")
     p.add_argument("--no-check", action="store_true", help="skip the one-off correctness check of each case")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -98,15 +99,37 @@ def run(args) -> int:
     dev = args.device
     if dev == "cuda" and not (torch.cuda.is_available() and vita_engine.cuda_available()):
         return _fail("--device cuda: no usable GPU or this build of vita_engine has no CUDA kernels")
+    probe = None
+    if args.clock == "auto":
+        args.clock = "wall"
+        if dev == "cpu" and args.threads is None:
+            from .harness import contention, crowded
+
+            probe = contention()
+            if crowded(probe):
+                args.clock = "cpu"
     if args.clock == "cpu":
         if dev != "cpu":
             return _fail("--clock cpu: only for --device cpu (CUDA timings use events)")
         if args.threads not in (None, 1):
             return _fail(f"--clock cpu needs --threads 1 (all work on the timing thread), got --threads {args.threads}")
         args.threads = 1
+    saved = torch.get_num_threads(), _C.num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
         _C.set_num_threads(args.threads)
+    try:
+        return _run(args, specs, dev, probe)
+    finally:  # callers in-process (tests, scripts) keep their thread counts
+        torch.set_num_threads(saved[0])
+        _C.set_num_threads(saved[1])
+
+
+def _run(args, specs, dev, probe) -> int:
+    import torch
+
+    from .runner import default_dtypes, environment, print_progress, run_cases
+
     dtypes = list(dict.fromkeys(_DTYPE_ALIASES[d] for d in (args.dtype or default_dtypes(dev))))
     env = environment(dev, args.clock)
     header = {
@@ -115,6 +138,11 @@ def run(args) -> int:
         "threads": f"torch {env['threads']['torch']} / vita_engine {env['threads']['vita_engine']}, clock {args.clock}",
         "versions": f"torch {env['torch']}, vita_engine {env['vita_engine']}",
     }
+    if probe is not None:
+        env["probe"] = probe
+        busy = f", other processes kept {probe['others_busy']:.1f} cores busy" if "others_busy" in probe else ""
+        header["probe"] = f"this thread got {100 * probe['share']:.0f}% of a core{busy}" + \
+            (": crowded, so the CPU-time clock on one thread (--clock wall to override)" if args.clock == "cpu" else "")
     la, cores = env["loadavg"], env["cpu_info"]["cores"] or 1
     if dev == "cpu" and args.clock == "wall" and la is not None and la > cores:
         header["note"] = (f"load average {la:.1f} on {cores} cores: other processes compete; multi-threaded torch ops "

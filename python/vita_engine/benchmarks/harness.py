@@ -20,7 +20,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
-__all__ = ["Case", "Measurement", "Timer", "interleave", "calibrate", "best_of", "measure", "peak_for", "cpu_description"]
+__all__ = ["Case", "Measurement", "Timer", "interleave", "calibrate", "best_of", "measure", "peak_for", "cpu_description",
+           "contention", "crowded", "loadavg"]
 
 
 @dataclass
@@ -223,6 +224,40 @@ def cpu_description() -> dict:
     except Exception:  # noqa: BLE001  (informational only)
         pass
     return out
+
+
+def _proc_stat():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v), v[3] + (v[4] if len(v) > 4 else 0)  # total, idle + iowait (jiffies)
+
+
+def contention(probe_s: float = 0.2) -> dict:
+    """How crowded the CPUs are right now: spin this thread for probe_s and compare its CPU time with
+    the wall time (`share`: the fraction of a core it got), and, on Linux, read how many cores the
+    other processes kept busy meanwhile (`others_busy`, from /proc/stat)."""
+    try:
+        s0 = _proc_stat()
+    except (OSError, ValueError, IndexError):
+        s0 = None
+    w0, c0 = time.perf_counter(), time.thread_time()
+    while time.perf_counter() - w0 < probe_s:
+        pass
+    w, c = time.perf_counter() - w0, time.thread_time() - c0
+    out = {"share": round(c / w, 3)}
+    if s0 is not None:
+        try:
+            s1 = _proc_stat()
+            total, idle = s1[0] - s0[0], s1[1] - s0[1]
+            if total > 0:
+                out["others_busy"] = round(max(0.0, (total - idle) / total * (os.cpu_count() or 1) - c / w), 2)
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def crowded(probe: dict) -> bool:
+    return probe["share"] < 0.85 or probe.get("others_busy", 0.0) > 0.5
 
 
 def loadavg() -> Optional[float]:

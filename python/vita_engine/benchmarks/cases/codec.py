@@ -139,7 +139,7 @@ def _stream_push(batch: int):
 
         what = "1 stream" if batch == 1 else f"{batch} streams (push_many)"
         return Case(name, "codec_stream", dtype_name(dtype), f"{what}, 1 token -> {hop} samples; torch re-decodes {n - t0} tokens",
-                    ours, {"window_redecode": ref}, check=check, rounds=5)
+                    ours, {"window_redecode": ref}, check=check, rounds=3)
     return build
 
 
@@ -156,7 +156,7 @@ def stream_first_case(device, dtype):
     ref = lambda: codec.decode(tok, use_reference=True)[:final]  # noqa: E731
     return Case("codec_stream_first", "codec_stream", dtype_name(dtype),
                 f"fresh stream, {n} tokens (look-ahead + 1) -> first {final} samples", ours, {"decode": ref},
-                check=lambda: rel_err(ours(), ref()), rounds=5)
+                check=lambda: rel_err(ours(), ref()), rounds=3)
 
 
 def decode_case(device, dtype, batch: int, tokens: int) -> Case:
