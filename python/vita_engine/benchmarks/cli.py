@@ -94,8 +94,6 @@ def run(args) -> int:
     import vita_engine
     from vita_engine import _C
 
-    from .runner import default_dtypes, environment, print_progress, run_cases
-
     dev = args.device
     if dev == "cuda" and not (torch.cuda.is_available() and vita_engine.cuda_available()):
         return _fail("--device cuda: no usable GPU or this build of vita_engine has no CUDA kernels")
@@ -126,8 +124,6 @@ def run(args) -> int:
 
 
 def _run(args, specs, dev, probe) -> int:
-    import torch
-
     from .runner import default_dtypes, environment, print_progress, run_cases
 
     dtypes = list(dict.fromkeys(_DTYPE_ALIASES[d] for d in (args.dtype or default_dtypes(dev))))
