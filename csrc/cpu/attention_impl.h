@@ -268,6 +268,7 @@ struct Scratch {
   std::vector<int32_t> limi;
   std::vector<const float*> bias;
   std::vector<int64_t> bias_stride;
+  bool bias_shared = false;  // every row of the item reads the same bias row (one query head per item)
   // bf16: also the buffers of the bf16 dot-product / AMX paths (query blocks only).
   Scratch(int rows, int D, bool bf16 = false)
       // (+16 rows: the AMX path works on pairs of 16-row tiles)
@@ -393,12 +394,23 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
       if (rv < ldp)
         for (int t = tq; t < te; t += KB) qk_block<KB, 1>(sc.qt.data(), ldp, rv, krow + t, D, St + size_t(t) * ldp);
     }
-    if (has_bias)
+    if (has_bias && sc.bias_shared) {
+      // one bias value per key for every row: a broadcast added to whole row vectors (padding
+      // lanes and rows before r0 get it too; their keys are masked in the softmax anyway)
+      const float* b = sc.bias[r0];
+      const int64_t bst = sc.bias_stride[r0];
+      for (int t = 0; t < n; ++t) {
+        const vf bv = vf{} + b[(t0 + t) * bst];
+        float* sp = St + size_t(t) * ldp;
+        for (int rv = rb0; rv < ldp; rv += VW) stv(sp + rv, ldv(sp + rv) + bv);
+      }
+    } else if (has_bias) {
       for (int r = r0; r < M; ++r) {
         const float* b = sc.bias[r];
         const int64_t bst = sc.bias_stride[r];
         for (int t = 0; t < n; ++t) St[size_t(t) * ldp + r] += b[(t0 + t) * bst];
       }
+    }
     // ---- online softmax, query rows in lanes (keys >= a row's limit get p = 0)
     const int32_t tile_end = int32_t(t0 + n);
     auto softmax_rows = [&](int rv, auto masked) {
@@ -977,6 +989,11 @@ void run_attention(const TensorRef& q, const TensorRef& out, const T* kc, const 
           sc.limi[r] = int32_t(sc.lim[r]);
           if (has_bias) sc.bias[r] = bias_row(it.b, hq, sc.bias_stride[r]);
         }
+      if (has_bias) {
+        sc.bias_shared = true;
+        for (int r = 1; r < M && sc.bias_shared; ++r)
+          sc.bias_shared = sc.bias[r] == sc.bias[0] && sc.bias_stride[r] == sc.bias_stride[0];
+      }
       for (int r = M; r < round_rows(M); ++r) {  // padding lanes: zero queries that see no key
         for (int d = 0; d < D; ++d) sc.qt[size_t(d) * round_rows(M) + r] = 0.f;
 #if defined(VITA_ATTN_BF16DP)
