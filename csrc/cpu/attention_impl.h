@@ -107,6 +107,46 @@ inline void qk_packed(const float* qt, int ldp, int rv, const float* kt, int D, 
     for (int i = 0; i < NV; ++i) stv(st + size_t(k) * ldp + rv + i * VW, acc[k][i]);
 }
 
+// Items with at most kDotRows rows (decode with one query head per KV head, as the TTS: 14/14
+// heads) would use one lane of each transposed row vector, so their scores are dot products
+// over the channels instead: st[t * ldp + r] = q_r . krow[t] (q row-major, scaled).
+constexpr int kDotRows = 4;
+
+inline float hsum(vf x) {
+  float s[VW];
+  stv(s, x);
+  for (int w = VW / 2; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) s[i] += s[i + w];
+  return s[0];
+}
+
+// 4 keys at a time (4 independent accumulator chains), D a multiple of VW.
+inline void qk_dot(const float* qr, int M, const float* const* krow, int n, int D, float* st, int ldp) {
+  for (int r = 0; r < M; ++r) {
+    const float* q = qr + size_t(r) * D;
+    int t = 0;
+    for (; t + 4 <= n; t += 4) {
+      vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
+      for (int d = 0; d < D; d += VW) {
+        const vf qv = ldv(q + d);
+        a0 += qv * ldv(krow[t] + d);
+        a1 += qv * ldv(krow[t + 1] + d);
+        a2 += qv * ldv(krow[t + 2] + d);
+        a3 += qv * ldv(krow[t + 3] + d);
+      }
+      st[size_t(t) * ldp + r] = hsum(a0);
+      st[size_t(t + 1) * ldp + r] = hsum(a1);
+      st[size_t(t + 2) * ldp + r] = hsum(a2);
+      st[size_t(t + 3) * ldp + r] = hsum(a3);
+    }
+    for (; t < n; ++t) {
+      vf a = vf{};
+      for (int d = 0; d < D; d += VW) a += ldv(q + d) * ldv(krow[t] + d);
+      st[size_t(t) * ldp + r] = hsum(a);
+    }
+  }
+}
+
 // o[r * ldo + dc + j] += sum_{t < n} p[t * ldp + r] * vrow[t][dc + j] for R rows, 2 * VW channels.
 template <int R>
 inline void pv_block(const float* p, int ldp, const float* const* vrow, int n, int dc, float* o, int ldo) {
@@ -258,7 +298,7 @@ inline void transpose16(const uint32_t* const* src, uint32_t* dst, int ld) {
 #endif
 
 struct Scratch {
-  std::vector<float> q, qt, o, m, l, alpha, st, kn, kt, vn, vp, zero;
+  std::vector<float> q, qt, qr, o, m, l, alpha, st, kn, kt, vn, vp, zero;
 #if defined(VITA_ATTN_BF16DP)
   std::vector<uint32_t> qt2, pb, vb2, kbt, vv;
   std::vector<uint16_t> kb16, qa, pa;
@@ -272,7 +312,7 @@ struct Scratch {
   // bf16: also the buffers of the bf16 dot-product / AMX paths (query blocks only).
   Scratch(int rows, int D, bool bf16 = false)
       // (+16 rows: the AMX path works on pairs of 16-row tiles)
-      : q(size_t(D)), qt(size_t(D) * round_rows(rows)), o(size_t(round_rows(rows) + 16) * round_cols(D)), m(round_rows(rows) + 16),
+      : q(size_t(D)), qt(size_t(D) * round_rows(rows)), qr(size_t(D) * kDotRows), o(size_t(round_rows(rows) + 16) * round_cols(D)), m(round_rows(rows) + 16),
         l(round_rows(rows) + 16), alpha(round_rows(rows)), st(size_t(TK) * round_rows(rows)), kn(size_t(TK) * D), kt(size_t(TK) * D),
         vn(size_t(TK) * D), vp(size_t(TK) * round_cols(D)), zero(D + 8, 0.f), lim(rows), limi(round_rows(rows) + 16), bias(rows),
         bias_stride(rows) {
@@ -323,6 +363,10 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
   // a few cache sets) and every row group reuses the same V slice. Decode (few rows) streams the
   // cache rows directly: there the copy would cost as much as the compute.
   const bool pack = M > W;
+  const bool dot = M <= kDotRows && D % VW == 0 && !pack;
+  if (dot)  // row-major scaled Q for the dot products (qt holds it transposed)
+    for (int r = 0; r < M; ++r)
+      for (int d = 0; d < D; ++d) sc.qr[size_t(r) * D + d] = sc.qt[size_t(d) * ldp + r];
   const vf ninf = vf{} - std::numeric_limits<float>::infinity();
   for (int64_t t0 = k_begin; t0 < k_end; t0 += TK) {
     const int n = int(std::min<int64_t>(TK, k_end - t0));
@@ -385,6 +429,8 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
         for (; rv + VW <= ldp; rv += VW)
           for (int t = tq; t < te; t += KB) qk_packed<KB, 1>(sc.qt.data(), ldp, rv, kt + t, D, St + size_t(t) * ldp);
       }
+    } else if (dot) {
+      qk_dot(sc.qr.data(), M, krow, n, D, St, ldp);
     } else
     for (int tq = 0; tq < np; tq += QKT) {
       const int te = std::min(np, tq + QKT);
@@ -994,8 +1040,12 @@ void run_attention(const TensorRef& q, const TensorRef& out, const T* kc, const 
         for (int r = 1; r < M && sc.bias_shared; ++r)
           sc.bias_shared = sc.bias[r] == sc.bias[0] && sc.bias_stride[r] == sc.bias_stride[0];
       }
-      for (int r = M; r < round_rows(M); ++r) {  // padding lanes: zero queries that see no key
-        for (int d = 0; d < D; ++d) sc.qt[size_t(d) * round_rows(M) + r] = 0.f;
+      // padding lanes: zero queries that see no key (lanes are contiguous within a channel row of
+      // Q^T: one short fill per channel, not a strided store per lane and channel)
+      if (round_rows(M) > M)
+        for (int d = 0; d < D; ++d)
+          std::fill(sc.qt.begin() + size_t(d) * round_rows(M) + M, sc.qt.begin() + size_t(d + 1) * round_rows(M), 0.f);
+      for (int r = M; r < round_rows(M); ++r) {
 #if defined(VITA_ATTN_BF16DP)
         if (dp) for (int d2 = 0; d2 < D / 2; ++d2) sc.qt2[size_t(d2) * round_rows(M) + r] = 0u;
         if (amx) std::memset(&sc.qa[size_t(r) * D], 0, sizeof(uint16_t) * D);
