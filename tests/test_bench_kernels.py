@@ -190,6 +190,7 @@ def test_registered_in_the_main_cli(capsys):
 
 
 CHEAP = ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "fuse_embeddings", "store_kv_t16", "paged_decode_b1_kv4k",
+         "paged_decode_tts_b16_kv128",
          "paged_prefill_c64_kv4k", "varlen_audio_t248", "sample_greedy_v152k", "codec_conv_pre", "codec_ups0", "codec_rb0_k7d1_res"]
 
 

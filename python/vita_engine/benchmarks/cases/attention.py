@@ -1,5 +1,5 @@
 """KV-cache write, paged decode and chunked prefill (Qwen2.5-7B attention: 28 query / 4 KV heads x
-128, block 16), and varlen encoder attention (audio encoder: 16 heads x 64 with the rel-PE key bias;
+128, block 16; decode also at the TTS's 14/14 heads x 64), and varlen encoder attention (audio encoder: 16 heads x 64 with the rel-PE key bias;
 InternViT: 16 heads x 64 over 1025-token tiles).
 
 References: torch SDPA on the dense equivalent (K/V gathered out of the pages beforehand, untimed),
@@ -64,7 +64,7 @@ def _store_kv(rows):
     return build
 
 
-def _paged(batch, q_len, kv_len, name):
+def _paged(batch, q_len, kv_len, name, HQ=HQ, HKV=HKV, D=D):
     def build(device, dtype):
         from ... import ops
 
@@ -147,6 +147,8 @@ SPECS = [
     *[Spec(f"paged_decode_b{b}_kv{kv // 1024}k", "paged_decode", _paged(b, 1, kv, f"paged_decode_b{b}_kv{kv // 1024}k"),
            full_only=(b, kv) not in ((1, 4096), (16, 4096)))
       for b in (1, 16, 64) for kv in (1024, 4096, 16384)],
+    # the TTS AR decoder's attention: 14 query = 14 KV heads x 64, a segment's prefix + generated tokens
+    Spec("paged_decode_tts_b16_kv128", "paged_decode", _paged(16, 1, 128, "paged_decode_tts_b16_kv128", 14, 14, 64)),
     Spec("paged_prefill_c64_kv4k", "paged_prefill", _paged(1, 64, 4096 + 64, "paged_prefill_c64_kv4k")),
     Spec("paged_prefill_c256_kv4k", "paged_prefill", _paged(1, 256, 4096 + 256, "paged_prefill_c256_kv4k")),
     # audio encoder: a 10 s utterance (1000 fbank frames -> 248 encoder frames), rel-PE key bias
