@@ -59,7 +59,7 @@ def _fmt_table(rows: List[dict]) -> str:
             continue
         rate = {"tflops": f"{r.get('tflops', 0):.3f} TFLOP/s", "gbps": f"{r.get('gbps', 0):.1f} GB/s"}.get(r.get("metric"), "")
         lines.append({"name": r["name"], "dtype": r["dtype"], "ours_ms": f"{r['ours_ms']:.4g}", "ref_ms": f"{r['ref_ms']:.4g}",
-                      "ratio": f"{r['ratio']:.2f}", "spread": f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}", "rate": rate,
+                      "ratio": f"{r['ratio']:.2f}" + ("*" if r.get("others_busy", 0) > 0.5 else ""), "spread": f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}", "rate": rate,
                       "peak": f"{100 * r['peak_frac']:.0f}%" if "peak_frac" in r else "",
                       "err": f"{r['max_err']:.1e}" if r.get("max_err") is not None else "", "ref": r["ref"], "shape": r["shape"]})
     width = {k: max([len(t)] + [len(str(x.get(k, ""))) for x in lines]) for k, t, _ in cols}
@@ -156,6 +156,8 @@ def _run(args, specs, dev, probe) -> int:
     else:
         print()
         print(_fmt_table(results))
+        if any(r.get("others_busy", 0) > 0.5 for r in results):
+            print("* measured while other processes kept more than half a core busy (wall clock): less reliable")
         slow = [r for r in results if "ratio" in r and r["ratio"] < 1.0]
         print(f"\n{len(results)} cases in {total:.0f} s; " + (f"{len(slow)} below 1.0: " + ", ".join(f"{r['name']}/{r['dtype']} {r['ratio']:.2f}"
                                                                                                   for r in slow) if slow else "all ratios >= 1.0"))

@@ -9,7 +9,7 @@ from typing import Callable, Iterable, List, Optional, Sequence
 import torch
 
 from .cases._spec import DTYPES, Spec
-from .harness import Case, Measurement, cpu_description, loadavg, measure, peak_for
+from .harness import Case, Measurement, contention, cpu_description, loadavg, measure, peak_for
 from .models import clear_cache
 
 __all__ = ["environment", "run_cases", "run_case", "result_row", "default_dtypes", "default_rounds"]
@@ -90,6 +90,8 @@ def run_cases(specs: Iterable[Spec], device: str = "cpu", dtypes: Optional[Seque
     rows = []
     for spec, dt in jobs:
         t0 = time.perf_counter()
+        # wall-clock rows measured while other processes kept a core busy are flagged (the load moves)
+        busy = contention(0.05).get("others_busy") if (device == "cpu" and clock == "wall") else None
         try:
             with torch.inference_mode():
                 case = spec.build(device, DTYPES[dt])
@@ -98,6 +100,8 @@ def run_cases(specs: Iterable[Spec], device: str = "cpu", dtypes: Optional[Seque
         except Exception as e:  # noqa: BLE001  (one broken case must not hide the others)
             row = {"name": spec.name, "family": spec.family, "dtype": dt, "error": f"{type(e).__name__}: {e}"}
         row["seconds"] = round(time.perf_counter() - t0, 2)
+        if busy is not None:
+            row["others_busy"] = busy
         rows.append(row)
         if progress is not None:
             progress(row)
