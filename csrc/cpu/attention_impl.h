@@ -107,6 +107,51 @@ inline void qk_packed(const float* qt, int ldp, int rv, const float* kt, int D, 
     for (int i = 0; i < NV; ++i) stv(st + size_t(k) * ldp + rv + i * VW, acc[k][i]);
 }
 
+// Items with at most kDotRows rows (decode with one query head per KV head, as the TTS: 14/14
+// heads) would fill one lane of each transposed row vector; attend_rows() keeps their scores per
+// row along the keys instead.
+constexpr int kDotRows = 4;
+
+inline float hsum(vf x) {
+#if VITA_ATTN_VW == 16
+  const __m512 v = (__m512)x;
+  const __m256 a = _mm256_add_ps(_mm512_extractf32x8_ps(v, 0), _mm512_extractf32x8_ps(v, 1));  // (no cast: GCC 12 warns)
+  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
+#else
+  float s[VW];
+  stv(s, x);
+  for (int w = VW / 2; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) s[i] += s[i + w];
+  return s[0];
+#endif
+}
+
+// s[t] = q . krow[t] for t < n, D a multiple of VW; 4 keys at a time (independent chains).
+inline void dot_keys(const float* q, const float* const* krow, int n, int D, float* s) {
+  int t = 0;
+  for (; t + 4 <= n; t += 4) {
+    vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
+    for (int d = 0; d < D; d += VW) {
+      const vf qv = ldv(q + d);
+      a0 += qv * ldv(krow[t] + d);
+      a1 += qv * ldv(krow[t + 1] + d);
+      a2 += qv * ldv(krow[t + 2] + d);
+      a3 += qv * ldv(krow[t + 3] + d);
+    }
+    s[t] = hsum(a0);
+    s[t + 1] = hsum(a1);
+    s[t + 2] = hsum(a2);
+    s[t + 3] = hsum(a3);
+  }
+  for (; t < n; ++t) {
+    vf a = vf{};
+    for (int d = 0; d < D; d += VW) a += ldv(q + d) * ldv(krow[t] + d);
+    s[t] = hsum(a);
+  }
+}
+
 // o[r * ldo + dc + j] += sum_{t < n} p[t * ldp + r] * vrow[t][dc + j] for R rows, 2 * VW channels.
 template <int R>
 inline void pv_block(const float* p, int ldp, const float* const* vrow, int n, int dc, float* o, int ldo) {
@@ -258,7 +303,7 @@ inline void transpose16(const uint32_t* const* src, uint32_t* dst, int ld) {
 #endif
 
 struct Scratch {
-  std::vector<float> q, qt, o, m, l, alpha, st, kn, kt, vn, vp, zero;
+  std::vector<float> q, qt, qr, o, m, l, alpha, st, kn, kt, vn, vp, zero;
 #if defined(VITA_ATTN_BF16DP)
   std::vector<uint32_t> qt2, pb, vb2, kbt, vv;
   std::vector<uint16_t> kb16, qa, pa;
@@ -268,10 +313,11 @@ struct Scratch {
   std::vector<int32_t> limi;
   std::vector<const float*> bias;
   std::vector<int64_t> bias_stride;
+  bool bias_shared = false;  // every row of the item reads the same bias row (one query head per item)
   // bf16: also the buffers of the bf16 dot-product / AMX paths (query blocks only).
   Scratch(int rows, int D, bool bf16 = false)
       // (+16 rows: the AMX path works on pairs of 16-row tiles)
-      : q(size_t(D)), qt(size_t(D) * round_rows(rows)), o(size_t(round_rows(rows) + 16) * round_cols(D)), m(round_rows(rows) + 16),
+      : q(size_t(D)), qt(size_t(D) * round_rows(rows)), qr(size_t(D) * kDotRows), o(size_t(round_rows(rows) + 16) * round_cols(D)), m(round_rows(rows) + 16),
         l(round_rows(rows) + 16), alpha(round_rows(rows)), st(size_t(TK) * round_rows(rows)), kn(size_t(TK) * D), kt(size_t(TK) * D),
         vn(size_t(TK) * D), vp(size_t(TK) * round_cols(D)), zero(D + 8, 0.f), lim(rows), limi(round_rows(rows) + 16), bias(rows),
         bias_stride(rows) {
@@ -393,12 +439,23 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
       if (rv < ldp)
         for (int t = tq; t < te; t += KB) qk_block<KB, 1>(sc.qt.data(), ldp, rv, krow + t, D, St + size_t(t) * ldp);
     }
-    if (has_bias)
+    if (has_bias && sc.bias_shared) {
+      // one bias value per key for every row: a broadcast added to whole row vectors (padding
+      // lanes and rows before r0 get it too; their keys are masked in the softmax anyway)
+      const float* b = sc.bias[r0];
+      const int64_t bst = sc.bias_stride[r0];
+      for (int t = 0; t < n; ++t) {
+        const vf bv = vf{} + b[(t0 + t) * bst];
+        float* sp = St + size_t(t) * ldp;
+        for (int rv = rb0; rv < ldp; rv += VW) stv(sp + rv, ldv(sp + rv) + bv);
+      }
+    } else if (has_bias) {
       for (int r = r0; r < M; ++r) {
         const float* b = sc.bias[r];
         const int64_t bst = sc.bias_stride[r];
         for (int t = 0; t < n; ++t) St[size_t(t) * ldp + r] += b[(t0 + t) * bst];
       }
+    }
     // ---- online softmax, query rows in lanes (keys >= a row's limit get p = 0)
     const int32_t tile_end = int32_t(t0 + n);
     auto softmax_rows = [&](int rv, auto masked) {
@@ -460,6 +517,79 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
   }
 }
 
+
+// attend() for items of at most kDotRows rows (same contract, D a multiple of VW): the scores of
+// a row are kept along the keys (s[t]), so the dot products, the online softmax and P.V all run
+// over keys or channels in whole vectors. Keys >= a row's limit are excluded (causal).
+template <class T, class KOff, class VOff>
+void attend_rows(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int64_t k_end, int M, int D, bool has_bias,
+                 Scratch& sc) {
+  const float* krow[TK];
+  const float* vrow[TK];
+  const int ldp = round_rows(M), Dp = round_cols(D);
+  const int DV = D - D % (2 * VW);
+  for (int r = 0; r < M; ++r)  // row-major scaled Q (qt holds it transposed)
+    for (int d = 0; d < D; ++d) sc.qr[size_t(r) * D + d] = sc.qt[size_t(d) * ldp + r];
+  float* s = sc.st.data();  // one row's scores, TK floats (+ VW of padding)
+  vi lane;
+  for (int i = 0; i < VW; ++i) lane[i] = i;
+  for (int64_t t0 = k_begin; t0 < k_end; t0 += TK) {
+    const int n = int(std::min<int64_t>(TK, k_end - t0));
+    if (sc.lim[M - 1] <= t0) break;  // limits are non-decreasing: no row sees these keys
+    for (int t = 0; t < n; ++t) {
+      const T* kp = kc + koff(t0 + t);
+      const T* vp = vc + voff(t0 + t);
+      if (t0 + TK + t < k_end) {
+        prefetch_row(kc + koff(t0 + TK + t), D);
+        prefetch_row(vc + voff(t0 + TK + t), D);
+      }
+      if constexpr (std::is_same_v<T, float>) {
+        krow[t] = kp;
+        vrow[t] = vp;
+      } else {
+        load_row(kp, sc.kn.data() + size_t(t) * D, D);
+        load_row(vp, sc.vn.data() + size_t(t) * D, D);
+        krow[t] = sc.kn.data() + size_t(t) * D;
+        vrow[t] = sc.vn.data() + size_t(t) * D;
+      }
+    }
+    for (int r = 0; r < M; ++r) {
+      const int nr = int(std::clamp<int64_t>(sc.lim[r] - t0, 0, n));  // this row's keys: a prefix of the tile
+      if (nr == 0) continue;
+      dot_keys(sc.qr.data() + size_t(r) * D, krow, nr, D, s);
+      if (has_bias) {
+        const float* b = sc.bias[r];
+        const int64_t bst = sc.bias_stride[r];
+        for (int t = 0; t < nr; ++t) s[t] += b[(t0 + t) * bst];
+      }
+      const int nv = (nr + VW - 1) / VW * VW;
+      for (int t = nr; t < nv; ++t) s[t] = -std::numeric_limits<float>::infinity();
+      vf mv = ldv(s);
+      for (int t = VW; t < nv; t += VW) {
+        const vf x = ldv(s + t);
+        mv = mv > x ? mv : x;
+      }
+      float mx = mv[0];
+      for (int i = 1; i < VW; ++i) mx = std::max(mx, mv[i]);
+      const float mo = sc.m[r], mn = std::max(mo, mx);
+      const float alpha = mo == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(mo - mn);
+      vf sum = vf{};
+      for (int t = 0; t < nv; t += VW) {
+        vf e = exp_le0(ldv(s + t) - mn);
+        e = (lane + t) < nr ? e : vf{};  // padding keys: exactly 0
+        stv(s + t, e);
+        sum += e;
+      }
+      sc.l[r] = sc.l[r] * alpha + hsum(sum);
+      sc.m[r] = mn;
+      float* o = sc.o.data() + size_t(r) * Dp;
+      if (alpha != 1.0f)
+        for (int d = 0; d < Dp; ++d) o[d] *= alpha;
+      for (int dc = 0; dc < DV; dc += 2 * VW) pv_block<1>(s, 1, vrow, nr, dc, o, Dp);
+      if (DV < D) pv_tail<1>(s, 1, vrow, nr, DV, D, o, Dp);
+    }
+  }
+}
 
 #if defined(VITA_ATTN_BF16DP)
 // ---- bfloat16 prefill with AVX512-BF16 (vdpbf16ps: 2 bf16 products per float lane, float32
@@ -977,8 +1107,17 @@ void run_attention(const TensorRef& q, const TensorRef& out, const T* kc, const 
           sc.limi[r] = int32_t(sc.lim[r]);
           if (has_bias) sc.bias[r] = bias_row(it.b, hq, sc.bias_stride[r]);
         }
-      for (int r = M; r < round_rows(M); ++r) {  // padding lanes: zero queries that see no key
-        for (int d = 0; d < D; ++d) sc.qt[size_t(d) * round_rows(M) + r] = 0.f;
+      if (has_bias) {
+        sc.bias_shared = true;
+        for (int r = 1; r < M && sc.bias_shared; ++r)
+          sc.bias_shared = sc.bias[r] == sc.bias[0] && sc.bias_stride[r] == sc.bias_stride[0];
+      }
+      // padding lanes: zero queries that see no key (lanes are contiguous within a channel row of
+      // Q^T: one short fill per channel, not a strided store per lane and channel)
+      if (round_rows(M) > M)
+        for (int d = 0; d < D; ++d)
+          std::fill(sc.qt.begin() + size_t(d) * round_rows(M) + M, sc.qt.begin() + size_t(d + 1) * round_rows(M), 0.f);
+      for (int r = M; r < round_rows(M); ++r) {
 #if defined(VITA_ATTN_BF16DP)
         if (dp) for (int d2 = 0; d2 < D / 2; ++d2) sc.qt2[size_t(d2) * round_rows(M) + r] = 0u;
         if (amx) std::memset(&sc.qa[size_t(r) * D], 0, sizeof(uint16_t) * D);
@@ -1000,7 +1139,10 @@ void run_attention(const TensorRef& q, const TensorRef& out, const T* kc, const 
                     D, scale, sc);
       }
 #endif
-      if (!dp)
+      if (!dp && M <= kDotRows && D % VW == 0)
+        attend_rows<T>(kc, vc, [&](int64_t t) { return koff(b, kvh, t); }, [&](int64_t t) { return voff(b, kvh, t); }, it.k0, it.k1,
+                       M, D, has_bias, sc);
+      else if (!dp)
         attend<T>(kc, vc, [&](int64_t t) { return koff(b, kvh, t); }, [&](int64_t t) { return voff(b, kvh, t); }, it.k0, it.k1, M,
                   D, has_bias, sc);
       if (it.part < 0) {

@@ -3,7 +3,8 @@
 `vita-engine check` runs every available kernel once on small random inputs against its torch
 reference, on every available backend, and prints what is available.
 `vita-engine demo` runs one spoken turn end to end (tiny model by default) and prints the latency
-report; `vita-engine bench` drives N concurrent sessions and prints p50/p90/p99 per stage.
+report; `vita-engine bench` drives N concurrent sessions and prints p50/p90/p99 per stage;
+`vita-engine bench-kernels` times every kernel against its torch reference (vita_engine.benchmarks).
 """
 from __future__ import annotations
 
@@ -348,6 +349,9 @@ def main(argv=None) -> int:
     b.add_argument("--plot", help="save a per-stage breakdown plot (needs matplotlib)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=_bench)
+    from .benchmarks.cli import add_parser as _add_bench_kernels  # kernel microbenchmarks (no torch import here)
+
+    _add_bench_kernels(sub)
     args = p.parse_args(argv)
     return E.run_command(args.fn, args, f"vita-engine {args.cmd}")
 
