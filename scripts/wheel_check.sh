@@ -68,18 +68,13 @@ vita check > check.txt || { cat check.txt; echo "wheel_check: vita-engine check 
 tail -1 check.txt
 step "vita-engine check"
 
-# TODO(lead): drop guard once bench-kernels lands
-if vita bench-kernels --help >/dev/null 2>&1; then
-  vita bench-kernels --json > bench.json
-  "$venv/bin/python" -c "
+vita bench-kernels --json > bench.json || { echo "wheel_check: vita-engine bench-kernels failed" >&2; exit 1; }
+"$venv/bin/python" -c "
 import json, sys
 r = json.load(open('bench.json'))
 assert r['results'], 'bench-kernels --json: no results'
 for x in r['results']:
-    assert {'name', 'ours_ms', 'ref_ms', 'ratio'} <= set(x), f'bench-kernels --json: result without timings: {x}'
+    assert {'name', 'dtype', 'shape', 'ours_ms', 'ref_ms', 'ratio', 'ratio_min', 'ratio_max'} <= set(x), f'bench-kernels --json: result without timings: {x}'
 print('wheel_check: bench-kernels:', len(r['results']), 'results on', r['device'])"
-  step "vita-engine bench-kernels --json"
-else
-  echo "wheel_check: vita-engine bench-kernels not in this wheel: skipped"
-fi
+step "vita-engine bench-kernels --json"
 step "OK"
