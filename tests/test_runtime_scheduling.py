@@ -1,4 +1,4 @@
-"""The critical-path scheduling policy (runtime/policy.py, docs/scheduling.md).
+"""The critical-path scheduling policy (runtime/policy.py, docs/architecture.md §4).
 
 Unit checks of the policy's answers, then the engine with a codec at the REAL kernel/rate structure
 (x600 hop, 13-token look-ahead) at small widths: the first window comes as soon as the look-ahead is

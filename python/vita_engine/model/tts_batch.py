@@ -1,4 +1,4 @@
-"""Batched TTS AR decoding over one shared paged KV pool (spec §5; DESIGN §6 "the scheduler batches
+"""Batched TTS AR decoding over one shared paged KV pool (spec §5; docs/architecture.md §5 "the scheduler batches
 decode steps of all sessions").
 
 `TTSBatchDecoder` owns one `PagedKVCache` (all AR layers) shared by up to `max_streams` streams.

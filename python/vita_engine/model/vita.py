@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class VitaModel:
-    """See DESIGN §5. Components: `llm`, `vision`, `audio`, `tts`, `codec` (None when that part of
+    """See docs/architecture.md §5. Components: `llm`, `vision`, `audio`, `tts`, `codec` (None when that part of
     the checkpoint, or the codec module, is absent), plus `splice`."""
 
     def __init__(self, path, llm, vision, audio, tts, codec, ops: OpsHandle, config: LLMConfig):

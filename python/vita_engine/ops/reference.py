@@ -124,7 +124,7 @@ def _attend(q, k, v, scale, mask=None, bias=None):
 
 
 def paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, *, causal: bool = True, scale: Optional[float] = None):
-    """Attention of packed queries over a paged KV cache (see DESIGN §4).
+    """Attention of packed queries over a paged KV cache (see docs/architecture.md §5).
 
     Query j of a sequence with q_len tokens and kv_len cached keys sees keys < kv_len - q_len + j + 1
     when causal (bottom-right alignment)."""

@@ -1,4 +1,4 @@
-"""Real-time runtime (DESIGN §6): Engine, Session, events, paged KV pool, scheduler."""
+"""Real-time runtime (docs/architecture.md §5): Engine, Session, events, paged KV pool, scheduler."""
 from .._errors import require_torch
 
 require_torch(__name__)  # first: a clear message, not a traceback, when torch is missing

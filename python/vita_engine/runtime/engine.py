@@ -42,7 +42,7 @@ DEFAULT_OPTIONS: Dict[str, Any] = dict(
     tts_max_tokens=None,        # per TTS segment (default: the decoder config's 1000)
     tts_capacity_wait_s=10.0,   # a TTS segment waits this long for a free stream slot/pages, then is
                                 # dropped with an Error event (at once when no stream could free any)
-    # scheduling policy (policy.py, docs/scheduling.md): "critical_path" or "lockstep" (before issue 12)
+    # scheduling policy (policy.py, docs/architecture.md §4): "critical_path" or "lockstep" (before issue 12)
     scheduling="critical_path",
     llm_first_segment_steps=8,  # LLM decode steps per tick for a turn whose first TTS segment is not out
     llm_text_lead_tokens=16,    # afterwards, decode while the unspoken answer text is below this
@@ -94,7 +94,7 @@ def tiny_checkpoint(seed: int = 0) -> Path:
 
 
 class Engine:
-    """See DESIGN §6. Create with `Engine.from_pretrained(path_or_"tiny", device=..., dtype=...)`."""
+    """See docs/architecture.md §5. Create with `Engine.from_pretrained(path_or_"tiny", device=..., dtype=...)`."""
 
     def __init__(self, model, path, options: Dict[str, Any]):
         o = self.options = dict(DEFAULT_OPTIONS)

@@ -1,4 +1,4 @@
-"""Events a Session delivers (DESIGN §6) and the runtime's error types."""
+"""Events a Session delivers (docs/architecture.md §5) and the runtime's error types."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,4 +1,4 @@
-"""Per-turn latency metrics (DESIGN §7) and their distributions across turns and sessions.
+"""Per-turn latency metrics (docs/architecture.md §6) and their distributions across turns and sessions.
 
 Times are `time.perf_counter()` seconds; values are milliseconds.
 - ttfa_ms: end-of-turn decision (VAD TurnEnd processed, or push_text called) -> first output PCM

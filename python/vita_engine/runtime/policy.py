@@ -4,7 +4,7 @@ The stages (turns.py, llm_stage.py, tts_stage.py, codec_stage.py) ask this modul
 is processed and speculative starts run, which LLM rows run this tick (and which get extra back-to-back
 forwards), when a TTS segment starts and how many AR steps each stream gets, and how many codec
 tokens each turn pushes into its codec window now. Change the scheduling here without reading the
-stages; docs/scheduling.md gives the reasoning.
+stages; docs/architecture.md §4 gives the reasoning.
 
 `CriticalPathPolicy` (default, option `scheduling="critical_path"`): the first audio of a turn is
 the latency users feel, so the chain that produces it runs back to back and everything with slack

@@ -1,4 +1,4 @@
-"""`Session`: one conversation (DESIGN §6). Thread-safe: push_* / interrupt / close may be called
+"""`Session`: one conversation (docs/architecture.md §5). Thread-safe: push_* / interrupt / close may be called
 from any thread (or an asyncio loop); the Engine's scheduler thread does all model work and delivers
 events to `events()` (asyncio) or to the synchronous helpers (`next_event`, `collect`, `run_turn`).
 """
@@ -73,7 +73,7 @@ class TurnResult:
 
 
 class Session:
-    """Create with `engine.session(system_prompt=None)`. See DESIGN §6 for the event contract."""
+    """Create with `engine.session(system_prompt=None)`. See docs/architecture.md §5 for the event contract."""
 
     def __init__(self, engine, sid: int, system_prompt: Optional[str], seed: int, temperature: float, top_k: int,
                  max_new_tokens: int):

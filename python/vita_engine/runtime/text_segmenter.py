@@ -1,4 +1,4 @@
-"""Text -> TTS handoff policy (spec §5 "Text normalisation before TTS", DESIGN §6 "text is handed to
+"""Text -> TTS handoff policy (spec §5 "Text normalisation before TTS", docs/architecture.md §5 "text is handed to
 the TTS as soon as a first segment exists").
 
 `normalize_tts_text(text)` is the reference normalisation: special tokens (`<|im_end|>`,

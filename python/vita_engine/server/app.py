@@ -58,7 +58,7 @@ class ServerConfig:
     # TCP connection is reset
     slow_client_close_timeout_s: float = 5.0
     # outgoing audio is coalesced into frames of at least audio_frame_ms (the engine emits one chunk
-    # per scheduler tick: 12 samples for the tiny model on CPU); a partial frame is sent once its
+    # per codec window, of any size); a partial frame is sent once its
     # first sample has waited audio_max_hold_ms (one frame period), and at every turn boundary
     audio_frame_ms: float = 20.0
     audio_max_hold_ms: float = 20.0

@@ -16,7 +16,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeHistogramMetricFam
 
 log = logging.getLogger("vita_engine.server")
 
-# Latency buckets in seconds: fine below 0.5 s where the targets are (DESIGN §8), coarse above.
+# Latency buckets in seconds: fine below 0.5 s where the targets are (docs/architecture.md §7), coarse above.
 _LAT_BUCKETS = (0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0)
 
 
