@@ -258,6 +258,15 @@ def _plot(summary, path, title):
     fig.savefig(path, dpi=120)
 
 
+def _sessions_axis(ax, ns, title) -> None:
+    ax.set_xlabel("sessions")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns)
+    ax.set_xticklabels([str(n) for n in ns])
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+
+
 def _plot_sweep(runs, path, title):
     """ttfa/response percentiles vs sessions (left) and the p50 of each stage vs sessions (right)."""
     plt = _pyplot()
@@ -269,13 +278,8 @@ def _plot_sweep(runs, path, title):
         for q, mk in (("p50", "o"), ("p90", "s"), ("p99", "^")):
             ys = [r["metrics"].get(key, {}).get(q, np.nan) for r in runs]
             a.plot(ns, ys, style, marker=mk, label=f"{key} {q}")
-    a.set_xlabel("sessions")
+    _sessions_axis(a, ns, "first audio vs sessions")
     a.set_ylabel("ms")
-    a.set_xscale("log", base=2)
-    a.set_xticks(ns)
-    a.set_xticklabels([str(n) for n in ns])
-    a.set_title("first audio vs sessions")
-    a.legend(fontsize=7)
     for key in PLOT_KEYS:
         if key in ("ttfa_ms", "response_ms"):
             continue
@@ -284,12 +288,7 @@ def _plot_sweep(runs, path, title):
             b.plot(ns, ys, marker="o", label=key)
     ys = [r["scheduler"].get("tick_ms", {}).get("p50", np.nan) for r in runs]
     b.plot(ns, ys, "k:", marker="x", label="tick_ms")
-    b.set_xlabel("sessions")
-    b.set_xscale("log", base=2)
-    b.set_xticks(ns)
-    b.set_xticklabels([str(n) for n in ns])
-    b.set_title("stages (p50)")
-    b.legend(fontsize=7)
+    _sessions_axis(b, ns, "stages (p50)")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
