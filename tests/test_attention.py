@@ -427,3 +427,24 @@ def test_bf16_prefill_merged_blocks(threads):
         _C.set_num_threads(old)
     _close(out, expect_paged(*t), torch.bfloat16)
     _close(out4, expect_paged(*t), torch.bfloat16)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5])
+@pytest.mark.parametrize("dtype,Hq,Hkv,B", [(torch.float32, 14, 14, 16), (torch.bfloat16, 14, 14, 16), (torch.float32, 14, 14, 5),
+                                            (torch.float32, 26, 13, 7), (torch.float16, 14, 14, 3)])
+def test_decode_items_of_several_kv_heads(dtype, Hq, Hkv, B, threads, isa):
+    """Decode with 1-2 query heads per KV head (the TTS: 14/14 x 64): while the threads have enough
+    items, one item holds several (or all) KV heads of a sequence. Ragged kv lengths on and beside
+    page boundaries, a few 2-4 token rows (causal limits per head), head counts that do not divide."""
+    kv_lens = [1, 15, 16, 17, 128, 33, 64, 100, 2, 129, 47, 80, 31, 5, 96, 112][:B]
+    q_lens = [1 if i % 4 else 2 + i % 3 for i in range(B)]
+    q_lens = [min(ql, kl) for ql, kl in zip(q_lens, kv_lens)]
+    t = make_paged(q_lens, kv_lens, Hq, Hkv, 64, 16, dtype, "cpu", seed=9)
+    old = _C.num_threads()
+    try:
+        _C.set_num_threads(threads)
+        outs = {c: run_c(*t, causal=c) for c in (True, False)}
+    finally:
+        _C.set_num_threads(old)
+    for causal, out in outs.items():
+        _close(out, expect_paged(*t, causal=causal), dtype)

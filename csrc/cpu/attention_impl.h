@@ -317,7 +317,7 @@ struct Scratch {
   // bf16: also the buffers of the bf16 dot-product / AMX paths (query blocks only).
   Scratch(int rows, int D, bool bf16 = false)
       // (+16 rows: the AMX path works on pairs of 16-row tiles)
-      : q(size_t(D)), qt(size_t(D) * round_rows(rows)), qr(size_t(D) * kDotRows), o(size_t(round_rows(rows) + 16) * round_cols(D)), m(round_rows(rows) + 16),
+      : q(size_t(D)), qt(size_t(D) * round_rows(rows)), qr(size_t(D) * rows), o(size_t(round_rows(rows) + 16) * round_cols(D)), m(round_rows(rows) + 16),
         l(round_rows(rows) + 16), alpha(round_rows(rows)), st(size_t(TK) * round_rows(rows)), kn(size_t(TK) * D), kt(size_t(TK) * D),
         vn(size_t(TK) * D), vp(size_t(TK) * round_cols(D)), zero(D + 8, 0.f), lim(rows), limi(round_rows(rows) + 16), bias(rows),
         bias_stride(rows) {
@@ -587,6 +587,115 @@ void attend_rows(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin
         for (int d = 0; d < Dp; ++d) o[d] *= alpha;
       for (int dc = 0; dc < DV; dc += 2 * VW) pv_block<1>(s, 1, vrow, nr, dc, o, Dp);
       if (DV < D) pv_tail<1>(s, 1, vrow, nr, DV, D, o, Dp);
+    }
+  }
+}
+
+// attend_rows() for items of nh > 1 KV heads (rows hi * Mg .. (hi + 1) * Mg - 1 belong to head hi;
+// koff/voff take (hi, t) and are linear in hi). Decode with one query head per KV head (the TTS:
+// 14/14 x 64) is bound by fetching the cache, not by arithmetic: walking one head's slice of every
+// row (a 256-byte piece at a 3.5 KB stride) keeps few lines in flight, so this walks the keys in
+// memory order instead: for each key, the dot products (then the P.V updates) of every head, the
+// row of all heads read once from start to end, which the hardware prefetcher streams.
+template <class T, class KOff, class VOff>
+void attend_heads(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int64_t k_end, int Mg, int nh, int D,
+                  bool has_bias, Scratch& sc) {
+  const int M = Mg * nh;
+  const int ldp = round_rows(M), Dp = round_cols(D);
+  constexpr int LS = TK + VW;  // scores of row r: s[r * LS + t] (+ padding to whole vectors)
+  if (sc.st.size() < size_t(M) * LS) sc.st.resize(size_t(M) * LS);
+  if (sc.kn.size() < size_t(nh) * D) sc.kn.resize(size_t(nh) * D);
+  std::vector<const float*> kh(static_cast<size_t>(nh));  // one key's row, per head (converted to float32 in kn)
+  float* s = sc.st.data();
+  for (int r = 0; r < M; ++r)  // row-major scaled Q (qt holds it transposed)
+    for (int d = 0; d < D; ++d) sc.qr[size_t(r) * D + d] = sc.qt[size_t(d) * ldp + r];
+  const int64_t khs = koff(1, k_begin) - koff(0, k_begin), vhs = voff(1, k_begin) - voff(0, k_begin);
+  auto as_float = [&](const T* p, float* tmp) -> const float* {
+    if constexpr (std::is_same_v<T, float>) {
+      (void)tmp;
+      return p;
+    } else {
+      load_row(p, tmp, D);
+      return tmp;
+    }
+  };
+  vi lane;
+  for (int i = 0; i < VW; ++i) lane[i] = i;
+  for (int64_t t0 = k_begin; t0 < k_end; t0 += TK) {
+    const int n = int(std::min<int64_t>(TK, k_end - t0));
+    if (sc.lim[M - 1] <= t0) break;  // limits are non-decreasing (the same for every head): no row sees these keys
+    for (int t = 0; t < n; ++t) {
+      const T* kp = kc + koff(0, t0 + t);
+      for (int hi = 0; hi < nh; ++hi) kh[hi] = as_float(kp + hi * khs, sc.kn.data() + size_t(hi) * D);
+      int r = 0;
+      for (; r + 4 <= M; r += 4) {  // 4 rows (of up to 4 heads) at a time: independent chains
+        vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
+        const float* q0 = sc.qr.data() + size_t(r) * D;
+        const float *k0 = kh[r / Mg], *k1 = kh[(r + 1) / Mg], *k2 = kh[(r + 2) / Mg], *k3 = kh[(r + 3) / Mg];
+        for (int d = 0; d < D; d += VW) {
+          a0 += ldv(q0 + d) * ldv(k0 + d);
+          a1 += ldv(q0 + D + d) * ldv(k1 + d);
+          a2 += ldv(q0 + 2 * D + d) * ldv(k2 + d);
+          a3 += ldv(q0 + 3 * D + d) * ldv(k3 + d);
+        }
+        s[r * LS + t] = hsum(a0);
+        s[(r + 1) * LS + t] = hsum(a1);
+        s[(r + 2) * LS + t] = hsum(a2);
+        s[(r + 3) * LS + t] = hsum(a3);
+      }
+      for (; r < M; ++r) {
+        vf a = vf{};
+        const float *q0 = sc.qr.data() + size_t(r) * D, *k = kh[r / Mg];
+        for (int d = 0; d < D; d += VW) a += ldv(q0 + d) * ldv(k + d);
+        s[r * LS + t] = hsum(a);
+      }
+    }
+    for (int r = 0; r < M; ++r) {  // online softmax per row; masked and padding keys get p = 0
+      float* sr = s + r * LS;
+      const int nr = int(std::clamp<int64_t>(sc.lim[r] - t0, 0, n));
+      if (nr == 0) {
+        std::fill(sr, sr + n, 0.f);
+        continue;
+      }
+      if (has_bias) {
+        const float* b = sc.bias[r];
+        const int64_t bst = sc.bias_stride[r];
+        for (int t = 0; t < nr; ++t) sr[t] += b[(t0 + t) * bst];
+      }
+      const int nv = (n + VW - 1) / VW * VW;
+      for (int t = nr; t < nv; ++t) sr[t] = -std::numeric_limits<float>::infinity();
+      vf mv = ldv(sr);
+      for (int t = VW; t < nv; t += VW) {
+        const vf x = ldv(sr + t);
+        mv = mv > x ? mv : x;
+      }
+      float mx = mv[0];
+      for (int i = 1; i < VW; ++i) mx = std::max(mx, mv[i]);
+      const float mo = sc.m[r], mn = std::max(mo, mx);
+      const float alpha = mo == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(mo - mn);
+      vf sum = vf{};
+      for (int t = 0; t < nv; t += VW) {
+        vf e = exp_le0(ldv(sr + t) - mn);
+        e = (lane + t) < nr ? e : vf{};
+        stv(sr + t, e);
+        sum += e;
+      }
+      sc.l[r] = sc.l[r] * alpha + hsum(sum);
+      sc.m[r] = mn;
+      float* o = sc.o.data() + size_t(r) * Dp;
+      if (alpha != 1.0f)
+        for (int d = 0; d < Dp; ++d) o[d] *= alpha;
+    }
+    for (int t = 0; t < n; ++t) {
+      const T* vp = vc + voff(0, t0 + t);
+      for (int hi = 0; hi < nh; ++hi) {
+        const float* v = as_float(vp + hi * vhs, sc.kn.data());
+        for (int r = hi * Mg; r < (hi + 1) * Mg; ++r) {
+          const vf p = vf{} + s[r * LS + t];
+          float* o = sc.o.data() + size_t(r) * Dp;
+          for (int d = 0; d < D; d += VW) stv(o + d, ldv(o + d) + p * ldv(v + d));
+        }
+      }
     }
   }
 }
@@ -981,6 +1090,7 @@ struct Item {
   int32_t b, kvh, j0, j1;
   int64_t k0, k1;
   int64_t part;  // offset into the partials buffer, -1 when the item writes the output directly
+  int32_t nh;    // KV heads kvh .. kvh + nh - 1 (more than 1 only for unsplit attend_rows items)
 };
 // A (sequence, kv head, query block) whose splits must be merged.
 struct Merge {
@@ -1025,6 +1135,10 @@ void run_attention(const TensorRef& q, const TensorRef& out, const T* kc, const 
     }
   }
 #endif
+  // Decode-sized groups (attend_rows) of several KV heads share an item while that leaves the
+  // threads enough items: the item then reads each token's K/V row once, all heads in order.
+  const bool rows_kernel = D % VW == 0;
+  const int nh_rows = int(std::clamp<int64_t>(groups / want_items, 1, Hkv));
   std::vector<Item> items;
   int max_rows = 1;  // largest item (sizes the per-thread scratch)
   std::vector<Merge> merges;
@@ -1049,13 +1163,22 @@ void run_attention(const TensorRef& q, const TensorRef& out, const T* kc, const 
       const int64_t nsplit = ceil_div(kmax, chunk);
       const int64_t rows = (j1 - j0) * g;
       max_rows = std::max(max_rows, int(rows));
+      if (nsplit == 1 && rows_kernel && rows <= kDotRows && nh_rows > 1) {
+        const int nc = int(ceil_div(Hkv, nh_rows)), nh = int(ceil_div(Hkv, nc));  // nc items of (nearly) equal head counts
+        for (int h = 0; h < Hkv; h += nh) {
+          const int n = std::min(nh, Hkv - h);
+          items.push_back({int32_t(b), h, int32_t(j0), int32_t(j1), 0, kmax, -1, n});
+          max_rows = std::max(max_rows, int(rows) * n);
+        }
+        continue;
+      }
       for (int h = 0; h < Hkv; ++h) {
         if (nsplit == 1) {
-          items.push_back({int32_t(b), h, int32_t(j0), int32_t(j1), 0, kmax, -1});
+          items.push_back({int32_t(b), h, int32_t(j0), int32_t(j1), 0, kmax, -1, 1});
         } else {
           merges.push_back({int32_t(b), h, int32_t(j0), int32_t(j1), int32_t(nsplit), part});
           for (int64_t s = 0; s < nsplit; ++s) {
-            items.push_back({int32_t(b), h, int32_t(j0), int32_t(j1), s * chunk, std::min(kmax, (s + 1) * chunk), part});
+            items.push_back({int32_t(b), h, int32_t(j0), int32_t(j1), s * chunk, std::min(kmax, (s + 1) * chunk), part, 1});
             part += rows * (D + 2);
           }
         }
@@ -1077,19 +1200,20 @@ void run_attention(const TensorRef& q, const TensorRef& out, const T* kc, const 
       const Item& it = items[i];
       int64_t q0, ql, kl;
       seq(it.b, q0, ql, kl);
-      const int M = (it.j1 - it.j0) * g;
+      const int Mg = (it.j1 - it.j0) * g, M = Mg * it.nh;  // rows per KV head, rows of the item
       bool dp = false, amx = false;  // bf16 query blocks without bias: AMX tiles, else vdpbf16ps
       (void)amx;
 #if defined(VITA_ATTN_BF16DP)
       if constexpr (std::is_same_v<T, bf16_t>) {
-        dp = M > 2 * VW && !has_bias && D % 2 == 0;
+        dp = Mg > 2 * VW && !has_bias && D % 2 == 0;
         amx = dp && D % 64 == 0 && amx_ready();
       }
 #endif
+      for (int hi = 0; hi < it.nh; ++hi)
       for (int64_t j = it.j0; j < it.j1; ++j)
         for (int h = 0; h < g; ++h) {
-          const int r = int(j - it.j0) * g + h;
-          const int hq = it.kvh * g + h;
+          const int r = hi * Mg + int(j - it.j0) * g + h;
+          const int hq = (it.kvh + hi) * g + h;
           const int ldp = round_rows(M);
 #if defined(VITA_ATTN_BF16DP)
           if (amx) {
@@ -1139,7 +1263,10 @@ void run_attention(const TensorRef& q, const TensorRef& out, const T* kc, const 
                     D, scale, sc);
       }
 #endif
-      if (!dp && M <= kDotRows && D % VW == 0)
+      if (it.nh > 1)
+        attend_heads<T>(kc, vc, [&](int hi, int64_t t) { return koff(b, kvh + hi, t); },
+                        [&](int hi, int64_t t) { return voff(b, kvh + hi, t); }, it.k0, it.k1, Mg, it.nh, D, has_bias, sc);
+      else if (!dp && M <= kDotRows && rows_kernel)
         attend_rows<T>(kc, vc, [&](int64_t t) { return koff(b, kvh, t); }, [&](int64_t t) { return voff(b, kvh, t); }, it.k0, it.k1,
                        M, D, has_bias, sc);
       else if (!dp)
@@ -1147,8 +1274,8 @@ void run_attention(const TensorRef& q, const TensorRef& out, const T* kc, const 
                   D, has_bias, sc);
       if (it.part < 0) {
         for (int r = 0; r < M; ++r) {
-          const int64_t j = it.j0 + r / g;
-          const int hq = it.kvh * g + r % g;
+          const int64_t j = it.j0 + (r % Mg) / g;
+          const int hq = (it.kvh + r / Mg) * g + r % g;
           const float inv = sc.l[r] > 0.f ? 1.0f / sc.l[r] : 0.f;
           const float* o = sc.o.data() + size_t(r) * Dp;
 #pragma omp simd
