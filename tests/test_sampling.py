@@ -28,6 +28,29 @@ def test_matches_reference_draws(device, top_k):
         assert got.cpu().tolist() == want.tolist()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [3, 33, 34, 66, 1028, 1029])
+def test_top2_ties_and_nan_match_reference(device, dtype, vocab):
+    # The top-2 fast path (block-max skipping) must keep exactly the general top-k candidates: ties go
+    # to the smaller id, the winners may sit in any block or the tail, and a NaN row takes the general path.
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randint(-3, 4, (12, vocab), generator=g).float()  # many ties
+    logits[0, -1] = logits[1, 0] = logits[1, -2] = 9.0  # winners at the ends, tied
+    logits[2] = 1.0  # all equal
+    logits[3, vocab // 2] = 50.0
+    logits = logits.to(dtype)
+    for step in (0, 5, 777):
+        got = ops.sample_tokens(logits.to(device), temperature=0.9, top_k=2, seed=3, step=step)
+        want = ref.sample_tokens(logits, temperature=0.9, top_k=2, seed=3, step=step)
+        assert got.cpu().tolist() == want.tolist()
+    with_nan = logits.clone()
+    with_nan[4, vocab // 3] = float("nan")
+    nan_rows = ops.sample_tokens(with_nan.to(device), temperature=0.9, top_k=2, seed=3, step=1).cpu()
+    clean = ops.sample_tokens(logits.to(device), temperature=0.9, top_k=2, seed=3, step=1).cpu()
+    assert torch.equal(torch.cat([nan_rows[:4], nan_rows[5:]]), torch.cat([clean[:4], clean[5:]]))
+    assert 0 <= nan_rows[4].item() < vocab
+
+
 def test_philox_known_answer():
     # Philox-4x32-10 known-answer vector (Random123): counter 0, key 0
     from vita_engine.ops.reference import _mulhilo

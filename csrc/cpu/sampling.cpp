@@ -1,4 +1,9 @@
 #include <algorithm>
+#include <type_traits>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <vector>
 
@@ -17,11 +22,69 @@ inline float gumbel(uint64_t seed, uint64_t step, uint64_t idx) {
 // Strictly-better ordering used everywhere: larger value, then smaller index.
 inline bool better(float a, int64_t ia, float b, int64_t ib) { return a > b || (a == b && ia < ib); }
 
+// The top-2 of a row (ties -> smaller index) in one branch-light pass, for the TTS's top_k = 2. The
+// scan runs in increasing index, so a later value displaces a kept one only if strictly larger: the
+// same result as the general insertion below. Returns false for a row with a NaN, whose order is
+// left to the general path so that every row keeps its existing result.
+template <class T>
+bool top2(const T* row, int64_t V, int64_t (&out)[2]) {
+  float v0 = to_float(row[0]), v1 = to_float(row[1]);
+  int64_t i0 = 0, i1 = 1;
+  bool nan = v0 != v0 || v1 != v1;
+  if (v1 > v0) std::swap(v0, v1), std::swap(i0, i1);
+  auto scan = [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const float v = to_float(row[i]);
+      nan |= v != v;
+      if (v > v1) {
+        if (v > v0) {
+          v1 = v0, i1 = i0, v0 = v, i0 = i;
+        } else {
+          v1 = v, i1 = i;
+        }
+      }
+    }
+  };
+  // Blocks whose maximum does not beat the runner-up change nothing: a vectorizable max (and NaN
+  // test) skips them, and only the few blocks that do are scanned element by element.
+  constexpr int64_t kBlock = 32;
+  int64_t i = 2;
+#ifdef __AVX2__
+  if constexpr (std::is_same_v<T, float>) {
+    for (; i + kBlock <= V; i += kBlock) {
+      const __m256 a = _mm256_loadu_ps(row + i), b = _mm256_loadu_ps(row + i + 8), c = _mm256_loadu_ps(row + i + 16),
+                   d = _mm256_loadu_ps(row + i + 24);
+      const __m256 un = _mm256_or_ps(_mm256_cmp_ps(a, b, _CMP_UNORD_Q), _mm256_cmp_ps(c, d, _CMP_UNORD_Q));
+      // A block with a NaN, or any lane beating the runner-up, is scanned in full.
+      const __m256 m = _mm256_max_ps(_mm256_max_ps(a, b), _mm256_max_ps(c, d));
+      if (_mm256_movemask_ps(_mm256_or_ps(un, _mm256_cmp_ps(m, _mm256_set1_ps(v1), _CMP_GT_OQ)))) scan(i, i + kBlock);
+    }
+  }
+#endif
+  for (; i + kBlock <= V; i += kBlock) {
+    float m = -INFINITY;
+    bool bn = false;
+    for (int64_t j = i; j < i + kBlock; ++j) {
+      const float v = to_float(row[j]);
+      m = v > m ? v : m;
+      bn |= v != v;
+    }
+    nan |= bn;
+    if (m > v1) scan(i, i + kBlock);
+  }
+  scan(i, V);
+  out[0] = i0, out[1] = i1;
+  return !nan;
+}
+
 template <class T>
 void sample_impl(const SampleArgs& a) {
   const int64_t B = a.logits.size(0), V = a.logits.size(1), ls = a.logits.stride(0);
-  parallel_for(B, 1, [&](int64_t b0, int64_t b1) {
+  // At least ~64k logits per chunk: below that, waking a worker costs more than the rows it would
+  // take (the TTS's 16 x 1028 runs on the calling thread).
+  parallel_for(B, std::max<int64_t>(1, (int64_t(1) << 16) / V), [&](int64_t b0, int64_t b1) {
     std::vector<int64_t> cand;
+    int64_t best2[2];
     for (int64_t b = b0; b < b1; ++b) {
       const T* row = a.logits.ptr<T>() + b * ls;
       const float temp = a.temperature.ptr<float>()[b];
@@ -32,6 +95,14 @@ void sample_impl(const SampleArgs& a) {
         float bv = to_float(row[0]);
         for (int64_t i = 1; i < V; ++i) {
           const float v = to_float(row[i]);
+          if (better(v, i, bv, best)) bv = v, best = i;
+        }
+      } else if (k == 2 && V > 2 && top2(row, V, best2)) {
+        // The same two candidates the general path below keeps, in the same order, so the draw is the same.
+        float bv = -INFINITY;
+        best = best2[0];
+        for (int64_t i : best2) {
+          const float v = to_float(row[i]) / temp + gumbel(seed, step, uint64_t(i));
           if (better(v, i, bv, best)) bv = v, best = i;
         }
       } else if (k > 0 && k < V) {

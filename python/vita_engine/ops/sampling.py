@@ -18,12 +18,27 @@ MAX_TOP_K_CUDA = 64
 Tensor = torch.Tensor
 
 
+# Per-row tensors for Python scalars on the CPU, reused across calls: a TTS decode step passes the same
+# temperature / top_k / seed every time, and torch.full costs ~1.5 us apiece. Only `_C` ever sees them
+# (it reads, never writes), and the cache stays small (cleared past _CACHE_MAX entries).
+_scalar_rows: dict = {}
+_CACHE_MAX = 64
+
+
 def _per_row(v, B, dtype, device, name):
     if isinstance(v, torch.Tensor):
         if v.dim() == 0:
             v = v.reshape(1).expand(B)
         return v.to(device=device, dtype=dtype).contiguous()
-    return torch.full((B,), v, dtype=dtype, device=device)
+    if device.type != "cpu" or is_compiling():
+        return torch.full((B,), v, dtype=dtype, device=device)
+    key = (type(v), v, B, dtype)
+    t = _scalar_rows.get(key)
+    if t is None:
+        if len(_scalar_rows) >= _CACHE_MAX:
+            _scalar_rows.clear()
+        t = _scalar_rows[key] = torch.full((B,), v, dtype=dtype, device=device)
+    return t
 
 
 def _sample(logits: Tensor, temperature: Tensor, top_k: Tensor, seed: Tensor, step: Tensor) -> Tensor:
