@@ -521,6 +521,41 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
 // attend() for items of at most kDotRows rows (same contract, D a multiple of VW): the scores of
 // a row are kept along the keys (s[t]), so the dot products, the online softmax and P.V all run
 // over keys or channels in whole vectors. Keys >= a row's limit are excluded (causal).
+// One row's online-softmax step over a key tile, shared by attend_rows() and attend_heads():
+// s[0, nr) holds the row's scores of the tile's first nr keys (nr >= 1; the keys it may see), nv
+// (a multiple of VW, >= nr) how many entries the caller will read. Adds the key bias, turns s into
+// p (masked and padding keys exactly 0), and rescales the row's running max, sum and output.
+inline void softmax_row_update(Scratch& sc, int r, float* s, int nr, int nv, int64_t t0, bool has_bias, vi lane, int Dp) {
+  if (has_bias) {
+    const float* b = sc.bias[r];
+    const int64_t bst = sc.bias_stride[r];
+    for (int t = 0; t < nr; ++t) s[t] += b[(t0 + t) * bst];
+  }
+  for (int t = nr; t < nv; ++t) s[t] = -std::numeric_limits<float>::infinity();
+  vf mv = ldv(s);
+  for (int t = VW; t < nv; t += VW) {
+    const vf x = ldv(s + t);
+    mv = mv > x ? mv : x;
+  }
+  float mx = mv[0];
+  for (int i = 1; i < VW; ++i) mx = std::max(mx, mv[i]);
+  const float mo = sc.m[r], mn = std::max(mo, mx);
+  const float alpha = mo == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(mo - mn);
+  vf sum = vf{};
+  for (int t = 0; t < nv; t += VW) {
+    vf e = exp_le0(ldv(s + t) - mn);
+    e = (lane + t) < nr ? e : vf{};  // padding keys: exactly 0
+    stv(s + t, e);
+    sum += e;
+  }
+  sc.l[r] = sc.l[r] * alpha + hsum(sum);
+  sc.m[r] = mn;
+  if (alpha != 1.0f) {
+    float* o = sc.o.data() + size_t(r) * Dp;
+    for (int d = 0; d < Dp; ++d) o[d] *= alpha;
+  }
+}
+
 template <class T, class KOff, class VOff>
 void attend_rows(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int64_t k_end, int M, int D, bool has_bias,
                  Scratch& sc) {
@@ -557,34 +592,8 @@ void attend_rows(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin
       const int nr = int(std::clamp<int64_t>(sc.lim[r] - t0, 0, n));  // this row's keys: a prefix of the tile
       if (nr == 0) continue;
       dot_keys(sc.qr.data() + size_t(r) * D, krow, nr, D, s);
-      if (has_bias) {
-        const float* b = sc.bias[r];
-        const int64_t bst = sc.bias_stride[r];
-        for (int t = 0; t < nr; ++t) s[t] += b[(t0 + t) * bst];
-      }
-      const int nv = (nr + VW - 1) / VW * VW;
-      for (int t = nr; t < nv; ++t) s[t] = -std::numeric_limits<float>::infinity();
-      vf mv = ldv(s);
-      for (int t = VW; t < nv; t += VW) {
-        const vf x = ldv(s + t);
-        mv = mv > x ? mv : x;
-      }
-      float mx = mv[0];
-      for (int i = 1; i < VW; ++i) mx = std::max(mx, mv[i]);
-      const float mo = sc.m[r], mn = std::max(mo, mx);
-      const float alpha = mo == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(mo - mn);
-      vf sum = vf{};
-      for (int t = 0; t < nv; t += VW) {
-        vf e = exp_le0(ldv(s + t) - mn);
-        e = (lane + t) < nr ? e : vf{};  // padding keys: exactly 0
-        stv(s + t, e);
-        sum += e;
-      }
-      sc.l[r] = sc.l[r] * alpha + hsum(sum);
-      sc.m[r] = mn;
+      softmax_row_update(sc, r, s, nr, (nr + VW - 1) / VW * VW, t0, has_bias, lane, Dp);
       float* o = sc.o.data() + size_t(r) * Dp;
-      if (alpha != 1.0f)
-        for (int d = 0; d < Dp; ++d) o[d] *= alpha;
       for (int dc = 0; dc < DV; dc += 2 * VW) pv_block<1>(s, 1, vrow, nr, dc, o, Dp);
       if (DV < D) pv_tail<1>(s, 1, vrow, nr, DV, D, o, Dp);
     }
@@ -657,34 +666,7 @@ void attend_heads(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begi
         std::fill(sr, sr + n, 0.f);
         continue;
       }
-      if (has_bias) {
-        const float* b = sc.bias[r];
-        const int64_t bst = sc.bias_stride[r];
-        for (int t = 0; t < nr; ++t) sr[t] += b[(t0 + t) * bst];
-      }
-      const int nv = (n + VW - 1) / VW * VW;
-      for (int t = nr; t < nv; ++t) sr[t] = -std::numeric_limits<float>::infinity();
-      vf mv = ldv(sr);
-      for (int t = VW; t < nv; t += VW) {
-        const vf x = ldv(sr + t);
-        mv = mv > x ? mv : x;
-      }
-      float mx = mv[0];
-      for (int i = 1; i < VW; ++i) mx = std::max(mx, mv[i]);
-      const float mo = sc.m[r], mn = std::max(mo, mx);
-      const float alpha = mo == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(mo - mn);
-      vf sum = vf{};
-      for (int t = 0; t < nv; t += VW) {
-        vf e = exp_le0(ldv(sr + t) - mn);
-        e = (lane + t) < nr ? e : vf{};
-        stv(sr + t, e);
-        sum += e;
-      }
-      sc.l[r] = sc.l[r] * alpha + hsum(sum);
-      sc.m[r] = mn;
-      float* o = sc.o.data() + size_t(r) * Dp;
-      if (alpha != 1.0f)
-        for (int d = 0; d < Dp; ++d) o[d] *= alpha;
+      softmax_row_update(sc, r, sr, nr, (n + VW - 1) / VW * VW, t0, has_bias, lane, Dp);
     }
     for (int t = 0; t < n; ++t) {
       const T* vp = vc + voff(0, t0 + t);
