@@ -550,10 +550,7 @@ inline void softmax_row_update(Scratch& sc, int r, float* s, int nr, int nv, int
   }
   sc.l[r] = sc.l[r] * alpha + hsum(sum);
   sc.m[r] = mn;
-  if (alpha != 1.0f) {
-    float* o = sc.o.data() + size_t(r) * Dp;
-    for (int d = 0; d < Dp; ++d) o[d] *= alpha;
-  }
+  rescale_rows(sc.o.data(), &alpha, r, r + 1, Dp);
 }
 
 template <class T, class KOff, class VOff>

@@ -222,24 +222,25 @@ class Lifecycle(Stage):
         t.codec_stream = None
 
     def interrupt(self, st: SessionState) -> None:
-        t = st.turn
-        if t is None:
-            return
-        if t.speculative:
-            self.discard(st)
-            return
-        st.stats["interrupts"] += 1
-        self.finish(st, t, interrupted=True)
+        self._end_early(st, None)
 
     def fail(self, st: SessionState, msg: str) -> None:
+        self._end_early(st, msg)
+
+    def _end_early(self, st: SessionState, error) -> None:
+        """End the session's turn early: a speculative one is discarded without a trace; a committed
+        one is interrupted (error None) or fails with an Error event first."""
         t = st.turn
         if t is None:
             return
         if t.speculative:
             self.discard(st)
             return
-        st.session._sink.put(Error(t.idx, msg))
-        self.finish(st, t, interrupted=False)
+        if error is None:
+            st.stats["interrupts"] += 1
+        else:
+            st.session._sink.put(Error(t.idx, error))
+        self.finish(st, t, interrupted=error is None)
 
     def close(self, st: SessionState) -> None:
         if st.closed:
