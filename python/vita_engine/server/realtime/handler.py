@@ -465,8 +465,7 @@ class RealtimeHandler:
         r.truncate_ms = played_ms if r.truncate_ms is None else min(r.truncate_ms, played_ms)
         r.cancel_requested = True
         r.reason = r.reason or reason
-        self.session.playback_position(played_ms / 1000.0)
-        self.session.interrupt()
+        self.session.interrupt()  # (no playback_position: it would race the engine's own barge-in)
 
     # ---- engine events -----------------------------------------------------------------------------
     async def _pump_events(self) -> None:
