@@ -293,6 +293,7 @@ def test_engine_same_tokens_with_cuda_graphs(tiny_ckpt, one_thread):  # noqa: F8
             if g:
                 assert llm.graph_forwards > 0 and e.kv.scratch_block is not None
                 assert e.tts._graphs.eager_runs > 0
+                assert e.stats["llm_graph_forwards"] == llm.graph_forwards and e.stats["cuda_graphs_captured"] == 0
             else:
                 assert llm.graph_forwards == 0 and llm.graphs is None
         finally:

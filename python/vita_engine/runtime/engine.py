@@ -245,6 +245,7 @@ class Engine:
                "kv_reserved_blocks": kv["reserved"], "kv_block_size": kv["block_size"],
                "kv_session_blocks": kv["sequence_blocks"], "ticks": self._scheduler.ticks,
                "llm_forwards": self._scheduler.llm.forwards, "llm_rows": self._scheduler.llm.rows,
+               "llm_graph_forwards": self._scheduler.llm.graph_forwards, "cuda_graphs_captured": self._graphs_captured(),
                "tick_errors": self._scheduler.tick_errors}
         tts = self.tts
         if tts is not None:
@@ -256,6 +257,17 @@ class Engine:
                     continue
             out.update(tts_streams_max=tts.max_streams, tts_blocks=tts.num_blocks, tts_free_blocks=tts.free_blocks)
         return out
+
+    def _graphs_captured(self) -> int:
+        """CUDA graphs captured (LLM + TTS buckets): 0 without cuda_graphs, and on CPU (static buffers, eager)."""
+        n = 0
+        g = self._scheduler.llm.graphs
+        if g is not None:
+            n += len(g.runner.graphs)
+        tg = getattr(self.tts, "_graphs", None)
+        if tg is not None:
+            n += len(tg.graphs)
+        return n
 
     @property
     def tick_histograms(self):
