@@ -208,6 +208,24 @@ def test_decode_on_static_buffers_matches_eager(tiny_model, one_thread):  # noqa
     assert g.runner.eager_runs == gr.graph_forwards == 16 and g.runner.replays == 0  # CPU: nothing captured
 
 
+def test_decode_on_static_buffers_with_reference_ops(tiny_model, one_thread):  # noqa: F811
+    llm = tiny_model.llm
+    H = llm.config.hidden_size
+    with llm.ops.reference():
+        ea, gr, g = _pair(llm)
+        assert all(sb.plan is None for sb in g.runner.batches.values())
+        sa, sb = [ea.pool.new_sequence() for _ in range(3)], [gr.pool.new_sequence() for _ in range(3)]
+        x = torch.randn(7, H)
+        ea.forward([LLMWork(s, x[i:i + 2]) for i, s in enumerate(sa)])
+        gr.forward([LLMWork(s, x[i:i + 2]) for i, s in enumerate(sb)])
+        for _ in range(5):
+            x = torch.randn(3, H)
+            la = ea.forward([LLMWork(s, x[i:i + 1]) for i, s in enumerate(sa)])
+            lb = gr.forward([LLMWork(s, x[i:i + 1]) for i, s in enumerate(sb)])
+            torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
+    assert gr.graph_forwards == 5
+
+
 def test_non_decode_forwards_stay_eager(tiny_model, one_thread):  # noqa: F811
     llm = tiny_model.llm
     ea, gr, g = _pair(llm, buckets=(1, 2))

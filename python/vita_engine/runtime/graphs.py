@@ -101,7 +101,7 @@ class StaticBatch:
                                                  num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
                                                  causal=True, max_q_len=1, num_tokens=b, device=dev)
             assert self.plan.block_table is self.block_table and self.plan.kv_lens is self.kv_lens, "plan copied the static metadata"
-        self._ref_attention = _fast.paged_attention
+        self._ref_attention = _fast.reference.paged_attention  # use_reference: the model's ops run the reference too
 
     def row(self, name: str) -> torch.Tensor:
         """The device row of an int input (`positions`, `slots` or an extra), [b] int64."""
