@@ -58,6 +58,8 @@ def test_scratch_page_is_never_a_sessions():
     s = p.take_scratch_block()
     assert p.take_scratch_block() == s  # idempotent
     assert p.usable_blocks == 5 and p.free_blocks == 5
+    u = p.usage()
+    assert (u["blocks"], u["free"], u["used"]) == (5, 5, 0)
     p.reserve(20)  # 5 pages: the whole usable pool
     with pytest.raises(CapacityError):
         p.reserve(1)

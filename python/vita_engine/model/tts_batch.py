@@ -322,7 +322,7 @@ class TTSBatchDecoder:
                                   extra_rows=("tokens", "seed", "step"), use_reference=tts.ops.use_reference)
                    for b in check_buckets(buckets, "graph_buckets")}
         self._graphs = GraphRunner(self._graph_step, batches)
-        self._graphs_capturable = capture_supported(self.head_dim, self.device) and not tts.ops.use_reference
+        self._graphs_capturable = not tts.ops.use_reference and capture_supported(self.head_dim, self.device, "cuda_graphs (TTS AR step)")
 
     def _graph_step(self, sb) -> torch.Tensor:
         tts, cache = self.tts, self.cache

@@ -46,7 +46,7 @@ class LLMDecodeGraphs:
                                   x_shape=(c.hidden_size,), x_dtype=llm.dtype, use_reference=llm.ops.use_reference)
                    for b in buckets}
         self.runner = GraphRunner(self._step, batches)
-        self.capturable = capture_supported(hd, llm.device) and not llm.ops.use_reference
+        self.capturable = not llm.ops.use_reference and capture_supported(hd, llm.device, "cuda_graphs (LLM decode)")
 
     def _step(self, sb: StaticBatch) -> torch.Tensor:
         llm, pool, ops = self.llm, self.pool, self.llm.ops

@@ -16,16 +16,17 @@ bucket. A captured graph reads and writes fixed addresses, so everything it touc
 with `non_blocking` copies (`plan.update` for the attention metadata); the padded rows are made
 harmless: each writes its K/V to slot 0 of a reserved *scratch page* and attends over that page
 alone (kv_len 1), and its outputs are never read. Nothing in fill/replay allocates device memory or
-waits for the device (the staging buffers are reused only after the copies that read them are done:
-one CUDA event, recorded a tick earlier).
+reads device values back; the one wait is for the previous fill's copies (a CUDA event) before its
+staging buffers are rewritten, and those are done by then (the tick sampled its tokens since).
 
-On CPU (and on CUDA before/without capture) `run` calls the same function eagerly on the same static
+On CPU (and on CUDA without capture) `replay` runs the same function eagerly on the same static
 buffers, so the CPU tests exercise the exact buffers, padding and plan updates the GPU path replays.
 
 STATUS: capture/replay (`GraphRunner.capture`) has NOT yet run on a GPU; `cuda_graphs` is off by default.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
@@ -59,10 +60,17 @@ def bucket_for(n: int, buckets: Sequence[int]) -> Optional[int]:
     return None
 
 
-def capture_supported(head_dim: int, device) -> bool:
-    """Capture needs the CUDA attention kernels: other head dims run the torch reference on the GPU
-    (attention._cuda_fallback), which reads lengths on the host and cannot be captured."""
-    return torch.device(device).type == "cuda" and head_dim in _fast.attention.CUDA_HEAD_DIMS
+def capture_supported(head_dim: int, device, what: str = "cuda_graphs") -> bool:
+    """Capture needs CUDA and its attention kernels: other head dims run the torch reference on the GPU
+    (attention._cuda_fallback), which reads lengths on the host and cannot be captured. Warns (once
+    per call) when CUDA is there but the head dim is not: the buckets then run eagerly."""
+    if torch.device(device).type != "cuda":
+        return False
+    if head_dim not in _fast.attention.CUDA_HEAD_DIMS:
+        warnings.warn(f"{what}: head_dim {head_dim} has no CUDA attention kernel {_fast.attention.CUDA_HEAD_DIMS}; "
+                      "not capturing, the static buffers run eagerly", stacklevel=3)
+        return False
+    return True
 
 
 class StaticBatch:

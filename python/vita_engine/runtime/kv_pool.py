@@ -61,12 +61,13 @@ class KVPool:
 
     def usage(self) -> Dict[str, object]:
         """A consistent read-only snapshot (any thread): total / free / used / reserved pages and the
-        pages held by each live (not released) sequence, largest first."""
+        pages held by each live (not released) sequence, largest first. The CUDA-graph scratch page
+        is in none of them (total = `usable_blocks`)."""
         with self._lock:
-            free, reserved = len(self._free), self._reserved
+            free, reserved, total = len(self._free), self._reserved, self.usable_blocks
             live = list(self._live)
         held = sorted((len(s.blocks) for s in live), reverse=True)
-        return {"blocks": self.num_blocks, "free": free, "used": self.num_blocks - free, "reserved": reserved,
+        return {"blocks": total, "free": free, "used": total - free, "reserved": reserved,
                 "block_size": self.block_size, "sequence_blocks": held}
 
     def blocks_for(self, tokens: int) -> int:
