@@ -248,37 +248,87 @@ def test_non_decode_forwards_stay_eager(tiny_model, one_thread):  # noqa: F811
 
 # ---- TTS AR step on static buffers ---------------------------------------------------------------------
 
-def test_tts_step_on_static_buffers_matches_eager(tiny_model, one_thread):  # noqa: F811
+def _tts_poison(d):
+    """NaN in every TTS KV page no active stream holds (the scratch page included)."""
+    held = {b for sid in d.active() for b in d._streams[sid].blocks}
+    free = torch.tensor([p for p in range(d.cache.k[0].shape[0]) if p not in held], dtype=torch.long, device=d.device)
+    for t in d.cache.k + d.cache.v:
+        t.index_fill_(0, free, float("nan"))
+
+
+def _tts_same_steps(tts, buckets, captured=False):
+    """Two decoders, eager and on static buffers (graph_buckets), give the same tokens step by step,
+    with streams joining and leaving (bucket changes, one batch above the largest bucket)."""
     from vita_engine.model.tts_batch import TTSBatchDecoder
 
-    tts = tiny_model.tts
     a = TTSBatchDecoder(tts, max_streams=6, block_size=4, max_tokens=30)
-    b = TTSBatchDecoder(tts, max_streams=6, block_size=4, max_tokens=30, graph_buckets=(1, 2, 4))
+    b = TTSBatchDecoder(tts, max_streams=6, block_size=4, max_tokens=30, graph_buckets=buckets)
+    if captured:
+        b.capture_graphs()
+        assert set(b._graphs.graphs) == set(buckets)
     assert b.free_blocks == a.free_blocks == b.num_blocks and b.scratch_block == b.num_blocks
     assert b.scratch_block not in b.cache.free
     texts = [[5, 9, 11], [7], [3, 4, 5, 6, 7], [12, 13], [20, 21, 22]]
     for d in (a, b):
-        d.start_many(texts[:2], [1, 2])
+        d.start_many(texts[:3], [1, 2, 3])  # 3 rows: bucket 4 with a padded row
+    padded = []  # static-buffer steps with padded rows
+    replay = b._graphs.replay
+
+    def counting_replay(n, **rows):
+        if b._graphs.batch_for(n).b > n:
+            padded.append(n)
+        return replay(n, **rows)
+
+    b._graphs.replay = counting_replay
     outs = []
     steps = 0
     while True:
         if steps == 3:
             for d in (a, b):
-                d.start_many(texts[2:], [3, 4, 5])
+                d.start_many(texts[3:], [4, 5])  # 5 rows: above the largest bucket, eager
+        _tts_poison(b)
         oa, ob = a.step(), b.step()
         assert oa == ob
+        for sb in b._graphs.batches.values():
+            if sb.out is not None:
+                assert not torch.isnan(sb.out[sb.n:]).any()  # padded rows saw only their scratch slot (-inf: masked ids)
         outs.append(oa)
         steps += 1
         for sid in [sid for sid, t in oa.items() if t is None]:
             a.release(sid)
             b.release(sid)
-        if not a.active():
+        if not a.active() or steps > 40:
             break
         for sid in b.active():
             assert b.scratch_block not in b._streams[sid].blocks
     assert sum(t is not None for o in outs for t in o.values()) > 20
-    assert b._graphs.eager_runs > 0 and {bk for bk in b._graphs.buckets} == {1, 2, 4}
-    assert b.free_blocks == b.num_blocks and b.scratch_block not in b.cache.free
+    assert len(padded) >= 3, padded
+    assert b.free_blocks + sum(len(b._streams[s].blocks) for s in b.active()) == b.num_blocks
+    assert b.scratch_block not in b.cache.free
+    return b._graphs
+
+
+def test_tts_step_on_static_buffers_matches_eager(tiny_model, one_thread):  # noqa: F811
+    g = _tts_same_steps(tiny_model.tts, (1, 2, 4))
+    assert g.eager_runs > 0 and g.replays == 0 and g.buckets == (1, 2, 4)
+
+
+def _tts_head_dim_64(device):
+    """A random TTS whose head dim (64) has CUDA attention kernels (the tiny model's is 16)."""
+    from vita_engine.model._ops import OpsHandle
+    from vita_engine.model.config import TTSConfig
+    from vita_engine.model.tts import TTSDecoder
+    from vita_engine.runtime.random_model import _rand
+
+    tc = TTSConfig(idim=128, odim=64, hidden=128, intermediate=256, num_blocks=2, num_heads=2, out_dim=128)
+    g = torch.Generator(device=device).manual_seed(0)
+    embed = torch.randn(1024, 256, device=device, generator=g) * 0.02
+    return TTSDecoder(tc, _rand(TTSDecoder.expected_shapes(tc), device, torch.float32, g), embed, OpsHandle())
+
+
+def test_tts_head_dim_64_on_static_buffers(one_thread):  # noqa: F811
+    g = _tts_same_steps(_tts_head_dim_64("cpu"), (1, 2, 4))
+    assert g.eager_runs > 0
 
 
 # ---- the engine: the same tokens with and without cuda_graphs -------------------------------------------
@@ -385,6 +435,12 @@ def test_capture_replay_matches_eager_cuda():
                 exp[list(written)] = False
                 assert torch.equal(torch.isnan(f).all(1), exp)
     assert g.runner.replays == gr.graph_forwards > 0 and g.runner.eager_runs == 0
+
+
+@pytest.mark.cuda
+def test_tts_capture_replay_matches_eager_cuda():
+    g = _tts_same_steps(_tts_head_dim_64("cuda"), (1, 2, 4), captured=True)
+    assert g.replays > 0
 
 
 @pytest.mark.cuda
