@@ -130,7 +130,8 @@ def _check_written(pool, keep, saved, written):
         f = t.view(t.shape[0] * t.shape[1], -1)
         assert torch.equal(f[keep], sv), "a held KV entry changed"
         got_nan = torch.isnan(f).all(1)
-        assert torch.equal(got_nan, exp_nan), f"slots written: {sorted(set(torch.nonzero(~got_nan & ~keep).flatten().tolist()))}, expected {sorted(written)}"
+        changed = torch.nonzero(~got_nan & ~keep).flatten().tolist()
+        assert torch.equal(got_nan, exp_nan), f"slots written: {changed}, expected {sorted(written)}"
         assert not torch.isnan(f[list(written)]).any()
 
 
