@@ -456,3 +456,30 @@ def test_shutdown_closes_sessions_with_1012(engine):
     while engine.num_sessions and time.monotonic() < deadline:
         time.sleep(0.02)
     assert engine.num_sessions == 0  # the session was closed with the connection
+
+
+def test_response_cancel_mid_answer(srv):
+    """response.cancel during an answer: response.done cancelled / client_cancelled, and a cancel of a
+    response.create whose turn has not started yet cancels it as it starts."""
+    async def go():
+        async with _client(srv).realtime.connect(model="vita-1.5") as conn:
+            await _until(conn, "session.created")
+            await conn.session.update(session={"type": "realtime", "max_output_tokens": 1000})
+            await _until(conn, "session.updated")
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "content": [{"type": "input_text", "text": "Talk a lot."}]})
+            await conn.response.create()
+            evs = await _until(conn, "response.output_audio.delta")
+            await conn.response.cancel(response_id=evs[-1].response_id)
+            a = (await _until(conn, "response.done"))[-1].response
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "content": [{"type": "input_text", "text": "Again."}]})
+            await conn.response.create()
+            await conn.response.cancel()  # before the engine started it
+            b = (await _until(conn, "response.done"))[-1].response
+            return a, b
+
+    a, b = run(go(), 60)
+    for r in (a, b):
+        assert r.status == "cancelled" and r.status_details.reason == "client_cancelled", r
+    assert a.usage.output_token_details.text_tokens < 1000
