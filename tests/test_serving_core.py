@@ -23,8 +23,8 @@ from vita_engine.serving import core  # noqa: E402
 # ---- placement ------------------------------------------------------------------------------------
 def test_rank_replicas_least_loaded_room_first_then_full():
     reps = ["a", "b", "c"]
-    assert core.rank_replicas(reps, {"a": 3, "b": 1, "c": None}, "", 3) == [["b", "c"], ["a"]]
-    assert core.rank_replicas(reps, {"a": 3, "b": 4, "c": 3}, "", 3) == [["a", "b", "c"]]  # all full: refused by one
+    assert core.rank_replicas(reps, {"a": 3, "b": 1, "c": None}, "", 3) == [["c", "b"], ["a"]]
+    assert core.rank_replicas(reps, {"a": 3, "b": 4, "c": 3}, "", 3) == [["a", "c", "b"]]  # all full: refused by one
 
 
 def test_rank_replicas_session_owner_first_while_it_has_room():

@@ -193,13 +193,15 @@ def owner(session_id: str, replicas: Sequence[str]) -> Optional[str]:
 
 
 def rank_replicas(replicas: Sequence[str], loads: Dict[str, Optional[int]], session_id: str, k: int) -> List[List[str]]:
-    """Preference ranks for a new connection (Serve then takes, within the first rank that can take
-    it, the replica with the fewest ongoing requests): a session id's owner first while it has room
-    for a session (load < K), then every replica with room (least loaded wins), then the full ones,
-    which refuse the session at once (close 1013) instead of letting the handshake queue. `loads`:
-    ongoing requests per replica (None: unknown, taken as room)."""
-    room = [r for r in replicas if loads.get(r) is None or loads[r] < k]
-    full = [r for r in replicas if r not in room]
+    """Preference ranks for a new connection, each least loaded first: a session id's owner while it
+    has room for a session (load < K), then every replica with room, then the full ones, which
+    refuse the session at once (close 1013) instead of letting the handshake queue. `loads`:
+    ongoing requests per replica (None: unknown, taken as 0)."""
+    def load(r):
+        return loads.get(r) or 0
+
+    room = sorted((r for r in replicas if load(r) < k), key=lambda r: (load(r), r))
+    full = sorted((r for r in replicas if load(r) >= k), key=lambda r: (load(r), r))
     ranks: List[List[str]] = []
     own = owner(session_id, replicas) if session_id else None
     if own is not None and own in room:

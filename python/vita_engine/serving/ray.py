@@ -41,21 +41,54 @@ REPORT_PERIOD_S = 1.0
 
 # ---- placement ------------------------------------------------------------------------------------
 class SessionRouter(RequestRouter):
-    """Serve request router (runs in every proxy): see `core.rank_replicas`. Loads are Serve's
-    ongoing-request counts per replica (its cache, probed when missing or full)."""
+    """Serve request router (one per proxy): the order of `core.rank_replicas`, one replica per
+    rank. A replica's load is the larger of Serve's cached ongoing-request count (refreshed by
+    every replica answer, so it sees other proxies' sessions) and this router's own exact count:
+    the sessions it placed that are still open, plus the placements of the last seconds not yet
+    accepted. Without the latter, a burst of handshakes routed on one stale count would all pick
+    the same replica and be refused there while another had room."""
+
+    RESERVATION_S = 5.0
 
     def initialize_state(self, sessions_per_replica: int = 16, **kwargs) -> None:
         self.k = int(sessions_per_replica)
+
+    def _book(self):
+        if not hasattr(self, "_open"):
+            self._open: Dict[str, Any] = {}  # internal request id -> replica id (accepted, not completed)
+            self._held: Dict[Any, List[float]] = {}  # replica id -> times of placements not yet accepted
+        now = time.monotonic()
+        for rid, ts in list(self._held.items()):
+            self._held[rid] = [t for t in ts if now - t < self.RESERVATION_S]
+        return now
+
+    def _load(self, rid) -> int:
+        own = sum(1 for r in self._open.values() if r == rid) + len(self._held.get(rid, ()))
+        return max(self.replica_queue_len_cache.get(rid) or 0, own)
 
     async def choose_replicas(self, candidate_replicas: List[RunningReplica],
                               pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
         if not candidate_replicas:
             return []
+        now = self._book()
         sid = pending_request.metadata.session_id if pending_request is not None else ""
         by = {r.replica_id.unique_id: r for r in candidate_replicas}
-        cache = self.replica_queue_len_cache
-        loads = {u: cache.get(r.replica_id) for u, r in by.items()}
-        return [[by[u] for u in rank] for rank in rank_replicas(list(by), loads, sid, getattr(self, "k", 16))]
+        loads = {u: self._load(r.replica_id) for u, r in by.items()}
+        order = [by[u] for rank in rank_replicas(list(by), loads, sid, getattr(self, "k", 16)) for u in rank]
+        if pending_request is not None:
+            self._held.setdefault(order[0].replica_id, []).append(now)
+        return [[r] for r in order]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id, result) -> None:
+        self._book()
+        held = self._held.get(replica_id)
+        if held:
+            held.pop(0)
+        self._open[pending_request.metadata.internal_request_id] = replica_id
+
+    def on_request_completed(self, replica_id, internal_request_id: str) -> None:
+        self._book()
+        self._open.pop(internal_request_id, None)
 
 
 # ---- the cluster view -----------------------------------------------------------------------------
@@ -248,7 +281,25 @@ def build(spec: Dict[str, Any]):
     spec = check_spec(spec)
     rep = {k: spec[k] for k in ("model", "device", "dtype", "engine_options", "sessions_per_replica", "token", "server",
                                 "drain_timeout_s", "gpus_per_replica")}
-    return VitaReplica.options(**deployment_options(spec)).bind(rep)
+    opts = deployment_options(spec)
+    try:
+        # a version pinned to the replica args (as `serve deploy` derives one from its config):
+        # `serve.run` of the same replicas with another count is then a light update that adds or
+        # drains replicas, not a rolling restart of all of them (Serve's Python API picks a random
+        # version per call, and keeps this argument to itself)
+        dep = VitaReplica.options(version=_version(rep), _internal=True, **opts)
+    except (TypeError, ValueError):
+        dep = VitaReplica.options(**opts)
+    return dep.bind(rep)
+
+
+def _version(rep: Dict[str, Any]) -> str:
+    import hashlib
+    import json
+
+    import vita_engine
+
+    return f"{vita_engine.__version__}-" + hashlib.sha256(json.dumps(rep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def app(args: Dict[str, Any]):
