@@ -18,6 +18,7 @@ import os
 import socket
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,6 +114,31 @@ def wait_idle(cluster, timeout=15.0):
             return v
         time.sleep(0.2)
     raise AssertionError(f"sessions still open: {v}")
+
+
+def test_deploy_configs_are_valid_and_build_the_app():
+    """deploy/ray-serve.yaml is a valid Serve config whose app builds with the admission options;
+    the RayService's serveConfigV2 is the same config."""
+    import yaml
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    from vita_engine.serving import ray as vr
+
+    root = Path(__file__).resolve().parents[1] / "deploy"
+    cfg = yaml.safe_load((root / "ray-serve.yaml").read_text())
+    ServeDeploySchema(**cfg)
+    rs = yaml.safe_load((root / "kuberay-rayservice.yaml").read_text())
+    assert rs["kind"] == "RayService" and yaml.safe_load(rs["spec"]["serveConfigV2"]) == cfg
+    (app_cfg,) = cfg["applications"]
+    assert app_cfg["import_path"] == "vita_engine.serving.ray:app"
+    assert isinstance(vr.app(app_cfg["args"]), serve.Application)
+    opts = vr.deployment_options(core.check_spec(app_cfg["args"]))
+    assert opts["max_ongoing_requests"] == 16 + 4 and opts["ray_actor_options"]["num_gpus"] == 1
+    assert opts["autoscaling_config"]["min_replicas"] == 2 and opts["autoscaling_config"]["max_replicas"] == 8
+    assert vr.app({"model": "tiny", "replicas": "2", "sessions_per_replica": "4"})  # `serve run ... k=v` strings
+    with pytest.raises(ValueError, match="sessions_per_replica"):
+        vr.app({"sessions_per_replica": 0})
 
 
 def test_six_concurrent_sessions_complete_on_both_replicas(cluster):
