@@ -150,7 +150,7 @@ def _serve(args) -> int:
         engine = Engine.from_pretrained(model, **kw)
     print(f"vita-engine serve: model {args.model!r} on {args.device} loaded in {time.perf_counter() - t0:.1f} s; "
           f"http://{args.host}:{args.port}/  (WebSocket /ws, /healthz, /metrics)", file=sys.stderr)
-    cfg = ServerConfig(token=token, max_sessions=args.max_sessions or 16, **_server_options(args))
+    cfg = ServerConfig(token=token, max_sessions=args.max_sessions, **_server_options(args))
     serve(create_app(engine, cfg), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -179,7 +179,7 @@ def _ray_args(args):
         raise UsageError('needs Ray Serve, which is not installed: pip install "vita-engine[ray]"', "--ray")
     if args.replicas is not None and args.autoscale is not None:
         raise UsageError("give --replicas N or --autoscale MIN:MAX, not both", "--autoscale", args.autoscale)
-    if args.max_sessions is not None:
+    if "max_sessions" in getattr(args, "given", ()):
         raise UsageError("counts one server's sessions; with --ray give --sessions-per-replica", "--max-sessions",
                          args.max_sessions)
     gpus = args.gpus_per_replica
@@ -197,6 +197,14 @@ def _ray_args(args):
     if spec["replicas"] is None and spec["autoscale"] is None:
         spec["replicas"] = 1
     return spec
+
+
+class _Given(argparse.Action):
+    """store, and note in `namespace.given` that the option was on the command line"""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = set(getattr(namespace, "given", ())) | {self.dest}
 
 
 def _autoscale(s: str) -> str:
@@ -225,8 +233,8 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
     s.add_argument("--port", type=E.port, default=8000)
     s.add_argument("--token", type=E.nonempty, default=None, help="require this bearer token (or env VITA_TOKEN)")
-    s.add_argument("--max-sessions", type=E.int_at_least(1), default=None,
-                   help="concurrent sessions (default 16); beyond: refused with 1013")
+    s.add_argument("--max-sessions", type=E.int_at_least(1), default=16, action=_Given,
+                   help="concurrent sessions; beyond: refused with 1013")
     s.add_argument("--device", type=E.device, default="cuda" if _has_cuda() else "cpu")
     s.add_argument("--dtype", default=None, choices=DTYPES, help="default: the engine's")
     s.add_argument("--max-new-tokens", type=E.int_at_least(1), default=None, help="answer length limit (default: the engine's)")
