@@ -439,6 +439,8 @@ def main(argv=None) -> int:
     b.add_argument("--threads", type=E.int_at_least(1), default=1)
     b.add_argument("--tts-max-tokens", type=E.int_at_least(1), default=None, help="codec tokens per TTS segment (default 64 tiny, 120 full)")
     b.add_argument("--use-reference", action="store_true", help="run every op on its pure-torch reference")
+    b.add_argument("--scheduling", default=None, choices=["critical_path", "lockstep"],
+                   help="scheduling policy (default: the engine's, critical_path; lockstep = before issue 12)")
     b.add_argument("--plot", help="save a per-stage breakdown plot (needs matplotlib)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=_bench)
