@@ -51,8 +51,9 @@ def cluster():
     from vita_engine.serving import ray as vr
 
     port = _free_port()
+    saved = {k: os.environ.get(k) for k in (core.PROXY_CALLBACK_ENV, "RAY_DEDUP_LOGS")}
     os.environ[core.PROXY_CALLBACK_ENV] = core.PROXY_CALLBACK  # before ray.init: the proxy inherits it
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ["RAY_DEDUP_LOGS"] = "0"
     startup_s = vr.start(SPEC, host="127.0.0.1", port=port, num_cpus=2, quiet=True)
     info = {"url": f"http://127.0.0.1:{port}", "ws": f"ws://127.0.0.1:{port}/ws", "startup_s": startup_s, "vr": vr}
     try:
@@ -62,6 +63,11 @@ def cluster():
             serve.shutdown()
         finally:
             ray.shutdown()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def run(coro, timeout=90.0):
