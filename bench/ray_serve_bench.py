@@ -145,8 +145,10 @@ def on_ray(n_turns, n_pings):
             held = []
             try:
                 while len(held) < 10 * K:
+                    t = time.perf_counter()
                     held.append(await connect(url))
             except Refused as e:
+                res["refusal_ms"] = round((time.perf_counter() - t) * 1e3, 1)
                 return len(held), e.close_code, len({c.ready.info["replica"] for c in held})
             finally:
                 for c in held:
@@ -199,7 +201,7 @@ def main():
         print(f"| {label} | {p[key]} | {r[key]} |")
     print(f"\nstartup of the 2-replica app (ray.init + serve.start + serve.run): {r['startup_s']} s; "
           f"admitted {r['sessions_admitted']} sessions ({r['sessions_per_replica']:g} per replica), then close "
-          f"{r['refusal_close_code']}; killed replica replaced (a new session on it) after {r['recovery_s']} s; "
+          f"{r['refusal_close_code']} after {r.get('refusal_ms')} ms; killed replica replaced (a new session on it) after {r['recovery_s']} s; "
           f"load average (1 min) before/after: {res['loadavg_1min']}")
 
 

@@ -212,6 +212,7 @@ def test_capacity_is_refused_at_once_not_queued(cluster):
     assert sorted(reps.count(r) for r in set(reps)) == [K, K]
     assert refused.close_code == 1013 and refused.code == "capacity", refused
     assert dt < 5.0, dt  # about a round trip; generous for a loaded 2-core machine
+    print(f"\nrefusal of session {2 * K + 1} (close 1013) after {dt * 1e3:.0f} ms")
 
 
 def test_cluster_view_and_per_replica_metrics(cluster):
