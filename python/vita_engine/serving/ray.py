@@ -239,10 +239,13 @@ class VitaReplica:
         return [Route("/cluster", cluster), Route("/cluster/metrics", cluster_metrics)]
 
     async def __del__(self):
-        self._reporter.stop.set()
-        if self.core.server.conns:  # Serve's drain ran without ours: close what is left
-            await self.core.drain(0.0)
-        self.core.close()
+        reporter, core = getattr(self, "_reporter", None), getattr(self, "core", None)
+        if reporter is not None:
+            reporter.stop.set()
+        if core is not None:
+            if core.server.conns:  # Serve's drain ran without ours: close what is left
+                await core.drain(0.0)
+            core.close()
 
 
 def deployment_options(spec: Dict[str, Any]) -> Dict[str, Any]:
