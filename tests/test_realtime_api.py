@@ -483,3 +483,40 @@ def test_response_cancel_mid_answer(srv):
     for r in (a, b):
         assert r.status == "cancelled" and r.status_details.reason == "client_cancelled", r
     assert a.usage.output_token_details.text_tokens < 1000
+
+
+def test_drain_closes_realtime_sessions_between_turns(engine):
+    """VitaServer.drain() (a replica being stopped): an answer in progress finishes, then 1012; new
+    sessions are refused with 1012."""
+    async def go(s):
+        from websockets.exceptions import ConnectionClosed
+
+        async with _client(s).realtime.connect(model="vita-1.5") as conn:
+            await _until(conn, "session.created")
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "content": [{"type": "input_text", "text": "Hello"}]})
+            await conn.response.create()
+            evs = await _until(conn, "response.created")
+            conn_obj = next(iter(s.vita.conns))
+            drain = asyncio.run_coroutine_threadsafe(s.vita.drain(grace_s=20.0), conn_obj._recv.get_loop())
+            code = None
+            try:
+                await _until(conn, "never", timeout=30, out=evs)
+            except ConnectionClosed as e:
+                code = e.rcvd.code if e.rcvd is not None else None
+            await asyncio.wrap_future(drain)
+        from websockets.asyncio.client import connect
+
+        async with connect(s.url.replace("http", "ws") + "/v1/realtime") as ws:
+            first = __import__("json").loads(await ws.recv())
+            try:
+                await ws.recv()
+            except ConnectionClosed as e:
+                late = e.rcvd.code if e.rcvd is not None else None
+        return evs, code, first, late
+
+    with running_server(engine) as s:
+        evs, code, first, late = run(go(s), 60)
+    t = _types(evs)
+    assert "response.done" in t and t[-1] == "error" and evs[-1].error.code == "draining", t
+    assert code == 1012 and first["error"]["code"] == "draining" and late == 1012

@@ -50,19 +50,17 @@ def test_encoded_on_arrival_same_answer(tiny_ckpt, one_thread, what):  # noqa: F
     early = make_engine(tiny_ckpt, max_new_tokens=8)
     late = make_engine(tiny_ckpt, max_new_tokens=8, vision_tiles_per_tick=0)
     try:
-        tiles0 = early._scheduler.vision_stage.tiles
         a = _turn(early, frames, image, pre_encode=True)
         b = _turn(late, frames, image, pre_encode=False)
-        assert early._scheduler.vision_stage.tiles > tiles0
-        assert late._scheduler.vision_stage.tiles == 0
+        # every tile ahead of the turn with the stage on; every used one at the turn start without
+        assert early._scheduler.vision_stage.tiles > 0 and early._scheduler.life.start_tiles == 0
+        assert late._scheduler.vision_stage.tiles == 0 and late._scheduler.life.start_tiles > 0
     finally:
         early.close()
         late.close()
     assert a.text == b.text and a.text
     np.testing.assert_array_equal(a.audio, b.audio)
-    # the turn start encoded nothing when everything was encoded on arrival
-    assert a.metrics["vision_ms"] < b.metrics["vision_ms"]
-    assert a.metrics["vision_ms"] < 1.0, a.metrics
+    assert "vision_ms" in a.metrics and "vision_ms" in b.metrics
 
 
 def test_frames_selected_after_encoding_are_the_right_ones(tiny_ckpt, one_thread):  # noqa: F811
@@ -124,7 +122,7 @@ def test_budget_bounds_tiles_per_tick(tiny_ckpt, one_thread):  # noqa: F811
         assert st.pending_frames[0].feats is not None and img.feats is None
         r = s.run_turn(text="And now?")
         check_turn_tail(r.events)
-        assert r.metrics["vision_ms"] > 0
+        assert e._scheduler.life.start_tiles == img.tiles  # the image, at the turn start; the frame was ready
         s.close()
     finally:
         e.close()

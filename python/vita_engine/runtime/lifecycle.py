@@ -27,6 +27,8 @@ __all__ = ["Lifecycle"]
 
 
 class Lifecycle(Stage):
+    start_tiles = 0  # image/frame tiles encoded at a turn start (not ahead by the vision stage)
+
     # ---- start -------------------------------------------------------------------------------------
     def start_turn(self, st: SessionState, kind: str, *, audio=None, text: Optional[str] = None,
                    speculative: bool = False, spec_end_ms=None, decision=None, last_voiced=None,
@@ -60,6 +62,7 @@ class Lifecycle(Stage):
             modality = "image" if modality == "lang" else modality
         visuals = sel + st.pending_images
         if visuals:  # vision_ms: what the turn start itself encodes (0 when all were encoded on arrival)
+            self.start_tiles += sum(v.tiles for v in visuals if v.feats is None)
             clock.add("vision_ms", encode_visuals(m.vision, visuals, self.nvtx))
         for v in visuals:
             feats += list(v.feats)
