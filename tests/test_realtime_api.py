@@ -394,9 +394,18 @@ def test_capacity_closes_with_1013(engine):
                 except ConnectionClosed as e:
                     return msg, e.rcvd.code
 
-    with running_server(engine, max_sessions=1) as s:
+    with running_server(engine, max_sessions=1, replica="replica-7") as s:
         msg, code = run(go(s.url.replace("http", "ws") + "/v1/realtime"), 20)
+        first = run(_first_event(s.url.replace("http", "ws") + "/v1/realtime"), 20)
     assert msg["type"] == "error" and msg["error"]["code"] == "capacity" and code == 1013
+    assert first["session"]["replica"] == "replica-7"  # where the session lives (serve --ray)
+
+
+async def _first_event(url):
+    from websockets.asyncio.client import connect
+
+    async with connect(url) as ws:
+        return __import__("json").loads(await ws.recv())
 
 
 def test_camera_frames_extension_and_frame_limit(srv):
