@@ -62,6 +62,19 @@ class ServerConfig:
     # first sample has waited audio_max_hold_ms (one frame period), and at every turn boundary
     audio_frame_ms: float = 20.0
     audio_max_hold_ms: float = 20.0
+    # WebRTC (POST /v1/realtime/calls, server/webrtc/): the host addresses ICE gathers on (empty:
+    # every non-loopback interface, as aioice does), STUN/TURN URLs (none unless configured: no
+    # public STUN server by default), and the call limits: ICE + DTLS must complete within
+    # webrtc_connect_timeout_s, and a peer that sends no RTP for webrtc_media_timeout_s is closed
+    ice_hosts: tuple = ()
+    ice_servers: tuple = ()
+    webrtc_connect_timeout_s: float = 15.0
+    webrtc_media_timeout_s: float = 10.0
+    webrtc_opus_bitrate: int = 32000  # the answer's Opus bit rate (mono, 20 ms packets)
+    # hand each uplink RTP packet to the decoder at once (webrtc/jitter.py) instead of aiortc's
+    # buffer, which holds 4 packets (80 ms); False: the stock buffer
+    webrtc_low_delay_jitter: bool = True
+    webrtc_uplink_log: int = 0  # keep (time, samples) of the first N uplink frames (bench)
 
     @property
     def transport_max_bytes(self) -> int:
@@ -575,6 +588,23 @@ class VitaServer:
         self.metrics = ServerMetrics(engine)
         self.active = 0
         self.started = time.time()
+        self.webrtc_calls: dict = {}  # call id -> webrtc.call.Call
+
+    async def webrtc_create(self, request: Request) -> Response:
+        from .webrtc import signalling
+
+        return await signalling.create_call(self, request)
+
+    async def webrtc_hangup(self, request: Request) -> Response:
+        from .webrtc import signalling
+
+        return await signalling.hangup(self, request)
+
+    def webrtc_call_ended(self, call) -> None:
+        """A call closed (webrtc/call.py): its session slot is free again."""
+        if self.webrtc_calls.pop(call.id, None) is not None:
+            self.active -= 1
+            self.metrics.sessions_active.dec()
 
     async def ws(self, websocket: WebSocket) -> None:
         conn = _Conn(self, websocket)
@@ -602,6 +632,8 @@ def create_app(engine, config: Optional[ServerConfig] = None) -> Starlette:
         Route("/healthz", srv.healthz),
         Route("/metrics", srv.prometheus),
         WebSocketRoute("/ws", srv.ws),
+        Route("/v1/realtime/calls", srv.webrtc_create, methods=["POST"]),
+        Route("/v1/realtime/calls/{call_id}/hangup", srv.webrtc_hangup, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ])
     app.state.vita = srv
