@@ -21,6 +21,9 @@ OPTIONAL = {
     "nvtx": "NVTX ranges fall back to torch.cuda.nvtx",
     "matplotlib": "only `bench --plot`, which names the package when it is missing",
 }
+# Optional features: the modules of an extra may be imported (at any level) only inside its folder,
+# which the rest of the package imports lazily, after checking the extra is installed.
+EXTRA_FOLDERS = {"webrtc": "python/vita_engine/server/webrtc"}
 # Imported by the package only on paths that run under the test extra.
 RUNTIME_OPTIONAL = dict(OPTIONAL, pytest="only benchmarks/suite.py's pytest_params, called while pytest collects bench/")
 
@@ -68,8 +71,21 @@ def test_runtime_imports_are_declared():
     declared = {_req_name(r) for r in proj["dependencies"]}
     imports = _third_party_imports(ROOT / "python" / "vita_engine")
     assert {"torch", "safetensors", "yaml", "tokenizers", "silero_vad"} <= set(imports)  # the scan sees them
+    for extra, folder in EXTRA_FOLDERS.items():
+        in_extra = {_req_name(r) for r in proj["optional-dependencies"][extra]}
+        mine = {m: f for m, f in imports.items() if all(x.startswith(folder + "/") for x in f)}
+        bad = _unprovided({m: f for m, f in mine.items() if m not in RUNTIME_OPTIONAL}, declared | in_extra)
+        assert not bad, f"imported under {folder} but in neither the dependencies nor the {extra!r} extra: {bad}"
+        imports = {m: f for m, f in imports.items() if m not in mine}
     bad = _unprovided({m: f for m, f in imports.items() if m not in RUNTIME_OPTIONAL}, declared)
     assert not bad, f"imported at run time but not in [project] dependencies: {bad}"
+
+
+def test_extras_are_in_the_test_extra():
+    proj = _pyproject()
+    test = {re.sub(r"\s+", "", r) for r in proj["optional-dependencies"]["test"]}
+    for extra in EXTRA_FOLDERS:
+        assert set(proj["optional-dependencies"][extra]) <= test, extra
 
 
 def test_optional_imports_stay_inside_functions():

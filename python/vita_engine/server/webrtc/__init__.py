@@ -11,4 +11,11 @@ INSTALL_HINT = 'pip install "vita-engine[webrtc]"'
 
 def missing() -> list:
     """The WebRTC packages that are not installed (empty: available)."""
-    return [m for m in ("aiortc", "av") if importlib.util.find_spec(m) is None]
+    out = []
+    for m in ("aiortc", "av", "aioice"):
+        try:
+            if importlib.util.find_spec(m) is None:
+                out.append(m)
+        except (ImportError, ValueError):
+            out.append(m)
+    return out
