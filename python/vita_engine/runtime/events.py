@@ -7,7 +7,7 @@ from typing import Dict
 import numpy as np
 
 __all__ = ["TextDelta", "AudioChunk", "TurnEnd", "Interrupted", "Metrics", "Error", "Event",
-           "CapacityError", "SessionClosedError"]
+           "SpeechStarted", "SpeechStopped", "TurnStarted", "CapacityError", "SessionClosedError"]
 
 
 @dataclass
@@ -50,6 +50,30 @@ class Error:
     Metrics and TurnEnd of that turn."""
     turn: int
     message: str
+
+
+@dataclass
+class SpeechStarted:
+    """Input events (only with `Session.configure(input_events=True)`): the VAD heard speech start at
+    `audio_start_ms` (ms of 16 kHz input since the session started, pre-roll padding included)."""
+    audio_start_ms: float
+
+
+@dataclass
+class SpeechStopped:
+    """Input event: the utterance ended at `audio_end_ms`. `status`: "turn" (a turn answers it, now
+    or after the turn in flight), "held" (kept for `respond()`: auto_respond off) or "discarded"
+    (shorter than the VAD's min_speech_ms: no turn)."""
+    audio_start_ms: float
+    audio_end_ms: float
+    status: str = "turn"
+
+
+@dataclass
+class TurnStarted:
+    """Input event: turn `turn` is committed (its answer's events follow); `kind` "audio" | "text"."""
+    turn: int
+    kind: str = "audio"
 
 
 Event = object

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from .chat import system_prompt_for
-from .events import Error, Interrupted, Metrics, TurnEnd
+from .events import Error, Interrupted, Metrics, TurnEnd, TurnStarted
 from .metrics import TurnClock, nvtx_range
 from .stage import Stage
-from .state import SessionState, Turn, TurnRecord
+from .state import SessionState, Turn, TurnRecord, UnspokenSegments
 
 __all__ = ["Lifecycle"]
 
@@ -28,8 +28,13 @@ __all__ = ["Lifecycle"]
 class Lifecycle(Stage):
     # ---- start -------------------------------------------------------------------------------------
     def start_turn(self, st: SessionState, kind: str, *, audio=None, text: Optional[str] = None,
-                   speculative: bool = False, spec_end_ms=None, decision=None, last_voiced=None) -> None:
+                   speculative: bool = False, spec_end_ms=None, decision=None, last_voiced=None,
+                   speak: Optional[bool] = None, max_new_tokens: Optional[int] = None) -> None:
+        """`kind`: "audio" (the VAD's utterance in st.frontend), "input_audio" (features of a whole
+        utterance given to respond()) or "text"; `speak`/`max_new_tokens` default to the session's."""
         m, fmt, s = self.model, self.e.chat, st.session
+        if st.system_changed and st.sys_len is not None:
+            self._restart_for_system(st)
         clock = TurnClock()
         clock.mark("created")
         if not speculative:
@@ -68,9 +73,12 @@ class Lifecycle(Stage):
         user_ids = fmt.turn_ids(msg, system=None, close_previous=False)
         x_user = m.splice(user_ids, image_features=feats or None, audio_features=audio)
         head = m.llm.embed(close_ids + sys_ids) if (close_ids or sys_ids) else x_user[:0]
+        if first and st.replay_x is not None:  # the history behind a changed system prompt
+            head = torch.cat([head, st.replay_x], 0)
         restore = (st.needs_close, list(st.unfed_ids), st.sys_len, list(st.records))
         budget = int(self.o["session_max_tokens"])
-        max_new = s.max_new_tokens
+        max_new = max_new_tokens if max_new_tokens is not None else (
+            st.max_new_tokens if st.max_new_tokens is not None else s.max_new_tokens)
         x = torch.cat([head, x_user], 0)
         evicted = False
         if st.seq.length + x.shape[0] + max_new > budget and st.sys_len is not None:
@@ -81,6 +89,9 @@ class Lifecycle(Stage):
         turn = Turn(idx=st.next_turn, kind=kind, clock=clock, x=x, kv_start=st.seq.length, restore=restore,
                     record_x=x_user, max_new_tokens=max(0, min(max_new, avail)), speculative=speculative,
                     spec_end_ms=spec_end_ms)
+        turn.speak = st.speak if speak is None else bool(speak)
+        if not turn.speak:
+            turn.segments = UnspokenSegments()
         turn.sys_tokens = n_sys  # type: ignore[attr-defined]
         turn.evicted = evicted  # type: ignore[attr-defined]
         st.turn = turn
@@ -113,8 +124,11 @@ class Lifecycle(Stage):
         st.next_turn += 1
         st.pending_images, st.pending_frames = [], []
         st.session._playback_s = None
+        st.replay_x = None
         if t.kind == "audio":
             st.frontend.reset()
+        if st.input_events:
+            st.session._sink.put(TurnStarted(t.idx, "text" if t.kind == "text" else "audio"))
 
     def commit(self, st: SessionState, now: float, last_voiced) -> None:
         """A speculative turn becomes real at the end-of-turn decision."""
@@ -152,15 +166,17 @@ class Lifecycle(Stage):
         """Close the turn: keep `kept` answer tokens in the history, release the rest, emit the tail events."""
         if st.turn is not t:
             return
-        if interrupted:
+        if interrupted and t.speak:
             kept = self._delivered_tokens(st, t)
         else:
             kept = len(t.tokens)
         self._release_tts(t)
+        st.last_turn = None
         if t.state == "prefill":
             # the prompt never made it (whole) into the KV: drop the whole turn
             self._rollback(st, t)
         else:
+            st.last_turn = t
             if st.sys_len is None:
                 st.sys_len = t.kv_start + getattr(t, "sys_tokens", 0)
             fed = min(kept, t.n_fed)
@@ -171,6 +187,9 @@ class Lifecycle(Stage):
         st.turn = None
         vals = t.clock.values()
         vals["answer_tokens"] = float(kept)
+        vals["prompt_tokens"] = float(t.x.shape[0])  # prefilled for this turn (usage figures)
+        vals["cached_tokens"] = float(t.kv_start)  # history already in the KV cache
+        vals["codec_tokens"] = float(sum(len(g.codec) for g in t.segments))
         vals["audio_out_s"] = t.samples / float(getattr(self.e.codec, "sample_rate", 24000) or 24000)
         spoken = [g for g in t.segments if g.text_ids]
         vals["tts_segments"] = float(len(spoken))
@@ -185,12 +204,13 @@ class Lifecycle(Stage):
         sink.put(TurnEnd(t.idx))
         self.e.metrics.add({k: v for k, v in vals.items()})
 
-    def _delivered_tokens(self, st: SessionState, t: Turn) -> int:
-        """LLM tokens whose audio was delivered (or played, if the client reported a position)."""
+    def _delivered_tokens(self, st: SessionState, t: Turn, played_s: Optional[float] = None) -> int:
+        """LLM tokens whose audio was delivered (or played, if the client reported a position, or
+        `played_s` says)."""
         hop = int(getattr(self.e.codec, "hop_length", 600) or 600)
         sr = int(getattr(self.e.codec, "sample_rate", 24000) or 24000)
         delivered = t.samples
-        pb = st.session._playback_s
+        pb = st.session._playback_s if played_s is None else played_s
         if pb is not None:
             delivered = min(delivered, int(pb * sr))
         if self.e.codec is None or self.e.tts is None:
@@ -220,6 +240,52 @@ class Lifecycle(Stage):
                 seg.sid = None
             seg.tts_done = True
         t.codec_stream = None
+
+    # ---- after the turn: truncation, system prompt ----------------------------------------------------
+    def truncate(self, st: SessionState, idx: int, played_s: float) -> bool:
+        """The client played only `played_s` of finished turn `idx`: trim the history (KV and record)
+        to the answer tokens spoken by then. Only the latest finished turn while no later turn is
+        committed (a speculative one is discarded first: the end of turn redoes it). -> applied."""
+        t = st.last_turn
+        if st.turn is not None and not st.turn.speculative:
+            t = None
+        if t is None or t.idx != idx or st.replay_x is not None or st.system_changed:
+            st.stats["truncate_refused"] = st.stats.get("truncate_refused", 0) + 1
+            return False
+        if st.turn is not None:
+            self.discard(st)
+        if not st.records or st.last_turn is not t:
+            return False
+        rec = st.records[-1]
+        now = len(rec.answer_ids)
+        kept = min(now, self._delivered_tokens(st, t, played_s)) if t.speak else now
+        if kept < now:
+            fed = min(kept, t.n_fed)
+            st.seq.truncate(t.prompt_end + fed)
+            st.unfed_ids = list(t.tokens[fed:kept])
+            st.needs_close = True
+            st.records[-1] = TurnRecord(rec.x_user, list(t.tokens[:kept]))
+            st.stats["truncations"] = st.stats.get("truncations", 0) + 1
+        return True
+
+    def set_system(self, st: SessionState, text: Optional[str]) -> None:
+        """A new system prompt: used as is before the first turn; afterwards the next turn replays the
+        history behind it (_restart_for_system)."""
+        st.session.system_prompt = text
+        if st.sys_len is not None:
+            st.system_changed = True
+
+    def _restart_for_system(self, st: SessionState) -> None:
+        """The KV restarts empty; the kept turns are replayed from their stored embeddings after the new
+        system prompt (by the next turn's prefill: `st.replay_x`, kept until that turn commits)."""
+        close = self.e.chat.encode("<|im_end|>\n")
+        llm = self.model.llm
+        replay = [torch.cat([r.x_user, llm.embed(r.answer_ids + close)], 0) for r in st.records]
+        st.replay_x = torch.cat(replay, 0) if replay else None
+        st.seq.truncate(0)
+        st.sys_len, st.needs_close, st.unfed_ids = None, False, []
+        st.system_changed = False
+        st.last_turn = None
 
     def interrupt(self, st: SessionState) -> None:
         self._end_early(st, None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import queue
 import threading
 import time
@@ -155,6 +156,78 @@ class Session:
         if not np.isfinite(s) or s < 0:
             raise ValueError(f"playback_position: seconds must be >= 0, got {seconds!r}")
         self._playback_s = s
+
+    _CONFIG_KEYS = ("manual", "vad", "preroll_ms", "barge_in", "input_events", "auto_respond", "speak",
+                    "max_new_tokens", "system_prompt")
+
+    def configure(self, **opts) -> None:
+        """Per-session turn-taking and answer options (the Realtime API's session config), applied on
+        the scheduler thread in order with the inputs:
+          manual (bool): no VAD turn taking; turns start with `respond()` only;
+          vad (dict of VADConfig fields): this session's VAD (a new detector: its stream time goes on);
+          preroll_ms (int): audio kept before the detected speech start;
+          barge_in (bool): speech during an answer interrupts it;
+          input_events (bool): also emit SpeechStarted / SpeechStopped / TurnStarted;
+          auto_respond (bool): a VAD end of turn starts the answer (False: the utterance is held for
+            `respond()`);
+          speak (bool), max_new_tokens (int): defaults for the turns that do not set them;
+          system_prompt (str): the system prompt; after the first turn the history is replayed
+            behind the new one at the next turn (no re-encode of audio or images)."""
+        unknown = set(opts) - set(self._CONFIG_KEYS)
+        if unknown:
+            raise TypeError(f"Session.configure: unknown options {sorted(unknown)}; known: {list(self._CONFIG_KEYS)}")
+        cfg = dict(opts)
+        v = cfg.get("vad")
+        if isinstance(v, dict):  # fields over the engine's VAD config; ValueError on bad values, here
+            if "threshold" in v and "neg_threshold" not in v:
+                v = {**v, "neg_threshold": None}  # derived from the new threshold
+            try:
+                cfg["vad"] = dataclasses.replace(self.engine.vad_config, **v)
+            except TypeError as e:
+                raise ValueError(f"Session.configure: vad: {e}") from None
+        for k in ("preroll_ms", "max_new_tokens"):
+            if cfg.get(k) is not None:
+                n = cfg[k]
+                if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                    raise ValueError(f"Session.configure: {k} must be an integer >= 0, got {n!r}")
+        sp = cfg.get("system_prompt")
+        if sp is not None and not isinstance(sp, str):
+            raise TypeError(f"Session.configure: system_prompt must be str, got {type(sp).__name__}")
+        self._send("config", cfg)
+
+    def respond(self, audio=None, sample_rate: int = 16000, *, text: Optional[str] = None,
+                speak: Optional[bool] = None, max_new_tokens: Optional[int] = None) -> None:
+        """Start a turn now (queued behind the turn in flight): the user block holds `audio` (a whole
+        utterance, encoded at once), else the utterances the VAD held (auto_respond off), plus `text`.
+        `speak=False`: a text-only answer (no TTS work). ValueError when there is nothing to answer is
+        not raised here: such a turn fails with an Error event."""
+        self._check_open("respond")
+        x = None
+        if audio is not None:
+            x = _compat.to_float32_mono(audio, sample_rate=sample_rate, name="respond: audio",
+                                        max_seconds=self.engine.options["max_push_seconds"])
+            if int(sample_rate) != 16000:
+                x = _compat.Resampler(int(sample_rate), 16000).process(x)
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"respond: text must be str or None, got {type(text).__name__}")
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                           or max_new_tokens < 0):
+            raise ValueError(f"respond: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        self._send("respond", x, text or None, {"speak": speak, "max_new_tokens": max_new_tokens}, time.perf_counter())
+
+    def clear_held(self) -> None:
+        """Drop the utterances held for `respond()` (auto_respond off)."""
+        self._send("clear_held")
+
+    def truncate_answer(self, turn: int, seconds: float) -> None:
+        """After turn `turn` ended: the client played only its first `seconds` of audio; the history
+        (KV cache and the record replayed on eviction) keeps only the answer text spoken by then, so
+        the next turn's prompt no longer holds what was never heard. Only the latest finished turn,
+        and only while no later turn is committed (a speculative one is discarded and redone)."""
+        s = float(seconds)
+        if not np.isfinite(s) or s < 0:
+            raise ValueError(f"truncate_answer: seconds must be >= 0, got {seconds!r}")
+        self._send("truncate", int(turn), s)
 
     def close(self, wait: bool = True) -> None:
         """Stop everything and free the KV pages (waits for the scheduler, about one tick, unless

@@ -63,6 +63,7 @@ class Turn:
     codec_stream: Any = None
     samples: int = 0                   # PCM samples emitted
     text: str = ""
+    speak: bool = True                 # False: a text-only answer (no TTS work; segments are never spoken)
 
     @property
     def prompt_end(self) -> int:
@@ -91,6 +92,16 @@ class Turn:
         return all(g.tts_done for g in self.segments)
 
 
+class UnspokenSegments(list):
+    """`Turn.segments` of a text-only turn: every segment the LLM stage hands over is marked done and
+    without TTS text, so the TTS and codec stages never see work for it (and the policy decodes it as
+    a turn without TTS)."""
+
+    def append(self, seg: Segment) -> None:
+        seg.text_ids, seg.tts_done = [], True
+        super().append(seg)
+
+
 class SessionState:
     def __init__(self, session, seq, reserved_blocks: int, vad, frontend, preroll_samples: int):
         self.session = session
@@ -115,6 +126,18 @@ class SessionState:
         self.gen_step = 0
         self.chunk_seq = 0
         self.closed = False
+        # Session.configure() (the Realtime API's session options); defaults = the engine's behaviour
+        self.manual = False                                # no VAD turn taking: turns start by respond() only
+        self.barge_in: Optional[bool] = None               # None: the engine's barge_in option
+        self.input_events = False                          # emit SpeechStarted / SpeechStopped / TurnStarted
+        self.auto_respond = True                           # a VAD end of turn starts the answer
+        self.speak = True                                  # default of turns that do not say
+        self.max_new_tokens: Optional[int] = None          # default of turns that do not say (None: the session's)
+        self.vad_base_ms = 0.0                             # stream time at which the current VAD started
+        self.held_audio: List[Any] = []                    # utterance features kept for respond() (auto_respond off)
+        self.last_turn: Optional[Turn] = None              # the latest finished turn (truncate_answer)
+        self.system_changed = False                        # the system prompt changed after it was prefilled
+        self.replay_x: Optional[torch.Tensor] = None       # history to replay after a system prompt change
         self.stats = {"prefill_tokens": 0, "turn_prefill_tokens": [], "decode_tokens": 0, "evictions": 0,
                       "interrupts": 0, "codec_tokens": 0, "audio_samples": 0}
 

@@ -16,7 +16,9 @@ from typing import List, Tuple
 
 import numpy as np
 
+from . import _compat
 from . import vad as _vad
+from .events import SpeechStarted, SpeechStopped
 from .frontend import fbank_many
 from .stage import Stage
 from .state import SessionState
@@ -77,11 +79,15 @@ class TurnTaking(Stage):
         life = self.sch.life
         for st in list(self.states.values()):
             if st.queued_texts and (st.turn is None or st.turn.speculative):
-                text, t = st.queued_texts.popleft()
+                item = st.queued_texts.popleft()
+                text, t = item[0], item[1]
+                x = item[2] if len(item) > 2 else {}  # respond() / a queued utterance: audio and options
                 try:
                     if st.turn is not None:
                         life.discard(st)
-                    life.start_turn(st, "text", text=text, decision=t)
+                    life.start_turn(st, "text" if x.get("audio") is None else "input_audio", text=text,
+                                    audio=x.get("audio"), decision=t, last_voiced=x.get("last_voiced"),
+                                    speak=x.get("speak"), max_new_tokens=x.get("max_new_tokens"))
                 except Exception as ex:
                     self._failed(st, ex)
                 busy = True
@@ -118,7 +124,58 @@ class TurnTaking(Stage):
                 st.queued_texts.append((cmd[1], cmd[2]))
             elif kind == "interrupt":
                 life.interrupt(st)
+            elif kind == "config":
+                self._configure(st, cmd[1])
+            elif kind == "respond":
+                self._respond(st, *cmd[1:])
+            elif kind == "clear_held":
+                st.held_audio = []
+            elif kind == "truncate":
+                life.truncate(st, cmd[1], cmd[2])
         return [], False, did
+
+    def _configure(self, st: SessionState, cfg: dict) -> None:
+        """Session.configure() on the scheduler thread."""
+        life = self.sch.life
+        restart_vad = cfg.get("vad") is not None
+        if cfg.get("manual") is not None and bool(cfg["manual"]) != st.manual:
+            st.manual = bool(cfg["manual"])
+            restart_vad = True
+        if restart_vad:  # a fresh detector; an utterance in progress (and its speculative turn) is dropped
+            if st.turn is not None and st.turn.speculative:
+                life.discard(st)
+            st.utt_start, st.spec_request = None, None
+            st.vad = _compat.StreamingVAD(cfg.get("vad") or st.vad.config)
+            st.vad_base_ms = st.n_samples / 16.0
+        if cfg.get("preroll_ms") is not None:
+            st.preroll = int(cfg["preroll_ms"]) * 16
+        for k in ("barge_in", "max_new_tokens"):
+            if k in cfg:
+                setattr(st, k, cfg[k])
+        for k in ("input_events", "auto_respond", "speak"):
+            if cfg.get(k) is not None:
+                setattr(st, k, bool(cfg[k]))
+        if "system_prompt" in cfg:
+            life.set_system(st, cfg["system_prompt"])
+
+    def _respond(self, st: SessionState, audio, text, opts: dict, t: float) -> None:
+        """Session.respond(): encode the given utterance (or take the held ones) and queue the turn."""
+        feats = None
+        if audio is not None:
+            if self.model.audio is None:
+                raise ValueError("respond: this checkpoint has no audio encoder")
+            fe = _compat.IncrementalAudioFrontend(self.model.audio)
+            fe.append(audio)
+            feats = fe.finish()  # ValueError when too short
+        elif st.held_audio:
+            import torch
+
+            feats = st.held_audio[0] if len(st.held_audio) == 1 else torch.cat(st.held_audio, 0)
+            st.held_audio = []
+        if feats is None and not text:
+            log.warning("session %d: respond() with no audio, no held utterance and no text: ignored", st.session.id)
+            return
+        st.queued_texts.append((text, t, {"audio": feats, **opts}))
 
     def _audio(self, runs: List[Tuple[SessionState, list]]) -> None:
         xs = []
@@ -133,12 +190,16 @@ class TurnTaking(Stage):
             if st.utt_start is not None:
                 st.frontend.append(x)  # fbank below, batched
             xs.append(x)
+        auto = [i for i, (st, _) in enumerate(runs) if not st.manual]  # manual sessions: no VAD turn taking
         try:
-            events = _vad.push_many([st.vad for st, _ in runs], xs)
+            got = _vad.push_many([runs[i][0].vad for i in auto], [xs[i] for i in auto]) if auto else []
         except Exception as ex:  # the VAD model itself failed: no session can take turns on this audio
             for st, _ in runs:
                 self._failed(st, ex)
             return
+        events = [[] for _ in runs]
+        for i, evs in zip(auto, got):
+            events[i] = evs
         # fbank before the events: an end of turn then finds its features ready, and the batched
         # fbank of the other sessions is not on its critical path
         fbank_many([st.frontend for st, _ in runs if st.utt_start is not None and st.frontend is not None])
@@ -152,11 +213,14 @@ class TurnTaking(Stage):
     def _on_vad(self, st: SessionState, evs: list) -> None:
         life = self.sch.life
         hist_base = st.n_samples - st.hist.size
+        b = st.vad_base_ms  # the detector's stream time -> the session's (a configure() restarts it)
         for ev in evs:
             name = type(ev).__name__
             if name == "SpeechStart":
+                if st.input_events:
+                    st.session._sink.put(SpeechStarted(b + getattr(ev, "speech_start_ms", ev.t_ms)))
                 self._barge_in(st)
-                start = int(round(getattr(ev, "speech_start_ms", ev.t_ms) * 16))
+                start = int(round((b + getattr(ev, "speech_start_ms", ev.t_ms)) * 16))
                 st.spec_request = None
                 st.utt_start = max(hist_base, start - st.preroll)
                 st.frontend.reset()
@@ -164,9 +228,9 @@ class TurnTaking(Stage):
             elif st.utt_start is None:
                 continue
             elif name == "SpeculativeEnd":
-                if self.o["speculative"] and st.turn is None and not st.queued_texts:
+                if self.o["speculative"] and st.auto_respond and st.turn is None and not st.queued_texts:
                     # encoded and prefilled by speculate(), when the policy finds room for it
-                    st.spec_request = (ev.speech_end_ms, time.perf_counter())
+                    st.spec_request = (b + ev.speech_end_ms, time.perf_counter())
             elif name == "SpeechResumed":
                 st.spec_request = None
                 if st.turn is not None and st.turn.speculative:
@@ -174,22 +238,36 @@ class TurnTaking(Stage):
             elif name == "TurnEnd":
                 st.spec_request = None  # never served: the end of turn encodes the utterance itself
                 now = time.perf_counter()
-                last_voiced = st.arrival_time(int(ev.speech_end_ms * 16))
+                end_abs = b + ev.speech_end_ms
+                last_voiced = st.arrival_time(int(end_abs * 16))
                 t = st.turn
-                if t is not None and t.speculative and t.spec_end_ms is not None and abs(t.spec_end_ms - ev.speech_end_ms) < 1e-6:
+                if t is not None and t.speculative and t.spec_end_ms is not None and abs(t.spec_end_ms - end_abs) < 1e-6:
+                    self._stopped(st, ev, "turn")
                     life.commit(st, now, last_voiced)
                 else:
                     if t is not None and t.speculative:
                         life.discard(st)
-                    end_ms = ev.speech_end_ms - st.utt_start / 16.0
+                    end_ms = end_abs - st.utt_start / 16.0
                     try:
                         feats = st.frontend.finish(end_ms=end_ms)
                     except ValueError:
                         feats = None
-                    if feats is not None and st.turn is None:
+                    if feats is None:
+                        self._stopped(st, ev, "discarded")
+                    elif not st.auto_respond:
+                        st.held_audio.append(feats)
+                        self._stopped(st, ev, "held")
+                    elif st.turn is None:
+                        self._stopped(st, ev, "turn")
                         life.start_turn(st, "audio", audio=feats, decision=now, last_voiced=last_voiced)
+                    elif st.input_events:  # answering (no barge-in): the utterance is answered next
+                        self._stopped(st, ev, "turn")
+                        st.queued_texts.append((None, now, {"audio": feats, "last_voiced": last_voiced}))
+                    else:
+                        self._stopped(st, ev, "discarded")
                 st.utt_start = None
             elif name == "SpeechDiscarded":
+                self._stopped(st, ev, "discarded")
                 st.spec_request = None
                 if st.turn is not None and st.turn.speculative:
                     life.discard(st)
@@ -207,7 +285,7 @@ class TurnTaking(Stage):
         for st in reqs[:n]:
             end, _ = st.spec_request
             st.spec_request = None
-            if st.utt_start is None or st.turn is not None or st.queued_texts:
+            if st.utt_start is None or st.turn is not None or st.queued_texts or st.manual:
                 continue
             try:
                 feats = st.frontend.encode_partial(end_ms=end - st.utt_start / 16.0)
@@ -220,5 +298,10 @@ class TurnTaking(Stage):
     def _barge_in(self, st: SessionState) -> None:
         # a speculative turn is always dropped; a committed one only when barge-in is enabled
         t = st.turn
-        if t is not None and (t.speculative or self.o["barge_in"]):
+        if t is not None and (t.speculative or (self.o["barge_in"] if st.barge_in is None else st.barge_in)):
             self.sch.life.interrupt(st)
+
+    def _stopped(self, st: SessionState, ev, status: str) -> None:
+        if st.input_events:
+            b = st.vad_base_ms
+            st.session._sink.put(SpeechStopped(b + ev.speech_start_ms, b + ev.speech_end_ms, status))

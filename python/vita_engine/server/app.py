@@ -1,5 +1,6 @@
-"""The real-time server: an ASGI (Starlette) app with one WebSocket per conversation at `/ws`, the
-browser page at `/`, `/healthz` and `/metrics`. The wire protocol is in docs/protocol.md.
+"""The real-time server: an ASGI (Starlette) app with one WebSocket per conversation at `/ws` (wire
+protocol: docs/protocol.md) and at `/v1/realtime` (the OpenAI Realtime API: docs/realtime-api.md,
+server/realtime/), the browser page at `/`, `/healthz` and `/metrics`.
 
     app = create_app(engine, ServerConfig(token="s3cret", max_sessions=16))
     serve(app, host="127.0.0.1", port=8000)              # blocking (uvicorn)
@@ -614,6 +615,12 @@ class VitaServer:
             log.exception("connection %s failed", conn.id)
             await conn.close(P.CLOSE_INTERNAL, "internal error")
 
+    async def realtime(self, websocket: WebSocket) -> None:
+        """`/v1/realtime`: the OpenAI Realtime API (docs/realtime-api.md)."""
+        from .realtime.ws import realtime_endpoint
+
+        await realtime_endpoint(self, websocket)
+
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "sessions_active": self.active, "max_sessions": self.config.max_sessions,
                              "uptime_s": round(time.time() - self.started, 1), "protocol": P.PROTOCOL_VERSION})
@@ -632,6 +639,7 @@ def create_app(engine, config: Optional[ServerConfig] = None) -> Starlette:
         Route("/healthz", srv.healthz),
         Route("/metrics", srv.prometheus),
         WebSocketRoute("/ws", srv.ws),
+        WebSocketRoute("/v1/realtime", srv.realtime),
         Route("/v1/realtime/calls", srv.webrtc_create, methods=["POST"]),
         Route("/v1/realtime/calls/{call_id}/hangup", srv.webrtc_hangup, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),

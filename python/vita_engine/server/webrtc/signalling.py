@@ -121,6 +121,8 @@ async def create_call(srv, request: Request) -> Response:
 
 
 async def hangup(srv, request: Request) -> Response:
+    from ..app import _token_ok
+
     if not _token_ok(srv.config.token, _bearer(request)):
         return _error(401, "missing or invalid bearer token (Authorization: Bearer TOKEN)", "invalid_api_key")
     call = srv.webrtc_calls.get(request.path_params["call_id"])
