@@ -602,10 +602,8 @@ class VitaServer:
         return await signalling.hangup(self, request)
 
     def webrtc_call_ended(self, call) -> None:
-        """A call closed (webrtc/call.py): its session slot is free again."""
-        if self.webrtc_calls.pop(call.id, None) is not None:
-            self.active -= 1
-            self.metrics.sessions_active.dec()
+        """A call closed (webrtc/call.py; its handler gave its session slot back)."""
+        self.webrtc_calls.pop(call.id, None)
 
     async def ws(self, websocket: WebSocket) -> None:
         conn = _Conn(self, websocket)

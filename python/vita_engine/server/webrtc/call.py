@@ -29,7 +29,7 @@ class Call:
         self.t0 = time.monotonic()
         self.last_rx = self.t0  # last data-channel message
         self.pc = RTCPeerConnection(ice.rtc_configuration(self.cfg.ice_servers))
-        self.out = OpusOutTrack(bitrate=self.cfg.webrtc_opus_bitrate, on_playback=self._on_playback)
+        self.out = OpusOutTrack(bitrate=self.cfg.webrtc_opus_bitrate)
         self.mic: Optional[MicInput] = None
         self.channel = None
         self.pending: list = []
@@ -85,11 +85,6 @@ class Call:
             return False
         ch.send(json.dumps(ev, ensure_ascii=False, separators=(",", ":")))
         return True
-
-    def _on_playback(self, kind: str, item_id) -> None:
-        hook = getattr(self.handler, "on_audio_out", None)
-        if callable(hook):
-            hook(kind, item_id)
 
     def _on_datachannel(self, channel) -> None:
         if channel.label != CHANNEL:

@@ -94,14 +94,7 @@ async def create_call(srv, request: Request) -> Response:
                       "capacity", "server_error", headers={"Retry-After": "1"})
     from .call import Call
 
-    srv.active += 1  # no await since the check: single event loop
-    srv.metrics.sessions_active.inc()
-    try:
-        call = Call(srv, session)
-    except Exception:
-        srv.active -= 1
-        srv.metrics.sessions_active.dec()
-        raise
+    call = Call(srv, session)  # its handler takes the session slot in answer() (handler.start)
     srv.webrtc_calls[call.id] = call
     try:
         answer = await call.answer(sdp)
@@ -115,7 +108,6 @@ async def create_call(srv, request: Request) -> Response:
             return _error(503, f"server busy: {e}", "capacity", "server_error", headers={"Retry-After": "1"})
         log.exception("call setup failed")
         return _error(500, f"could not start the call: {type(e).__name__}: {e}"[:300], "internal", "server_error")
-    srv.metrics.sessions_total.inc()
     return Response(answer, status_code=201, media_type="application/sdp",
                     headers={"Location": f"/v1/realtime/calls/{call.id}"})
 

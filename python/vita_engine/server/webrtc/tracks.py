@@ -29,13 +29,12 @@ class OpusOutTrack(MediaStreamTrack):
     The realtime handler's `audio_out`: `write(pcm, item_id)` queues audio, `clear()` drops
     everything queued at once (barge-in) and says how much of the current item was played,
     `played_ms()` the same without clearing. "Played" = handed to the network, which is what the
-    listener hears one network+jitter-buffer delay later. `on_playback(kind, item_id)` is told
-    "started" when audio follows silence and "stopped" when the queue runs dry."""
+    listener hears one network+jitter-buffer delay later. The current item is the one written last:
+    until its first sample goes out, 0 ms of it were played."""
 
     kind = "audio"
 
-    def __init__(self, bitrate: int = 32000, prebuffer_ms: float = 40.0,
-                 on_playback: Optional[Callable[[str, Optional[str]], None]] = None) -> None:
+    def __init__(self, bitrate: int = 32000, prebuffer_ms: float = 40.0) -> None:
         super().__init__()
         import av
 
@@ -53,7 +52,7 @@ class OpusOutTrack(MediaStreamTrack):
         self.playing = False
         self.prebuffer = int(prebuffer_ms * OUT_RATE / 1000)
         self._wait_since: Optional[float] = None  # when queued audio first waited for the prebuffer
-        self.on_playback = on_playback
+        self.written: Optional[str] = None  # the item written last (the current one)
         self._t0: Optional[float] = None
         self._n = 0  # packets sent
         self._pts = 0
@@ -66,6 +65,7 @@ class OpusOutTrack(MediaStreamTrack):
     def write(self, pcm24k: np.ndarray, item_id: str) -> None:
         x = np.asarray(pcm24k, dtype=np.float32).reshape(-1)
         if x.size:
+            self.written = item_id
             self._q.append([item_id, x, 0])
             self.queued += x.size
 
@@ -75,20 +75,13 @@ class OpusOutTrack(MediaStreamTrack):
         self._q.clear()
         self.queued = 0
         self._wait_since = None
-        if self.playing:
-            self.playing = False
-            self._notify("cleared", self.item)
+        self.playing = False
         return played
 
     def played_ms(self) -> float:
+        if self.written is not None and self.written != self.item:
+            return 0.0  # the current item has not started playing
         return self.item_played * 1000.0 / OUT_RATE
-
-    def _notify(self, kind: str, item: Optional[str]) -> None:
-        if self.on_playback is not None:
-            try:
-                self.on_playback(kind, item)
-            except Exception:  # noqa: BLE001
-                log.exception("on_playback(%s) failed", kind)
 
     # -- aiortc's side ----------------------------------------------------------------------------
     async def recv(self):
@@ -122,7 +115,6 @@ class OpusOutTrack(MediaStreamTrack):
             self.playing, self._wait_since = True, None
             if self._q[0][0] == self.item and self.item_played:
                 self.gaps += 1  # the item ran dry and resumes: the listener heard a gap
-            self._notify("started", self._q[0][0])
         n = 0
         while n < FRAME and self._q:
             ent = self._q[0]
@@ -141,7 +133,6 @@ class OpusOutTrack(MediaStreamTrack):
                 ent[2] = off + k
         if not self._q:
             self.playing = False
-            self._notify("stopped", self.item)
         return out
 
     def _packet(self, pcm: np.ndarray):
