@@ -117,6 +117,9 @@ def run_browser_turn(engine, tmp_path: Path, timeout_s: float = 40.0, wav: Path 
                 raise
             finally:
                 ctx.close()
+        t_end = time.monotonic() + 10  # WebRTC calls end with the browser: let them close first
+        while getattr(srv.vita, "webrtc_calls", None) and time.monotonic() < t_end:
+            time.sleep(0.05)
     shutil.rmtree(profile, ignore_errors=True)
     return {"stats": stats, "ui": ui, "took_s": took, "console": console, "shot": shots / shot}
 

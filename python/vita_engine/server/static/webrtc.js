@@ -20,7 +20,7 @@
   }
 
   function rtcTeardown(call) {
-    clearInterval(call.timer); clearInterval(call.camTimer);
+    clearInterval(call.timer); clearInterval(call.camTimer); clearInterval(call.outTimer);
     try { call.dc && call.dc.close(); } catch (e) {}
     try { call.pc && call.pc.close(); } catch (e) {}
     if (call.stream) call.stream.getTracks().forEach((t) => t.stop());
@@ -36,7 +36,7 @@
     $("start").disabled = true;
     stats.transport = "webrtc";
     setStatus("starting (WebRTC)…");
-    const call = { pc: null, dc: null, stream: null, ctx: null, timer: null, camTimer: null,
+    const call = { pc: null, dc: null, stream: null, ctx: null, timer: null, camTimer: null, outTimer: null,
                    resp: null, turn: 0, speechStoppedAt: null, location: null };
     let api = null;
     const sendEv = (ev) => { if (call.dc && call.dc.readyState === "open") call.dc.send(JSON.stringify(ev)); };
@@ -54,11 +54,29 @@
       const lvl = new Float32Array(an.fftSize);
       const pc = call.pc = new RTCPeerConnection({ iceServers: [] }); // no public STUN server
       for (const t of call.stream.getAudioTracks()) pc.addTrack(t, call.stream);
+      const ran = call.ctx.createAnalyser(); // the answer as decoded: first-audio time, seconds heard
+      ran.fftSize = 1024;
+      const rlvl = new Float32Array(ran.fftSize);
       pc.ontrack = (e) => {
         const el = $("answer");
-        el.srcObject = e.streams && e.streams[0] ? e.streams[0] : new MediaStream([e.track]);
+        const st = e.streams && e.streams[0] ? e.streams[0] : new MediaStream([e.track]);
+        el.srcObject = st; // plays it (and Chrome's echo canceller gets it as the far end)
         el.play().catch((err) => stats.errors.push({ message: "audio play: " + err }));
+        call.ctx.createMediaStreamSource(st).connect(ran); // an analyser only: not played twice
       };
+      call.outTimer = setInterval(() => {
+        ran.getFloatTimeDomainData(rlvl);
+        let peak = 0; for (const v of rlvl) peak = Math.max(peak, Math.abs(v));
+        if (peak > 1e-3) {
+          stats.samplesPlayed += OUT_RATE * 0.02;
+          if (call.speechStoppedAt !== null) { // end of the user's speech (server VAD) -> answer heard here
+            const ms = clientLatency[call.latTurn] = performance.now() - call.speechStoppedAt;
+            call.speechStoppedAt = null;
+            const cell = document.getElementById(`rtc-cl-${call.latTurn}`);
+            if (cell) cell.textContent = ms.toFixed(0);
+          }
+        }
+      }, 20);
       pc.onconnectionstatechange = () => {
         stats.state = "rtc-" + pc.connectionState;
         if (pc.connectionState === "failed" || pc.connectionState === "closed") {
@@ -91,7 +109,7 @@
         rep.forEach((x) => {
           if (x.type === "inbound-rtp" && x.kind === "audio") {
             stats.audioEnergy = x.totalAudioEnergy || 0;
-            stats.samplesReceived = x.totalSamplesReceived || 0;
+            stats.samplesReceived = (x.totalSamplesReceived || 0) * OUT_RATE / 48000;
             stats.framesReceived = x.packetsReceived || 0;
             stats.lost = x.packetsLost || 0;
           }
@@ -123,7 +141,9 @@
             type: "server_vad", interrupt_response: $("bargein").checked } } } } });
           break;
         case "input_audio_buffer.speech_started": setStatus("listening…"); break;
-        case "input_audio_buffer.speech_stopped": call.speechStoppedAt = performance.now(); setStatus("thinking…"); break;
+        case "input_audio_buffer.speech_stopped":
+          call.speechStoppedAt = performance.now(); call.latTurn = call.turn; setStatus("thinking…");
+          break;
         case "response.created": call.resp = m.response && m.response.id; break;
         case "response.output_audio_transcript.delta":
         case "response.audio_transcript.delta":
@@ -131,10 +151,8 @@
         case "response.text.delta":
           addText(call.turn, m.delta);
           break;
-        case "output_audio_buffer.started":
-          if (call.speechStoppedAt !== null) { clientLatency[call.turn] = performance.now() - call.speechStoppedAt; call.speechStoppedAt = null; }
-          setStatus("speaking…");
-          break;
+        case "output_audio_buffer.started": setStatus("speaking…"); break;
+        case "output_audio_buffer.stopped": setStatus("your turn — speak!"); break;
         case "output_audio_buffer.cleared": stats.interrupts++; ensureTurnDiv(call.turn).classList.add("interrupted"); break;
         case "response.done": {
           const st = m.response && m.response.status;
@@ -148,7 +166,7 @@
           stats.metrics.push({ turn: call.turn - 1, values: v });
           const fmt = (x) => (typeof x === "number" ? x.toFixed(0) : "–");
           const tr = document.createElement("tr");
-          tr.innerHTML = `<td>${call.turn - 1}</td><td>${fmt(v.ttfa_ms)}</td><td>${fmt(v.response_ms)}</td><td>${fmt(clientLatency[call.turn - 1])}</td>`;
+          tr.innerHTML = `<td>${call.turn - 1}</td><td>${fmt(v.ttfa_ms)}</td><td>${fmt(v.response_ms)}</td><td id="rtc-cl-${call.turn - 1}">${fmt(clientLatency[call.turn - 1])}</td>`;
           tr.title = Object.entries(v).map(([k, x]) => `${k}: ${typeof x === "number" ? x.toFixed(1) : x}`).join("\n");
           $("lat").querySelector("tbody").appendChild(tr);
           break;
