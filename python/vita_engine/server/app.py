@@ -72,6 +72,9 @@ class ServerConfig:
     webrtc_connect_timeout_s: float = 15.0
     webrtc_media_timeout_s: float = 10.0
     webrtc_opus_bitrate: int = 32000  # the answer's Opus bit rate (mono, 20 ms packets)
+    # an answer starts playing once this much of it is queued (or its first sample waited this
+    # long): more = fewer gaps from an engine that delivers its first chunks unevenly, later audio
+    webrtc_prebuffer_ms: float = 20.0
     # hand each uplink RTP packet to the decoder at once (webrtc/jitter.py) instead of aiortc's
     # buffer, which holds 4 packets (80 ms); False: the stock buffer
     webrtc_low_delay_jitter: bool = True

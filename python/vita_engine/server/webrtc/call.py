@@ -29,7 +29,7 @@ class Call:
         self.t0 = time.monotonic()
         self.last_rx = self.t0  # last data-channel message
         self.pc = RTCPeerConnection(ice.rtc_configuration(self.cfg.ice_servers))
-        self.out = OpusOutTrack(bitrate=self.cfg.webrtc_opus_bitrate)
+        self.out = OpusOutTrack(bitrate=self.cfg.webrtc_opus_bitrate, prebuffer_ms=self.cfg.webrtc_prebuffer_ms)
         self.mic: Optional[MicInput] = None
         self.channel = None
         self.pending: list = []

@@ -34,7 +34,7 @@ class OpusOutTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, bitrate: int = 32000, prebuffer_ms: float = 40.0) -> None:
+    def __init__(self, bitrate: int = 32000, prebuffer_ms: float = 20.0) -> None:
         super().__init__()
         import av
 
@@ -52,22 +52,28 @@ class OpusOutTrack(MediaStreamTrack):
         self.playing = False
         self.prebuffer = int(prebuffer_ms * OUT_RATE / 1000)
         self._wait_since: Optional[float] = None  # when queued audio first waited for the prebuffer
+        self._wake = asyncio.Event()  # set by write(): enough audio to start playing
         self.written: Optional[str] = None  # the item written last (the current one)
         self._t0: Optional[float] = None
         self._n = 0  # packets sent
         self._pts = 0
         # statistics (tests, bench)
-        self.packets = self.audio_packets = self.bytes = 0
+        self.packets = self.audio_packets = self.bytes = self.audio_bytes = 0
         self.gaps = 0  # times an item's audio ran dry and then resumed (an audible gap)
         self.sent_samples = collections.Counter()  # item_id -> samples sent
+        self.first_written: dict = {}  # item_id -> monotonic time of its first write / first packet out
+        self.first_sent: dict = {}
 
     # -- the handler's side -----------------------------------------------------------------------
     def write(self, pcm24k: np.ndarray, item_id: str) -> None:
         x = np.asarray(pcm24k, dtype=np.float32).reshape(-1)
         if x.size:
+            self.first_written.setdefault(item_id, time.monotonic())
             self.written = item_id
             self._q.append([item_id, x, 0])
             self.queued += x.size
+            if not self.playing and self.queued >= self.prebuffer:
+                self._wake.set()
 
     def clear(self) -> float:
         """Drop the queue now (nothing more of it is sent) -> ms of the current item played."""
@@ -93,7 +99,16 @@ class OpusOutTrack(MediaStreamTrack):
         else:
             self._n += 1
             wait = self._t0 + self._n * 0.020 - now
-            if wait > 0:
+            if wait > 0 and not self.playing:
+                # idle (silence): an answer that starts now goes out now, not at the next 20 ms
+                # slot; the clock moves to it (the receiver sees up to 20 ms of jitter, once)
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                    self._t0 = time.monotonic() - self._n * 0.020
+                except asyncio.TimeoutError:
+                    pass
+            elif wait > 0:
                 await asyncio.sleep(wait)
             elif wait < -0.2:  # the loop was stalled: start a new clock rather than send a burst
                 self._t0, self._n = now, 0
@@ -106,8 +121,8 @@ class OpusOutTrack(MediaStreamTrack):
         if not self.playing:
             if not self.queued:
                 return out
-            # start once a little is queued (or it waited that long): the engine's first chunks
-            # come in bursts, and an underrun right after the start would be an audible gap
+            # start once `prebuffer` is queued (or its first sample waited that long): an underrun
+            # right after the start would be an audible gap
             t = time.monotonic()
             self._wait_since = self._wait_since or t
             if self.queued < self.prebuffer and t - self._wait_since < self.prebuffer / OUT_RATE:
@@ -126,6 +141,7 @@ class OpusOutTrack(MediaStreamTrack):
             n += k
             self.item_played += k
             self.sent_samples[item] += k
+            self.first_sent.setdefault(item, time.monotonic())
             self.queued -= k
             if off + k >= x.size:
                 self._q.popleft()
@@ -150,8 +166,10 @@ class OpusOutTrack(MediaStreamTrack):
         pkt.time_base = RTP_TIME_BASE
         self._pts += RTP_STEP
         self.packets += 1
-        self.audio_packets += bool(np.any(pcm))
         self.bytes += pkt.size
+        if np.any(pcm):
+            self.audio_packets += 1
+            self.audio_bytes += pkt.size
         return pkt
 
     def stop(self) -> None:
