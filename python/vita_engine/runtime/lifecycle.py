@@ -29,7 +29,8 @@ class Lifecycle(Stage):
     # ---- start -------------------------------------------------------------------------------------
     def start_turn(self, st: SessionState, kind: str, *, audio=None, text: Optional[str] = None,
                    speculative: bool = False, spec_end_ms=None, decision=None, last_voiced=None,
-                   speak: Optional[bool] = None, max_new_tokens: Optional[int] = None) -> None:
+                   speak: Optional[bool] = None, max_new_tokens: Optional[int] = None,
+                   audio_stats: Optional[dict] = None) -> None:
         """`kind`: "audio" (the VAD's utterance in st.frontend), "input_audio" (features of a whole
         utterance given to respond()) or "text"; `speak`/`max_new_tokens` default to the session's."""
         m, fmt, s = self.model, self.e.chat, st.session
@@ -40,8 +41,8 @@ class Lifecycle(Stage):
         if not speculative:
             clock.decision = decision if decision is not None else time.perf_counter()
             clock.last_voiced = last_voiced
-        if kind == "audio":
-            fs = st.frontend.stats
+        if kind == "audio" or audio_stats:
+            fs = st.frontend.stats if kind == "audio" else audio_stats
             clock.add("fbank_ms", fs.get("fbank_ms", 0.0))
             clock.add("audio_encoder_ms", fs.get("encoder_ms", 0.0))
         # images / video frames

@@ -87,7 +87,8 @@ class TurnTaking(Stage):
                         life.discard(st)
                     life.start_turn(st, "text" if x.get("audio") is None else "input_audio", text=text,
                                     audio=x.get("audio"), decision=t, last_voiced=x.get("last_voiced"),
-                                    speak=x.get("speak"), max_new_tokens=x.get("max_new_tokens"))
+                                    speak=x.get("speak"), max_new_tokens=x.get("max_new_tokens"),
+                                    audio_stats=x.get("audio_stats"))
                 except Exception as ex:
                     self._failed(st, ex)
                 busy = True
@@ -160,13 +161,14 @@ class TurnTaking(Stage):
 
     def _respond(self, st: SessionState, audio, text, opts: dict, t: float) -> None:
         """Session.respond(): encode the given utterance (or take the held ones) and queue the turn."""
-        feats = None
+        feats, stats = None, None
         if audio is not None:
             if self.model.audio is None:
                 raise ValueError("respond: this checkpoint has no audio encoder")
             fe = _compat.IncrementalAudioFrontend(self.model.audio)
             fe.append(audio)
             feats = fe.finish()  # ValueError when too short
+            stats = fe.stats
         elif st.held_audio:
             import torch
 
@@ -175,7 +177,7 @@ class TurnTaking(Stage):
         if feats is None and not text:
             log.warning("session %d: respond() with no audio, no held utterance and no text: ignored", st.session.id)
             return
-        st.queued_texts.append((text, t, {"audio": feats, **opts}))
+        st.queued_texts.append((text, t, {"audio": feats, "audio_stats": stats, **opts}))
 
     def _audio(self, runs: List[Tuple[SessionState, list]]) -> None:
         xs = []

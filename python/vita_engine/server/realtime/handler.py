@@ -119,7 +119,8 @@ class RealtimeHandler:
             if m is not None:
                 m.sessions_active.inc()
                 m.sessions_total.inc()
-        self.session.configure(**self.cfg.engine_options())
+        self._engine_opts = self.cfg.engine_options()
+        self.session.configure(**self._engine_opts)
         self._pump = asyncio.create_task(self._pump_events(), name=f"realtime-pump-{self.cfg.id}")
         await self.emit({"type": "session.created", "session": self.cfg.render(self.beta)})
         for e in errs:
@@ -181,10 +182,14 @@ class RealtimeHandler:
     async def _on_session_update(self, ev: dict) -> None:
         was_manual = self.cfg.manual
         errs = self.cfg.apply(ev["session"])
-        opts = self.cfg.engine_options()
+        new = self.cfg.engine_options()
+        # only what changed: a new VAD config restarts the detector (an utterance in progress is lost)
+        opts = {k: v for k, v in new.items() if self._engine_opts.get(k) != v}
+        self._engine_opts = new
         if "instructions" in ev["session"]:
             opts["system_prompt"] = self.cfg.instructions
-        self.session.configure(**opts)
+        if opts:
+            self.session.configure(**opts)
         if was_manual != self.cfg.manual:  # the input buffer belongs to one mode
             self.buf, self.buf_samples, self.speech_item = [], 0, None
         await self.emit({"type": "session.updated", "session": self.cfg.render(self.beta)})
