@@ -23,9 +23,7 @@ pytest.importorskip("av")
 from _server_helpers import kv_free, load_engine, run, running_server, speech_sample, speechlike  # noqa: E402
 from _webrtc_client import Client, mic_track, post_offer  # noqa: E402
 
-# a larger start buffer than the default 20 ms: "no gaps" must not depend on the shared CI machine
-# scheduling the engine's second audio chunk within 20 ms of its first
-LOOP = {"ice_hosts": ("127.0.0.1",), "webrtc_prebuffer_ms": 100.0}
+LOOP = {"ice_hosts": ("127.0.0.1",)}
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +71,12 @@ def _silent_runs(x: np.ndarray, frame: int = 960, thr: float = 1e-4) -> int:
 
 
 def test_spoken_turn_over_webrtc(engine):
+    """The whole answer goes out, paced, without a gap, and arrives whole. On a loaded 2-core CI
+    machine the tiny engine may produce audio at about real time, and an engine that falls behind
+    the playback is heard as a gap whatever the transport: a start buffer longer than the answer
+    (webrtc_prebuffer_ms) keeps this test about the transport (queue, pacing, Opus, RTP)."""
     base = kv_free(engine)
-    with running_server(engine, **LOOP) as srv:
+    with running_server(engine, webrtc_prebuffer_ms=3000.0, **LOOP) as srv:
         async def go():
             c = Client(mic_track(utterance()))
             await c.connect(srv.url)
@@ -107,12 +109,14 @@ def test_spoken_turn_over_webrtc(engine):
     assert r["inbound"].packetsLost == 0 and r["inbound"].packetsReceived >= r["packets"] - 5, (r["inbound"], r["packets"])
     x = r["audio"]
     n = x.size // 960
-    loud = np.abs(x[: n * 960].reshape(n, 960)).max(axis=1) > 1e-4
+    peak = np.abs(x[: n * 960].reshape(n, 960)).max(axis=1)
+    thr = 0.05 * np.median(peak[peak > 1e-3])  # -26 dB under the answer: Opus rings out for a frame or two
+    loud = peak > thr
     heard_s = (np.flatnonzero(loud)[-1] - np.flatnonzero(loud)[0] + 1) * 0.02
     print(f"\nwebrtc turn: {sent_s:.2f} s of answer sent, {heard_s:.2f} s heard, {r['packets']} packets,",
           f"events: {len(t)}")
     assert abs(heard_s - sent_s) < 0.1, (heard_s, sent_s)
-    assert _silent_runs(x) <= 2, _silent_runs(x)  # Opus may code a quiet 20-40 ms as digital silence
+    assert _silent_runs(x, thr=thr) <= 1, _silent_runs(x, thr=thr)  # no gap inside the answer
     assert r["low"]
     assert kv_free(engine) == base
 
