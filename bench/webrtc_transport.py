@@ -4,8 +4,10 @@
   (server/webrtc/jitter.py); median / p90 over every frame of every turn;
 - bit rates: Opus up (the aiortc client's encoder: aiortc's default, 96 kbit/s stereo) and down (ours),
   RTP payload and on the wire (+ RTP 12 + SRTP tag 10 + UDP 8 + IPv4 20 bytes per packet), against
-  the PCM16 WebSocket (256 kbit/s up at 16 kHz, 384 kbit/s down at 24 kHz, payload);
-- response at the client on the same utterance over WebRTC and over `/ws`: end of the user's speech
+  the PCM16 WebSocket (256 kbit/s up at 16 kHz, 384 kbit/s down at 24 kHz, payload; /v1/realtime's
+  base64 PCM16 24 kHz: 512 kbit/s each way);
+- response at the client on the same utterance over WebRTC, `/ws` and `/v1/realtime` (WebSocket, the
+  same realtime handler as WebRTC), turns interleaved: end of the user's speech
   leaving the client -> first answer audio decoded at the client (the aiortc client uses the
   immediate jitter buffer too, so its own receive side adds no fixed 80 ms), and the engine's ttfa_ms.
 
@@ -115,6 +117,45 @@ async def ws_turn(srv, pcm, speech_end_s):
         return {"client_response_ms": (first - marks["speech_end"]) * 1e3 if first else None, "ttfa_ms": ttfa}
 
 
+async def realtime_ws_turn(srv, pcm, speech_end_s):
+    """The same turn over the /v1/realtime WebSocket (the same RealtimeHandler as WebRTC, audio as
+    base64 PCM16 24 kHz events): separates the transport from the handler in the comparison."""
+    import base64
+
+    import soxr
+    import websockets
+
+    x24 = np.round(np.clip(soxr.resample(pcm.astype(np.float32) / 32768, 16000, 24000), -1, 1) * 32767).astype("<i2")
+    url = f"ws://{srv.host}:{srv.port}/v1/realtime?model=vita-1.5"
+    async with websockets.connect(url, max_size=None) as ws:
+        n = 480  # 20 ms at 24 kHz
+        k_end = int(np.ceil(speech_end_s * 24000 / n))
+        marks = {}
+        t0 = time.monotonic()
+
+        async def send():
+            for k, i in enumerate(range(0, x24.size, n)):
+                d = t0 + k * 0.02 - time.monotonic()
+                if d > 0:
+                    await asyncio.sleep(d)
+                await ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                          "audio": base64.b64encode(x24[i:i + n].tobytes()).decode()}))
+                if k == k_end - 1:
+                    marks["speech_end"] = time.monotonic()
+
+        sender = asyncio.ensure_future(send())
+        first = ttfa = None
+        async for msg in ws:
+            ev = json.loads(msg)
+            if ev["type"] == "response.output_audio.delta" and first is None and "speech_end" in marks:
+                first = time.monotonic()
+            elif ev["type"] == "vita.metrics":
+                ttfa = ev["values"].get("ttfa_ms")
+                break
+        sender.cancel()
+        return {"client_response_ms": (first - marks["speech_end"]) * 1e3 if first else None, "ttfa_ms": ttfa}
+
+
 def med(xs):
     xs = [x for x in xs if x is not None]
     return round(float(np.median(xs)), 1) if xs else None
@@ -133,28 +174,37 @@ def main():
     eng = Engine.from_pretrained("tiny", device="cpu", max_new_tokens=24, tts_max_tokens=24)
     pcm, speech_end = utterance()
     report = {}
+    rs = {"stock": [], "immediate": [], "ws": [], "realtime_ws": []}
     try:
-        for name, low in (("stock", False), ("immediate", True)):
-            with running_server(eng, ice_hosts=("127.0.0.1",), webrtc_low_delay_jitter=low, webrtc_uplink_log=100000) as srv:
-                rs = [asyncio.run(webrtc_turn(srv, pcm, speech_end)) for _ in range(a.turns)]
-            up = sum((r["uplink_ms"] for r in rs), [])
-            report[f"webrtc_{name}"] = {
-                "uplink_ms_median": med(up), "uplink_ms_p90": round(float(np.percentile(up, 90)), 1),
-                "client_response_ms_median": med([r["client_response_ms"] for r in rs]),
-                "ttfa_ms_median": med([r["ttfa_ms"] for r in rs]),
-                **{k + "_median": med([r[k] for r in rs]) for k in ("speech_end_to_server_write_ms", "server_write_to_send_ms",
-                                                                    "server_send_to_client_ms")},
-                **{k: med([r[k] for r in rs]) for k in ("up_payload_kbps", "up_wire_kbps", "down_payload_kbps",
-                                                         "down_answer_payload_kbps", "down_wire_kbps")}}
-            print(name, report[f"webrtc_{name}"], flush=True)
-        with running_server(eng) as srv:
-            rs = [asyncio.run(ws_turn(srv, pcm, speech_end)) for _ in range(a.turns)]
-        report["ws"] = {"client_response_ms_median": med([r["client_response_ms"] for r in rs]),
-                        "ttfa_ms_median": med([r["ttfa_ms"] for r in rs]),
-                        "up_payload_kbps": 256.0, "down_payload_kbps": 384.0}
-        print("ws", report["ws"], flush=True)
+        # the three set-ups side by side on one engine, turns interleaved: machine load drifts
+        with running_server(eng, ice_hosts=("127.0.0.1",), webrtc_low_delay_jitter=False, webrtc_uplink_log=100000) as s_stock, \
+                running_server(eng, ice_hosts=("127.0.0.1",), webrtc_uplink_log=100000) as s_imm, \
+                running_server(eng) as s_ws:
+            for i in range(a.turns):
+                rs["stock"].append(asyncio.run(webrtc_turn(s_stock, pcm, speech_end)))
+                rs["immediate"].append(asyncio.run(webrtc_turn(s_imm, pcm, speech_end)))
+                rs["ws"].append(asyncio.run(ws_turn(s_ws, pcm, speech_end)))
+                rs["realtime_ws"].append(asyncio.run(realtime_ws_turn(s_ws, pcm, speech_end)))
+                print(i, {k: round(v[-1]["client_response_ms"] or -1, 1) for k, v in rs.items()}, flush=True)
     finally:
         eng.close()
+    for name in ("stock", "immediate"):
+        r_ = rs[name]
+        up = sum((r["uplink_ms"] for r in r_), [])
+        report[f"webrtc_{name}"] = {
+            "uplink_ms_median": med(up), "uplink_ms_p90": round(float(np.percentile(up, 90)), 1),
+            "client_response_ms_median": med([r["client_response_ms"] for r in r_]),
+            "ttfa_ms_median": med([r["ttfa_ms"] for r in r_]),
+            **{k + "_median": med([r[k] for r in r_]) for k in ("speech_end_to_server_write_ms", "server_write_to_send_ms",
+                                                                "server_send_to_client_ms")},
+            **{k: med([r[k] for r in r_]) for k in ("up_payload_kbps", "up_wire_kbps", "down_payload_kbps",
+                                                     "down_answer_payload_kbps", "down_wire_kbps")}}
+    report["ws"] = {"client_response_ms_median": med([r["client_response_ms"] for r in rs["ws"]]),
+                    "ttfa_ms_median": med([r["ttfa_ms"] for r in rs["ws"]]),
+                    "up_payload_kbps": 256.0, "down_payload_kbps": 384.0}
+    report["realtime_ws"] = {"client_response_ms_median": med([r["client_response_ms"] for r in rs["realtime_ws"]]),
+                             "ttfa_ms_median": med([r["ttfa_ms"] for r in rs["realtime_ws"]]),
+                             "up_payload_kbps": 384.0 * 4 / 3, "down_payload_kbps": 384.0 * 4 / 3}
     report["turns"] = a.turns
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=1))
