@@ -299,3 +299,15 @@ def test_plain_server_without_aiortc_answers_501():
     r = subprocess.run([sys.executable, "-c", NO_AIORTC], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("501 ") and 'pip install "vita-engine[webrtc]"' in r.stdout, r.stdout
+
+
+def test_serve_checks_ice_options(capsys):
+    """--ice-host takes IP addresses, --ice-server stun:/turn: URLs: a bad one is a one-line usage
+    error naming the option, before any model loads."""
+    from vita_engine.cli import main
+
+    for args, what in ((["--ice-host", "localhost"], "IP address"), (["--ice-server", "http://x"], "stun:")):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and args[0] in err and what in err, err
