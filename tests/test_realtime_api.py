@@ -395,3 +395,62 @@ def test_capacity_closes_with_1013(engine):
     with running_server(engine, max_sessions=1) as s:
         msg, code = run(go(s.url.replace("http", "ws") + "/v1/realtime"), 20)
     assert msg["type"] == "error" and msg["error"]["code"] == "capacity" and code == 1013
+
+
+def test_camera_frames_extension_and_frame_limit(srv):
+    """input_image_buffer.append {image: base64 JPEG} (extension) -> the next turn sees the frame; a
+    bad image and an event over the size limit are errors, the session goes on."""
+    from _server_helpers import jpeg_bytes
+
+    big = "x" * (srv.vita.config.max_frame_bytes * 2)
+
+    async def go():
+        async with _client(srv).realtime.connect(model="vita-1.5") as conn:
+            await _until(conn, "session.created")
+            raw = conn._connection
+            await raw.send(__import__("json").dumps({"type": "input_image_buffer.append",
+                                                     "image": base64.b64encode(b"not an image").decode()}))
+            errs = await _until(conn, "error")
+            await raw.send(__import__("json").dumps({"type": "input_audio_buffer.append", "audio": big}))
+            errs = await _until(conn, "error", out=errs)
+            for _ in range(2):
+                await raw.send(__import__("json").dumps({"type": "input_image_buffer.append",
+                                                         "image": base64.b64encode(jpeg_bytes()).decode()}))
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "content": [{"type": "input_text", "text": "What do you see?"}]})
+            await conn.response.create(response={"output_modalities": ["text"]})
+            return errs, await _until(conn, "vita.metrics")
+
+    errs, evs = run(go(), 60)
+    assert errs[0].error.param == "image" and errs[1].error.code == "too_big"
+    assert evs[-1].values.get("vision_ms", 0) > 0
+
+
+def test_shutdown_closes_sessions_with_1012(engine):
+    from vita_engine.server import BackgroundServer, ServerConfig, create_app
+
+    srv = BackgroundServer(create_app(engine, ServerConfig())).start()
+
+    async def go():
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import ConnectionClosed
+
+        async with connect(srv.url.replace("http", "ws") + "/v1/realtime") as ws:
+            assert __import__("json").loads(await ws.recv())["type"] == "session.created"
+            stop = asyncio.get_running_loop().run_in_executor(None, srv.stop)
+            try:
+                while True:
+                    await ws.recv()
+            except ConnectionClosed as e:
+                code = e.rcvd.code if e.rcvd is not None else None
+            await stop
+            return code
+
+    try:
+        assert run(go(), 30) == 1012
+    finally:
+        srv.stop()
+    deadline = time.monotonic() + 5
+    while engine.num_sessions and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.num_sessions == 0  # the session was closed with the connection

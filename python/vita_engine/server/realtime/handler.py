@@ -58,6 +58,7 @@ class _Response:
         self.metrics: dict = {}
         self.audio_started = False  # output_audio_buffer.started sent (audio_out)
         self.truncate_ms: Optional[float] = None  # played audio to trim the history to once the turn ends
+        self.cleared = False  # audio_out: its unplayed audio was dropped (no output_audio_buffer.stopped)
 
     @property
     def audio(self) -> bool:
@@ -371,9 +372,6 @@ class RealtimeHandler:
                 raise ClientError("only the latest assistant item can be truncated by this server",
                                   "unsupported_value", "item_id")
             self.session.truncate_answer(r.turn, ms / 1000.0)
-        for part in item.get("content") or []:
-            if part.get("type") == "output_audio":
-                part["transcript"] = part.get("transcript")  # the engine keeps the spoken text only
         await self.emit({"type": "conversation.item.truncated", "item_id": iid, "content_index": 0,
                          "audio_end_ms": ms})
 
@@ -450,15 +448,17 @@ class RealtimeHandler:
         """WebRTC: drop the unplayed audio, stop the answer, keep in the history what was played."""
         r = self.resp or (self.responses.get(self.last_assistant) if self.last_assistant else None)
         played = float(self.audio_out.clear())
-        if r is None:
-            return
+        if r is None or not r.audio_started or (r is not self.resp and (r.cleared or played >= r.audio_ms - 1.0)):
+            return  # nothing of an answer was still playing
+        r.cleared = True
         await self.emit({"type": "output_audio_buffer.cleared", "response_id": r.id})
         if played < r.audio_ms:  # the server truncates the history itself: say where (as `truncate` would)
             await self.emit({"type": "conversation.item.truncated", "item_id": r.item_id, "content_index": 0,
                              "audio_end_ms": int(played)})
         if r is self.resp:
             self._stop_at(r, played, reason)
-        elif r.item_id == self.last_assistant and r.turn is not None and played < r.audio_ms:
+        elif r.item_id == self.last_assistant and r.turn is not None:
+            # the engine had finished this answer, the peer was still playing it
             self.session.truncate_answer(r.turn, played / 1000.0)
 
     def _stop_at(self, r: _Response, played_ms: float, reason: str) -> None:
@@ -468,8 +468,7 @@ class RealtimeHandler:
         r.truncate_ms = played_ms if r.truncate_ms is None else min(r.truncate_ms, played_ms)
         r.cancel_requested = True
         r.reason = r.reason or reason
-        self.session.playback_position(played_ms / 1000.0)
-        self.session.interrupt()
+        self.session.interrupt()  # (no playback_position: it would race the engine's own barge-in)
 
     # ---- engine events -----------------------------------------------------------------------------
     async def _pump_events(self) -> None:
@@ -623,11 +622,8 @@ class RealtimeHandler:
         if r.truncate_ms is not None and r.audio and r.truncate_ms < r.audio_ms:
             self.session.truncate_answer(r.turn, r.truncate_ms / 1000.0)
         await self.emit({"type": "response.done", "response": self._response_obj(r, [item])})
-        if self.audio_out is not None and r.audio_started:
-            if r.status == "cancelled":
-                pass  # cleared already (barge-in / cancel)
-            else:
-                self._stopped_task = asyncio.create_task(self._stopped_when_played(r))
+        if self.audio_out is not None and r.audio_started and not r.cleared:
+            self._stopped_task = asyncio.create_task(self._stopped_when_played(r))
         await self.emit({"type": "vita.metrics", "response_id": r.id, "item_id": r.item_id, "turn": r.turn,
                          "values": {k: (float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None)
                                     for k, v in r.metrics.items()}})
@@ -635,11 +631,11 @@ class RealtimeHandler:
     async def _stopped_when_played(self, r: _Response) -> None:
         """WebRTC: output_audio_buffer.stopped once the transport has played the whole answer."""
         t_end = time.monotonic() + r.audio_ms / 1000.0 + 5.0
-        while time.monotonic() < t_end and self.resp is None:
+        while time.monotonic() < t_end and self.resp is None and not r.cleared:
             if float(self.audio_out.played_ms()) >= r.audio_ms - 1.0:
                 break
             await asyncio.sleep(0.02)
-        if self.resp is None or self.resp is not r:
+        if not r.cleared:
             await self.emit({"type": "output_audio_buffer.stopped", "response_id": r.id})
 
     def _response_obj(self, r: _Response, output: list) -> dict:
