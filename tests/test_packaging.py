@@ -40,9 +40,10 @@ def _pyproject():
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
-def _third_party_imports(folder: Path):
-    """{top-level module: [files]} of absolute imports that are neither stdlib nor local files."""
-    local = {p.stem for p in folder.rglob("*.py")} | {"vita_engine"}
+def _third_party_imports(folder: Path, *also_local: Path):
+    """{top-level module: [files]} of absolute imports that are neither stdlib nor local files
+    (of `folder`, or of `also_local` folders: bench/ scripts use the tests' helpers)."""
+    local = {p.stem for f in (folder, *also_local) for p in f.rglob("*.py")} | {"vita_engine"}
     found = {}
     for f in folder.rglob("*.py"):
         for n in ast.walk(ast.parse(f.read_text(), str(f))):
@@ -101,7 +102,7 @@ def test_test_suite_imports_are_in_test_extra():
     proj = _pyproject()
     declared = {_req_name(r) for r in proj["dependencies"] + proj["optional-dependencies"]["test"]}
     for folder in ("tests", "bench"):
-        imports = {m: f for m, f in _third_party_imports(ROOT / folder).items() if m not in OPTIONAL}
+        imports = {m: f for m, f in _third_party_imports(ROOT / folder, ROOT / "tests").items() if m not in OPTIONAL}
         assert "pytest" in imports
         bad = _unprovided(imports, declared)
         assert not bad, f"{folder}/ imports these, but neither the dependencies nor the test extra list them: {bad}"
