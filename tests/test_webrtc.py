@@ -223,6 +223,24 @@ def test_peer_that_vanishes_is_closed_and_frees_pages(engine):
     assert active == 0 and kv_free(engine) == base
 
 
+def test_server_shutdown_ends_calls(engine):
+    """Stopping the server ends its WebRTC calls: an error event (server_shutdown), pages freed."""
+    base = kv_free(engine)
+    with running_server(engine, **LOOP) as srv:
+        async def go():
+            c = Client(mic_track(speechlike(0.5)))
+            await c.connect(srv.url)
+            await c.wait_for("session.created")
+            await asyncio.to_thread(srv.stop)
+            err = await c.wait_for("error", timeout=10)
+            await c.close()
+            return err, dict(srv.vita.webrtc_calls)
+
+        err, left = run(go(), timeout=60)
+    assert err["error"]["code"] == "server_shutdown" and not left, (err, left)
+    assert kv_free(engine) == base
+
+
 def test_signalling_errors(engine):
     """Bad token -> 401, no SDP part / not SDP -> 400, at capacity -> 503; raw application/sdp works
     and hang-up ends the call (pages freed)."""

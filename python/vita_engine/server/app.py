@@ -658,20 +658,32 @@ def _uvicorn_config(app: Starlette, host: str, port: int, log_level: str = "info
                           lifespan="off", access_log=False)
 
 
-def serve(app: Starlette, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def _server(app: Starlette, host: str, port: int, log_level: str):
+    """uvicorn.Server that, on shutdown, also ends the WebRTC calls (uvicorn knows only the HTTP and
+    WebSocket connections): each gets an `error` event (server_shutdown) and its session is closed."""
     import uvicorn
 
-    uvicorn.Server(_uvicorn_config(app, host, port, log_level)).run()
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            calls = list(app.state.vita.webrtc_calls.values())
+            if calls:
+                await asyncio.wait([asyncio.ensure_future(c.close("the server is shutting down", "server_shutdown"))
+                                    for c in calls], timeout=10.0)
+            await super().shutdown(sockets)
+
+    return Server(_uvicorn_config(app, host, port, log_level))
+
+
+def serve(app: Starlette, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    _server(app, host, port, log_level).run()
 
 
 class BackgroundServer:
     """Run the app with uvicorn in a daemon thread on a free loopback port (tests, bench)."""
 
     def __init__(self, app: Starlette, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import uvicorn
-
         self.app, self.host = app, host
-        self.server = uvicorn.Server(_uvicorn_config(app, host, port, log_level))
+        self.server = _server(app, host, port, log_level)
         self.server.install_signal_handlers = lambda: None  # not the main thread
         self.thread = threading.Thread(target=self.server.run, name="vita-server", daemon=True)
         self.port = None
