@@ -78,9 +78,11 @@ def test_spoken_turn_over_webrtc(engine):
     base = kv_free(engine)
     with running_server(engine, webrtc_prebuffer_ms=3000.0, **LOOP) as srv:
         async def go():
-            c = Client(mic_track(utterance()))
+            c = Client(mic_track(utterance()), session={"type": "realtime", "instructions": "Answer briefly."})
             await c.connect(srv.url)
             assert c.location and c.location.startswith("/v1/realtime/calls/rtc_")
+            created = await c.wait_for("session.created")
+            assert created["session"]["instructions"] == "Answer briefly.", created
             call = _server_call(srv)
             done = await c.wait_for("response.done", timeout=90)
             await c.wait_for("output_audio_buffer.stopped", timeout=30)
@@ -261,6 +263,7 @@ def test_signalling_errors(engine):
                    "not_sdp": await asyncio.to_thread(post_offer, srv.url, "hello", "s3cret"),
                    "ok": await asyncio.to_thread(post_offer, srv.url, sdp, "s3cret", None, False)}
             out["busy"] = await asyncio.to_thread(post_offer, srv.url, sdp, "s3cret")
+            out["bad_session"] = await asyncio.to_thread(post_offer, srv.url, sdp, "s3cret", [1])
             loc = out["ok"][1]["location"]
             import urllib.request
 
@@ -285,6 +288,7 @@ def test_signalling_errors(engine):
     assert o["not_sdp"][0] == 400 and "sdp" in o["not_sdp"][2]
     assert o["ok"][0] == 201 and o["ok"][1]["content-type"].startswith("application/sdp") and o["ok"][2].startswith("v=0")
     assert o["busy"][0] == 503 and "busy" in o["busy"][2]
+    assert o["bad_session"][0] == 400 and "session" in o["bad_session"][2]
     assert (o["hang_bad"], o["hang"], o["hang_again"]) == (401, 200, 404)
     assert o["active"] == 0 and kv_free(engine) == base
 

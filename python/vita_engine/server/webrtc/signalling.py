@@ -103,6 +103,10 @@ async def create_call(srv, request: Request) -> Response:
         return _error(400, str(e), "invalid_offer", param="sdp")
     except Exception as e:  # noqa: BLE001
         await call.close(f"{type(e).__name__}: {e}")
+        from ..realtime.events import ClientError
+
+        if isinstance(e, ClientError):  # the `session` part is not a usable session config
+            return _error(400, e.message, e.code, e.type, param=f"session.{e.param}" if e.param else "session")
         if _is_capacity_error(e):
             srv.metrics.sessions_refused.labels("capacity").inc()
             return _error(503, f"server busy: {e}", "capacity", "server_error", headers={"Retry-After": "1"})
