@@ -132,9 +132,9 @@ def test_barge_in_truncates_history(engine):
             c = Client(mic_track(utterance("hello")))
             await c.connect(srv.url)
             call = _server_call(srv)
-            # what the handler tells the engine was played: the history is trimmed there (during the
-            # turn: playback_position + interrupt; after it, as here where the engine is faster than
-            # real time and the answer is generated before it is played: truncate_answer)
+            # what the handler tells the engine was played: the history is trimmed there
+            # (Session.truncate_answer once the turn has ended; playback_position if a handler
+            # sets it during the turn)
             positions = []
             sess = call.handler.session
             pp, ta = sess.playback_position, sess.truncate_answer
@@ -150,10 +150,14 @@ def test_barge_in_truncates_history(engine):
             await c.wait_for("input_audio_buffer.speech_started", timeout=30, since=n0)
             done = await c.wait_for(lambda e: e["type"] == "response.done"
                                     and e["response"]["output"][0]["id"] == trunc["item_id"], timeout=30)
+            st = sess._state.stats  # the scheduler applied the trim (runtime-internal counter)
+            t_end = time.monotonic() + 5
+            while not st.get("truncations") and time.monotonic() < t_end:
+                await asyncio.sleep(0.02)
             await asyncio.sleep(0.3)
             played = call.out.sent_samples
             res = dict(types=c.types(), cleared=cleared, trunc=trunc, done=done, played=dict(played),
-                       after=after, pos=list(positions), sent_then=sent_then)
+                       after=after, pos=list(positions), sent_then=sent_then, truncations=st.get("truncations", 0))
             await c.close()
             await _settle(srv)
             return res
@@ -170,8 +174,9 @@ def test_barge_in_truncates_history(engine):
     assert 0 < played_ms, played_ms
     assert r["pos"], r
     assert all(abs(pos * 1000 - played_ms) <= 1 for _, pos in r["pos"]), (r["pos"], played_ms)
-    assert st in ("completed", "cancelled") and (st == "completed") == (r["pos"][0][0] == "after"), (st, r["pos"])
+    assert st in ("completed", "cancelled"), st  # (the engine may have finished generating it already)
     assert r["after"] == 0  # nothing of the interrupted answer left to send
+    assert r["truncations"] >= 1, r["truncations"]
     print(f"\nbarge-in: {played_ms:.0f} ms of the answer played, history trimmed there ({st}, {r['pos']})")
     assert kv_free(engine) == base
 
