@@ -239,6 +239,37 @@ def test_bench_plot(capsys, monkeypatch, tmp_path):
         f"vita-engine bench: --plot {tmp_path / 'p.png'}: needs matplotlib, which is not installed: pip install matplotlib"
 
 
+@pytest.mark.parametrize("argv, line", [
+    (["--replicas", "2"], "--replicas 2: needs --ray (replicas on Ray Serve)"),
+    (["--sessions-per-replica", "4"], "--sessions-per-replica 4: needs --ray (replicas on Ray Serve)"),
+    (["--address", "auto"], "--address auto: needs --ray (replicas on Ray Serve)"),
+    (["--ray", "--replicas", "2", "--autoscale", "1:3"],
+     "--autoscale 1:3: give --replicas N or --autoscale MIN:MAX, not both"),
+    (["--ray", "--autoscale", "0:3"], "--autoscale 0:3: expected MIN:MAX with 1 <= MIN <= MAX (no scale-to-zero)"),
+    (["--ray", "--autoscale", "3:1"], "--autoscale 3:1: expected MIN:MAX with 1 <= MIN <= MAX (no scale-to-zero)"),
+    (["--ray", "--autoscale", "two"], "--autoscale two: expected MIN:MAX replicas, e.g. 1:4"),
+    (["--ray", "--replicas", "0"], "--replicas 0: must be at least 1"),
+    (["--ray", "--sessions-per-replica", "0"], "--sessions-per-replica 0: must be at least 1"),
+    (["--ray", "--device", "cpu", "--gpus-per-replica", "1"],
+     "--gpus-per-replica 1: a cpu replica takes no GPU (or give --device cuda)"),
+    (["--ray", "--gpus-per-replica", "-1"], "--gpus-per-replica -1: must be a number >= 0"),
+    (["--ray", "--max-sessions", "4"],
+     "--max-sessions 4: counts one server's sessions; with --ray give --sessions-per-replica"),
+])
+def test_serve_ray_flags(capsys, argv, line):
+    pytest.importorskip("ray.serve")  # without Ray, --ray itself is the error (below)
+    assert user_error(capsys, "serve", *argv) == "vita-engine serve: " + line
+
+
+def test_serve_ray_without_ray_says_how_to_get_it(capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n.split(".")[0] == "ray" else real(n, *a))
+    assert user_error(capsys, "serve", "--ray", "--replicas", "2") == \
+        'vita-engine serve: --ray: needs Ray Serve, which is not installed: pip install "vita-engine[ray]"'
+
+
 def test_serve_cannot_listen(capsys):
     with socket.socket() as s:  # a port that is taken
         s.bind(("127.0.0.1", 0))

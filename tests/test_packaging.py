@@ -21,11 +21,14 @@ OPTIONAL = {
     "nvtx": "NVTX ranges fall back to torch.cuda.nvtx",
     "matplotlib": "only `bench --plot`, which names the package when it is missing",
 }
+# Imported only by the subpackage of an extra (declared in it, never imported by the rest of the package).
+EXTRAS = {"ray": ("ray", "vita_engine/serving/ray.py")}  # module -> (extra, the only files importing it)
 # Optional features: the modules of an extra may be imported (at any level) only inside its folder,
 # which the rest of the package imports lazily, after checking the extra is installed.
 EXTRA_FOLDERS = {"webrtc": "python/vita_engine/server/webrtc"}
 # Imported by the package only on paths that run under the test extra.
-RUNTIME_OPTIONAL = dict(OPTIONAL, pytest="only benchmarks/suite.py's pytest_params, called while pytest collects bench/")
+RUNTIME_OPTIONAL = dict(OPTIONAL, pytest="only benchmarks/suite.py's pytest_params, called while pytest collects bench/",
+                        **{m: f"the [{x}] extra" for m, (x, _) in EXTRAS.items()})
 
 
 def _norm(name: str) -> str:
@@ -41,9 +44,10 @@ def _pyproject():
 
 
 def _third_party_imports(folder: Path, *also_local: Path):
-    """{top-level module: [files]} of absolute imports that are neither stdlib nor local files
-    (of `folder`, or of `also_local` folders: bench/ scripts use the tests' helpers)."""
-    local = {p.stem for f in (folder, *also_local) for p in f.rglob("*.py")} | {"vita_engine"}
+    """{top-level module: [files]} of absolute imports that are neither stdlib nor local files."""
+    # sibling modules the folder's own files import by name (tests' helpers; bench/ scripts use them
+    # too: `also_local`); not every file's stem: vita_engine/serving/ray.py must not hide `ray`
+    local = {p.stem for f in (folder, *also_local) for p in f.glob("*.py")} | {"vita_engine"}
     found = {}
     for f in folder.rglob("*.py"):
         for n in ast.walk(ast.parse(f.read_text(), str(f))):
@@ -80,6 +84,24 @@ def test_runtime_imports_are_declared():
         imports = {m: f for m, f in imports.items() if m not in mine}
     bad = _unprovided({m: f for m, f in imports.items() if m not in RUNTIME_OPTIONAL}, declared)
     assert not bad, f"imported at run time but not in [project] dependencies: {bad}"
+
+
+def test_extra_imports_stay_in_their_subpackage_and_are_declared():
+    """`ray` is imported by vita_engine/serving/ray.py alone (`vita-engine serve` without --ray,
+    and `import vita_engine.serving`, never import it), and the extra declares it."""
+    proj = _pyproject()
+    imports = _third_party_imports(ROOT / "python" / "vita_engine")
+    for mod, (extra, files) in EXTRAS.items():
+        got = sorted(set(imports.get(mod, [])))
+        assert got == [f"python/{files}"], (mod, got)
+        declared = {_req_name(r) for r in proj["optional-dependencies"][extra]}
+        assert not _unprovided({mod: got}, declared), (mod, extra)
+    r = subprocess.run([sys.executable, "-c", "import sys, vita_engine.cli, vita_engine.serving, vita_engine.serving.core, "
+                        "vita_engine.server; assert 'ray' not in sys.modules; print('ok')"],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(vita_engine.__file__).parents[1]),
+                                                                       os.environ.get("PYTHONPATH", "")])))
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
 def test_extras_are_in_the_test_extra():

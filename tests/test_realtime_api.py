@@ -253,7 +253,9 @@ def test_text_turn_and_image_plus_audio_turn(srv):
     assert a[ta.index("response.done")].response.status == "completed"
     tb = _types(b)
     assert b[tb.index("response.done")].response.status == "completed"
-    assert b[-1].values.get("vision_ms", 0) > 0 and b[-1].values.get("audio_encoder_ms", 0) > 0
+    # vision_ms is there only for a turn with visuals (0 when the vision stage encoded them on arrival)
+    assert "vision_ms" in b[-1].values and "vision_ms" not in a[-1].values
+    assert b[-1].values.get("audio_encoder_ms", 0) > 0
 
 
 def test_text_only_output(srv):
@@ -392,9 +394,18 @@ def test_capacity_closes_with_1013(engine):
                 except ConnectionClosed as e:
                     return msg, e.rcvd.code
 
-    with running_server(engine, max_sessions=1) as s:
+    with running_server(engine, max_sessions=1, replica="replica-7") as s:
         msg, code = run(go(s.url.replace("http", "ws") + "/v1/realtime"), 20)
+        first = run(_first_event(s.url.replace("http", "ws") + "/v1/realtime"), 20)
     assert msg["type"] == "error" and msg["error"]["code"] == "capacity" and code == 1013
+    assert first["session"]["replica"] == "replica-7"  # where the session lives (serve --ray)
+
+
+async def _first_event(url):
+    from websockets.asyncio.client import connect
+
+    async with connect(url) as ws:
+        return __import__("json").loads(await ws.recv())
 
 
 def test_camera_frames_extension_and_frame_limit(srv):
@@ -423,7 +434,7 @@ def test_camera_frames_extension_and_frame_limit(srv):
 
     errs, evs = run(go(), 60)
     assert errs[0].error.param == "image" and errs[1].error.code == "too_big"
-    assert evs[-1].values.get("vision_ms", 0) > 0
+    assert "vision_ms" in evs[-1].values  # the turn had visuals (the frames)
 
 
 def test_shutdown_closes_sessions_with_1012(engine):
@@ -454,3 +465,67 @@ def test_shutdown_closes_sessions_with_1012(engine):
     while engine.num_sessions and time.monotonic() < deadline:
         time.sleep(0.02)
     assert engine.num_sessions == 0  # the session was closed with the connection
+
+
+def test_response_cancel_mid_answer(srv):
+    """response.cancel during an answer: response.done cancelled / client_cancelled, and a cancel of a
+    response.create whose turn has not started yet cancels it as it starts."""
+    async def go():
+        async with _client(srv).realtime.connect(model="vita-1.5") as conn:
+            await _until(conn, "session.created")
+            await conn.session.update(session={"type": "realtime", "max_output_tokens": 1000})
+            await _until(conn, "session.updated")
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "content": [{"type": "input_text", "text": "Talk a lot."}]})
+            await conn.response.create()
+            evs = await _until(conn, "response.output_audio.delta")
+            await conn.response.cancel(response_id=evs[-1].response_id)
+            a = (await _until(conn, "response.done"))[-1].response
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "content": [{"type": "input_text", "text": "Again."}]})
+            await conn.response.create()
+            await conn.response.cancel()  # before the engine started it
+            b = (await _until(conn, "response.done"))[-1].response
+            return a, b
+
+    a, b = run(go(), 60)
+    for r in (a, b):
+        assert r.status == "cancelled" and r.status_details.reason == "client_cancelled", r
+    assert a.usage.output_token_details.text_tokens < 1000
+
+
+def test_drain_closes_realtime_sessions_between_turns(engine):
+    """VitaServer.drain() (a replica being stopped): an answer in progress finishes, then 1012; new
+    sessions are refused with 1012."""
+    async def go(s):
+        from websockets.exceptions import ConnectionClosed
+
+        async with _client(s).realtime.connect(model="vita-1.5") as conn:
+            await _until(conn, "session.created")
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "content": [{"type": "input_text", "text": "Hello"}]})
+            await conn.response.create()
+            evs = await _until(conn, "response.created")
+            conn_obj = next(iter(s.vita.conns))
+            drain = asyncio.run_coroutine_threadsafe(s.vita.drain(grace_s=20.0), conn_obj._recv.get_loop())
+            code = None
+            try:
+                await _until(conn, "never", timeout=30, out=evs)
+            except ConnectionClosed as e:
+                code = e.rcvd.code if e.rcvd is not None else None
+            await asyncio.wrap_future(drain)
+        from websockets.asyncio.client import connect
+
+        async with connect(s.url.replace("http", "ws") + "/v1/realtime") as ws:
+            first = __import__("json").loads(await ws.recv())
+            try:
+                await ws.recv()
+            except ConnectionClosed as e:
+                late = e.rcvd.code if e.rcvd is not None else None
+        return evs, code, first, late
+
+    with running_server(engine) as s:
+        evs, code, first, late = run(go(s), 60)
+    t = _types(evs)
+    assert "response.done" in t and t[-1] == "error" and evs[-1].error.code == "draining", t
+    assert code == 1012 and first["error"]["code"] == "draining" and late == 1012

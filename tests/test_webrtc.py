@@ -248,6 +248,29 @@ def test_server_shutdown_ends_calls(engine):
     assert kv_free(engine) == base
 
 
+def test_drain_ends_calls_between_turns(engine):
+    """VitaServer.drain() (a replica being stopped): an idle call gets an error (draining) and is
+    hung up, a new offer is refused with 503 while draining, the pages are freed."""
+    base = kv_free(engine)
+    with running_server(engine, **LOOP) as srv:
+        async def go():
+            c = Client(mic_track(speechlike(0.3)))
+            await c.connect(srv.url)
+            await c.wait_for("session.created")
+            loop = _server_call(srv)._tasks[0].get_loop()
+            fut = asyncio.run_coroutine_threadsafe(srv.vita.drain(grace_s=5.0), loop)
+            err = await c.wait_for("error", timeout=10)
+            await asyncio.wrap_future(fut)
+            status, _, body = await asyncio.to_thread(post_offer, srv.url, c.pc.localDescription.sdp)
+            await c.close()
+            return err, status, body, dict(srv.vita.webrtc_calls)
+
+        err, status, body, left = run(go(), timeout=60)
+    assert err["error"]["code"] == "draining" and not left, (err, left)
+    assert status == 503 and "draining" in body, (status, body)
+    assert kv_free(engine) == base
+
+
 def test_signalling_errors(engine):
     """Bad token -> 401, no SDP part / not SDP -> 400, at capacity -> 503; raw application/sdp works
     and hang-up ends the call (pages freed)."""

@@ -112,9 +112,13 @@ def _serve(args) -> int:
     import os
 
     E.require_torch("vita-engine serve")
-    model = _model_arg(args.model)
-    E.check_device("--device", args.device)
-    _check_listen(args.host, args.port)
+    ray_spec = _ray_args(args)
+    if ray_spec is not None and args.address:
+        model = args.model  # checked on the cluster's nodes, where the replicas load it
+    else:
+        model = _model_arg(args.model)
+        E.check_device("--device", args.device)
+        _check_listen(args.host, args.port)
     from vita_engine.model.loading import CheckpointError
     from vita_engine.server import ServerConfig, create_app, serve
 
@@ -128,6 +132,12 @@ def _serve(args) -> int:
     if not loopback and token is None:
         print(f"vita-engine serve: WARNING: listening on {args.host} without --token: anyone who can reach "
               "this port can use the model", file=sys.stderr)
+    if ray_spec is not None:
+        from vita_engine.serving.ray import serve_forever
+
+        ray_spec["model"] = model
+        ray_spec["token"] = token
+        return serve_forever(ray_spec, args.host, args.port, args.address)
     from vita_engine.runtime import Engine
 
     kw = {"device": args.device}
@@ -140,12 +150,7 @@ def _serve(args) -> int:
         engine = Engine.from_pretrained(model, **kw)
     print(f"vita-engine serve: model {args.model!r} on {args.device} loaded in {time.perf_counter() - t0:.1f} s; "
           f"http://{args.host}:{args.port}/  (WebSocket /ws, WebRTC POST /v1/realtime/calls, /healthz, /metrics)", file=sys.stderr)
-    cfg = ServerConfig(token=token, max_sessions=args.max_sessions, max_frame_bytes=args.max_frame_bytes,
-                       max_session_s=args.max_session_s, idle_timeout_s=args.idle_timeout_s,
-                       send_queue_s=args.send_queue_s, audio_frame_ms=args.audio_frame_ms, audio_max_hold_ms=args.audio_frame_ms,
-                       ice_hosts=tuple(args.ice_host or ()), ice_servers=tuple(args.ice_server or ()),
-                       webrtc_connect_timeout_s=args.webrtc_connect_timeout_s,
-                       webrtc_media_timeout_s=args.webrtc_media_timeout_s)
+    cfg = ServerConfig(token=token, max_sessions=args.max_sessions, **_server_options(args))
     from vita_engine.server.webrtc import INSTALL_HINT, missing
 
     if missing():
@@ -155,13 +160,88 @@ def _serve(args) -> int:
     return 0
 
 
+def _server_options(args) -> dict:
+    return dict(max_frame_bytes=args.max_frame_bytes, max_session_s=args.max_session_s,
+                idle_timeout_s=args.idle_timeout_s, send_queue_s=args.send_queue_s,
+                audio_frame_ms=args.audio_frame_ms, audio_max_hold_ms=args.audio_frame_ms,
+                ice_hosts=tuple(args.ice_host or ()), ice_servers=tuple(args.ice_server or ()),
+                webrtc_connect_timeout_s=args.webrtc_connect_timeout_s, webrtc_media_timeout_s=args.webrtc_media_timeout_s)
+
+
+RAY_FLAGS = ("replicas", "autoscale", "sessions_per_replica", "gpus_per_replica", "address", "drain_timeout_s")
+
+
+def _ray_args(args):
+    """`serve --ray`: the replica spec (vita_engine.serving.core.check_spec), checked before
+    anything loads; None without --ray (then no Ray flag may be given)."""
+    given = [f for f in RAY_FLAGS if getattr(args, f) is not None]
+    if not args.ray:
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise UsageError("needs --ray (replicas on Ray Serve)", flag, getattr(args, given[0]))
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        raise UsageError('needs Ray Serve, which is not installed: pip install "vita-engine[ray]"', "--ray")
+    if args.replicas is not None and args.autoscale is not None:
+        raise UsageError("give --replicas N or --autoscale MIN:MAX, not both", "--autoscale", args.autoscale)
+    if "max_sessions" in getattr(args, "given", ()):
+        raise UsageError("counts one server's sessions; with --ray give --sessions-per-replica", "--max-sessions",
+                         args.max_sessions)
+    gpus = args.gpus_per_replica
+    if gpus is not None and args.device == "cpu" and gpus > 0:
+        raise UsageError("a cpu replica takes no GPU (or give --device cuda)", "--gpus-per-replica", f"{gpus:g}")
+    if gpus is not None and args.device != "cpu" and gpus == 0:
+        raise UsageError("a cuda replica needs a GPU (> 0; 0.5 puts two replicas on one GPU)", "--gpus-per-replica",
+                         f"{gpus:g}")
+    spec = {"device": args.device, "dtype": args.dtype, "sessions_per_replica": args.sessions_per_replica or 16,
+            "replicas": args.replicas if args.autoscale is None else None, "autoscale": args.autoscale,
+            "gpus_per_replica": gpus, "server": _server_options(args),
+            "engine_options": {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}}
+    if args.drain_timeout_s is not None:
+        spec["drain_timeout_s"] = args.drain_timeout_s
+    if spec["replicas"] is None and spec["autoscale"] is None:
+        spec["replicas"] = 1
+    return spec
+
+
+class _Given(argparse.Action):
+    """store, and note in `namespace.given` that the option was on the command line"""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = set(getattr(namespace, "given", ())) | {self.dest}
+
+
+def _autoscale(s: str) -> str:
+    try:
+        lo, hi = (int(v) for v in s.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s}: expected MIN:MAX replicas, e.g. 1:4") from None
+    if lo < 1 or hi < lo:
+        raise argparse.ArgumentTypeError(f"{s}: expected MIN:MAX with 1 <= MIN <= MAX (no scale-to-zero)")
+    return s
+
+
+def _gpus(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s}: not a number") from None
+    if not (v >= 0) or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{s}: must be a number >= 0")
+    return v
+
+
 def _add_serve_parser(sub) -> None:
     s = sub.add_parser("serve", help="real-time WebSocket server + browser page (docs/protocol.md)")
     s.add_argument("--model", default="tiny", help='checkpoint folder, or "tiny" (default)')
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
     s.add_argument("--port", type=E.port, default=8000)
     s.add_argument("--token", type=E.nonempty, default=None, help="require this bearer token (or env VITA_TOKEN)")
-    s.add_argument("--max-sessions", type=E.int_at_least(1), default=16, help="concurrent sessions; beyond: refused with 1013")
+    s.add_argument("--max-sessions", type=E.int_at_least(1), default=16, action=_Given,
+                   help="concurrent sessions; beyond: refused with 1013")
     s.add_argument("--device", type=E.device, default="cuda" if _has_cuda() else "cpu")
     s.add_argument("--dtype", default=None, choices=DTYPES, help="default: the engine's")
     s.add_argument("--max-new-tokens", type=E.int_at_least(1), default=None, help="answer length limit (default: the engine's)")
@@ -181,6 +261,18 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--webrtc-media-timeout-s", type=E.positive_float, default=10.0,
                    help="WebRTC: a call that sends no audio (RTP) for this long is closed")
     s.add_argument("--log-level", default="info", type=str.lower, choices=["critical", "error", "warning", "info", "debug", "trace"])
+    r = s.add_argument_group("replicas on Ray Serve (docs/ray-serve.md; needs vita-engine[ray])")
+    r.add_argument("--ray", action="store_true", help="serve replicas on Ray Serve, each with its own engine")
+    r.add_argument("--replicas", type=E.int_at_least(1), default=None, help="replica count (default 1)")
+    r.add_argument("--autoscale", type=_autoscale, default=None, metavar="MIN:MAX",
+                   help="autoscale between MIN and MAX replicas on ongoing sessions")
+    r.add_argument("--sessions-per-replica", type=E.int_at_least(1), default=None,
+                   help="sessions one replica admits (default 16); beyond: refused with 1013")
+    r.add_argument("--gpus-per-replica", type=_gpus, default=None, help="default 1 with --device cuda, 0 on cpu")
+    r.add_argument("--address", type=E.nonempty, default=None,
+                   help='join this Ray cluster ("auto": the one this node belongs to); default: start one here')
+    r.add_argument("--drain-timeout-s", type=E.positive_float, default=None,
+                   help="on scale-down: seconds open turns get to finish before 1012 (default 30)")
     s.set_defaults(fn=lambda a: _serve(a))
 
 
@@ -381,6 +473,10 @@ def main(argv=None) -> int:
     b.add_argument("--threads", type=E.int_at_least(1), default=1)
     b.add_argument("--tts-max-tokens", type=E.int_at_least(1), default=None, help="codec tokens per TTS segment (default 64 tiny, 120 full)")
     b.add_argument("--use-reference", action="store_true", help="run every op on its pure-torch reference")
+    b.add_argument("--scheduling", default=None, choices=["critical_path", "lockstep"],
+                   help="scheduling policy (default: the engine's, critical_path; lockstep = before issue 12)")
+    b.add_argument("--cuda-graphs", action="store_true",
+                   help="engine option cuda_graphs: LLM decode and TTS AR step on static buffers, captured on CUDA (not yet verified on a GPU)")
     b.add_argument("--plot", help="save a per-stage breakdown plot (needs matplotlib)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=_bench)

@@ -262,21 +262,25 @@ class _Connecting:
 
 def connect(url: str, token: Optional[str] = None, sample_rate: int = 16000,
             options: Optional[Dict[str, Any]] = None, timeout: float = 30.0,
-            token_in_header: bool = False) -> _Connecting:
+            token_in_header: bool = False, headers: Optional[Dict[str, str]] = None) -> _Connecting:
     """Open a session: WebSocket + hello, wait for `ready`. Raises `Refused` when the server says no.
-    The token goes in the hello (or, with token_in_header, as `Authorization: Bearer`).
+    The token goes in the hello (or, with token_in_header, as `Authorization: Bearer`). `headers`:
+    extra handshake headers (e.g. `x-session-id` for replica affinity, docs/ray-serve.md).
     Use as `client = await connect(...)` or `async with connect(...) as client:`."""
     return _Connecting(url, token=token, sample_rate=sample_rate, options=options, timeout=timeout,
-                       token_in_header=token_in_header)
+                       token_in_header=token_in_header, headers=headers)
 
 
 async def _open(url: str, token: Optional[str] = None, sample_rate: int = 16000,
                 options: Optional[Dict[str, Any]] = None, timeout: float = 30.0,
-                token_in_header: bool = False) -> Client:
+                token_in_header: bool = False, headers: Optional[Dict[str, str]] = None) -> Client:
     from websockets.asyncio.client import connect as ws_connect
     from websockets.exceptions import ConnectionClosed
 
-    headers = {"Authorization": f"Bearer {token}"} if (token and token_in_header) else None
+    headers = dict(headers or {})
+    if token and token_in_header:
+        headers["Authorization"] = f"Bearer {token}"
+    headers = headers or None
     ws = await ws_connect(url, additional_headers=headers, max_size=None, open_timeout=timeout,
                           compression=None, ping_interval=20, ping_timeout=20)
     hello: Dict[str, Any] = {"type": "hello", "sample_rate": int(sample_rate), "format": "pcm16"}

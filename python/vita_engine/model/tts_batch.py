@@ -34,6 +34,10 @@ Semantics and choices (documented for the runtime):
   its top-2, so this only matters for random weights, where it keeps the codec input valid.
 * Sampling is softmax + top-k (config `decoder_topk`, 2) at temperature 1, as the reference
   (`penalty_window_size = -1`, no repetition penalty).
+* CUDA graphs (`graph_buckets`, the engine's `cuda_graphs`): the AR step's forward (embedding ->
+  AR stack -> masked logits) runs on static buffers per batch-size bucket (runtime/graphs.py), captured
+  by `capture_graphs()` on CUDA, eager on the same buffers on CPU. The pool then has one extra page,
+  the scratch page of the padded rows, never a stream's. Sampling stays outside the graph.
 """
 from __future__ import annotations
 
@@ -83,7 +87,7 @@ class TTSBatchDecoder:
     """
 
     def __init__(self, tts, *, max_streams: int = 64, block_size: int = 16, num_blocks: Optional[int] = None,
-                 max_tokens: Optional[int] = None, topk: Optional[int] = None):
+                 max_tokens: Optional[int] = None, topk: Optional[int] = None, graph_buckets: Optional[Sequence[int]] = None):
         c = tts.config
         if max_streams < 1 or block_size < 1:
             raise ValueError(f"TTSBatchDecoder: max_streams and block_size must be >= 1, got {max_streams}, {block_size}")
@@ -102,7 +106,9 @@ class TTSBatchDecoder:
         self.num_blocks = int(num_blocks)
         self.head_dim = c.hidden // c.num_heads
         self.device, self.dtype = tts.device, tts.dtype
-        self.cache = PagedKVCache(c.num_blocks, self.num_blocks, bs, c.num_heads, self.head_dim, self.dtype, self.device)
+        extra = graph_buckets is not None  # the scratch page: the last one, never on the free list
+        self.cache = PagedKVCache(c.num_blocks, self.num_blocks + extra, bs, c.num_heads, self.head_dim, self.dtype, self.device)
+        self.scratch_block = self.cache.free.pop(0) if extra else None
         self._streams: Dict[int, _Stream] = {}
         self._free_rows = list(range(self.max_streams - 1, -1, -1))
         self._next_sid = 0
@@ -112,6 +118,9 @@ class TTSBatchDecoder:
         mask = torch.zeros(V + 4, dtype=torch.float32, device=self.device)
         mask[[tts.bos, tts.sos, tts.pad]] = float("-inf")
         self._logit_mask = mask
+        self._graphs = None
+        if graph_buckets is not None:
+            self._init_graphs(graph_buckets)
 
     # ---- bookkeeping ---------------------------------------------------------------------------------
     @property
@@ -274,17 +283,20 @@ class TTSBatchDecoder:
         if not run:
             return out
         tts, bs, B = self.tts, self.block_size, len(run)
-        # one host->device copy of the per-row ints: token, position, seed, step index, table row
-        host = torch.tensor([[s.last for s in run], [s.prefix_len + s.n_steps for s in run], [s.seed for s in run],
-                             [s.n_steps for s in run], [s.row for s in run]], dtype=torch.int64)
-        width = max((s.prefix_len + s.n_steps) // bs for s in run) + 1
-        d = host.to(self.device, non_blocking=True)
-        tok, pos, seed, stp, rows = d[0], d[1], d[2], d[3], d[4]
-        bt = self._table.index_select(0, rows)[:, :width]
-        slots = bt.gather(1, (pos // bs)[:, None]).squeeze(1).long() * bs + pos % bs
-        kv_lens = (pos + 1).to(torch.int32)
-        h = self._run(F.embedding(tok, tts.embedding), pos, slots, bt, kv_lens, self._arange[: B + 1], causal=True)
-        logits = self.logits(h)
+        if self._graphs is not None and self._graph_ok(run):
+            logits, seed, stp = self._graph_logits(run)
+        else:
+            # one host->device copy of the per-row ints: token, position, seed, step index, table row
+            host = torch.tensor([[s.last for s in run], [s.prefix_len + s.n_steps for s in run], [s.seed for s in run],
+                                 [s.n_steps for s in run], [s.row for s in run]], dtype=torch.int64)
+            width = max((s.prefix_len + s.n_steps) // bs for s in run) + 1
+            d = host.to(self.device, non_blocking=True)
+            tok, pos, seed, stp, rows = d[0], d[1], d[2], d[3], d[4]
+            bt = self._table.index_select(0, rows)[:, :width]
+            slots = bt.gather(1, (pos // bs)[:, None]).squeeze(1).long() * bs + pos % bs
+            kv_lens = (pos + 1).to(torch.int32)
+            h = self._run(F.embedding(tok, tts.embedding), pos, slots, bt, kv_lens, self._arange[: B + 1], causal=True)
+            logits = self.logits(h)
         new = _ops_pkg.sample_tokens(logits, temperature=1.0, top_k=self.topk, seed=seed, step=stp).tolist()
         for s, t in zip(run, new):
             s.n_steps += 1
@@ -296,6 +308,54 @@ class TTSBatchDecoder:
                 s.tokens.append(t)
                 out[s.sid] = t
         return out
+
+    # ---- CUDA graphs (runtime/graphs.py) -----------------------------------------------------------------
+    def _init_graphs(self, buckets: Sequence[int]) -> None:
+        from ..runtime.graphs import GraphRunner, StaticBatch, capture_supported, check_buckets
+
+        c, tts = self.tts.config, self.tts
+        # static block-table width: the pages of a 64-text-token segment decoded to the cap (a longer
+        # segment's steps past it run eagerly)
+        self._graph_width = -(-(tts.split * DEFAULT_SEGMENT_TEXT_TOKENS + 1 + self.max_tokens) // self.block_size)
+        batches = {b: StaticBatch(b, max_blocks=self._graph_width, block_size=self.block_size, scratch_block=self.scratch_block,
+                                  device=self.device, num_q_heads=c.num_heads, num_kv_heads=c.num_heads, head_dim=self.head_dim,
+                                  extra_rows=("tokens", "seed", "step"), use_reference=tts.ops.use_reference)
+                   for b in check_buckets(buckets, "graph_buckets")}
+        self._graphs = GraphRunner(self._graph_step, batches)
+        self._graphs_capturable = not tts.ops.use_reference and capture_supported(self.head_dim, self.device, "cuda_graphs (TTS AR step)")
+
+    def _graph_step(self, sb) -> torch.Tensor:
+        tts, cache = self.tts, self.cache
+        ops = tts.ops
+
+        def attn(i, q, k, v):
+            ops.store_kv(k, v, cache.k[i], cache.v[i], sb.slots)
+            return sb.attend(q, cache.k[i], cache.v[i])
+
+        x = F.embedding(sb.row("tokens"), tts.embedding)
+        return self.logits(tts._stack(tts.ar_layers, x, sb.positions, attn))
+
+    def capture_graphs(self) -> None:
+        """Capture the AR step per bucket (CUDA with the CUDA attention kernels; else a no-op: the
+        buckets run eagerly). Needs `graph_buckets`."""
+        if self._graphs is None:
+            raise RuntimeError("TTSBatchDecoder.capture_graphs: built without graph_buckets")
+        if self._graphs_capturable:
+            self._graphs.capture_all()
+
+    def _graph_ok(self, run: List[_Stream]) -> bool:
+        return (self._graphs.batch_for(len(run)) is not None
+                and all((s.prefix_len + s.n_steps) // self.block_size < self._graph_width for s in run))
+
+    def _graph_logits(self, run: List[_Stream]):
+        bs, n = self.block_size, len(run)
+        pos = [s.prefix_len + s.n_steps for s in run]
+        logits = self._graphs.replay(
+            n, positions=pos, slots=[s.blocks[p // bs] * bs + p % bs for s, p in zip(run, pos)],
+            blocks=[s.blocks[: p // bs + 1] for s, p in zip(run, pos)], kv_lens=[p + 1 for p in pos],
+            tokens=[s.last for s in run], seed=[s.seed for s in run], step=[s.n_steps for s in run])
+        sb = self._graphs.batch_for(n)
+        return logits, sb.row("seed")[:n], sb.row("step")[:n]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + out_fnn, float32, with bos/sos/pad masked out -> [rows, V+4]."""

@@ -102,6 +102,8 @@ def _engine_for(args, max_sessions: int):
                 use_reference=bool(getattr(args, "use_reference", False)))
     if getattr(args, "scheduling", None):
         opts["scheduling"] = args.scheduling
+    if getattr(args, "cuda_graphs", False):
+        opts["cuda_graphs"] = True
     ttsmax = getattr(args, "tts_max_tokens", None)
     if dev == "cpu":
         torch.set_num_threads(args.threads)

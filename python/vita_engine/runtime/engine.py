@@ -13,7 +13,9 @@ import torch
 
 from . import _compat
 from .chat import ChatFormat
+from .batch_llm import LLMDecodeGraphs
 from .events import CapacityError
+from .graphs import DEFAULT_BUCKETS, check_buckets
 from .kv_pool import KVPool
 from .metrics import MetricsStore
 from .scheduler import Scheduler
@@ -55,9 +57,15 @@ DEFAULT_OPTIONS: Dict[str, Any] = dict(
     codec_budget_ms=10.0,       # time per tick for later windows while a first audio is being made
     audio_interval_ms=16.0,     # input audio batched across sessions over this interval (VAD + fbank)
     speculative_defer_ms=100.0, # speculative encode/prefill waits up to this while a first audio is due
+    vision_tiles_per_tick=8,    # image/frame tiles encoded ahead of their turn per tick (0: at turn start)
     cpu_threads=None,           # torch intra-op threads for the scheduler (CPU)
     nvtx=None,                  # NVTX ranges per stage (default: on when CUDA and nvtx are available)
     use_reference=False,        # run every op on its pure-torch reference
+    # CUDA graphs (runtime/graphs.py, docs/architecture.md §4): opt-in, capture NOT yet verified on a GPU.
+    # On CUDA the LLM decode step and the TTS AR step are captured per bucket at engine start and
+    # replayed with padded rows; on CPU the same static-buffer path runs eagerly (same tokens).
+    cuda_graphs=False,
+    cuda_graph_buckets=DEFAULT_BUCKETS,  # batch sizes captured; larger batches run eagerly
 )
 
 
@@ -118,13 +126,24 @@ class Engine:
         self.chat = ChatFormat(self.path, eos)
         v = o["vad"]
         self.vad_config = v if v is not None and not isinstance(v, dict) else _compat.VADConfig(**(v or {}))
+        graphs = o["cuda_graphs"]
+        if not isinstance(graphs, bool):
+            raise TypeError(f"Engine: cuda_graphs must be True or False, got {graphs!r}")
+        buckets = o["cuda_graph_buckets"] = check_buckets(o["cuda_graph_buckets"])
         bs = int(o["block_size"])
         nblocks = o["kv_blocks"] or int(o["max_sessions"]) * -(-int(o["session_max_tokens"]) // bs)
-        self.kv = KVPool.for_llm(model.llm, int(nblocks), bs)
+        # with graphs: one more page, the scratch page of the padded rows (never a session's)
+        self.kv = KVPool.for_llm(model.llm, int(nblocks) + graphs, bs)
         self.tts = None
         if model.tts is not None:
             self.tts = _compat.TTSBatchDecoder(model.tts, max_streams=int(o["tts_max_streams"]), block_size=bs,
-                                               max_tokens=o["tts_max_tokens"])
+                                               max_tokens=o["tts_max_tokens"], graph_buckets=buckets if graphs else None)
+        llm_graphs = None
+        if graphs:
+            llm_graphs = LLMDecodeGraphs(model.llm, self.kv, buckets, self.kv.blocks_for(int(o["session_max_tokens"])))
+            llm_graphs.capture()  # CUDA only (else the buckets run eagerly): before the scheduler thread exists
+            if self.tts is not None:
+                self.tts.capture_graphs()
         self.codec = model.codec if model.codec is not None else _compat.load_codec_fallback(self.path)
         self.metrics = MetricsStore()
         self._lock = threading.Lock()
@@ -132,6 +151,7 @@ class Engine:
         self._next_sid = 0
         self._closed = False
         self._scheduler = Scheduler(self)
+        self._scheduler.llm.graphs = llm_graphs
 
     @classmethod
     def from_pretrained(cls, path="tiny", device="cpu", dtype=torch.float32, **options) -> "Engine":
@@ -226,6 +246,7 @@ class Engine:
                "kv_reserved_blocks": kv["reserved"], "kv_block_size": kv["block_size"],
                "kv_session_blocks": kv["sequence_blocks"], "ticks": self._scheduler.ticks,
                "llm_forwards": self._scheduler.llm.forwards, "llm_rows": self._scheduler.llm.rows,
+               "llm_graph_forwards": self._scheduler.llm.graph_forwards, "cuda_graphs_captured": self._graphs_captured(),
                "tick_errors": self._scheduler.tick_errors}
         tts = self.tts
         if tts is not None:
@@ -237,6 +258,17 @@ class Engine:
                     continue
             out.update(tts_streams_max=tts.max_streams, tts_blocks=tts.num_blocks, tts_free_blocks=tts.free_blocks)
         return out
+
+    def _graphs_captured(self) -> int:
+        """CUDA graphs captured (LLM + TTS buckets): 0 without cuda_graphs, and on CPU (static buffers, eager)."""
+        n = 0
+        g = self._scheduler.llm.graphs
+        if g is not None:
+            n += len(g.runner.graphs)
+        tg = getattr(self.tts, "_graphs", None)
+        if tg is not None:
+            n += len(tg.graphs)
+        return n
 
     @property
     def tick_histograms(self):

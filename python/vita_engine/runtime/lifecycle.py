@@ -20,12 +20,15 @@ from .chat import system_prompt_for
 from .events import Error, Interrupted, Metrics, TurnEnd, TurnStarted
 from .metrics import TurnClock, nvtx_range
 from .stage import Stage
+from .vision_stage import encode_visuals
 from .state import SessionState, Turn, TurnRecord, UnspokenSegments
 
 __all__ = ["Lifecycle"]
 
 
 class Lifecycle(Stage):
+    start_tiles = 0  # image/frame tiles encoded at a turn start (not ahead by the vision stage)
+
     # ---- start -------------------------------------------------------------------------------------
     def start_turn(self, st: SessionState, kind: str, *, audio=None, text: Optional[str] = None,
                    speculative: bool = False, spec_end_ms=None, decision=None, last_voiced=None,
@@ -45,27 +48,24 @@ class Lifecycle(Stage):
             fs = st.frontend.stats if kind == "audio" else audio_stats
             clock.add("fbank_ms", fs.get("fbank_ms", 0.0))
             clock.add("audio_encoder_ms", fs.get("encoder_ms", 0.0))
-        # images / video frames
+        # images / video frames: usually encoded on arrival (vision_stage.py); what is left runs here
         feats: List[torch.Tensor] = []
         modality = "lang"
+        sel: List = []
         if st.pending_frames:
             modality = "video"
-            fr = [pv for _, pv in sorted(st.pending_frames, key=lambda p: p[0])]
+            fr = sorted(st.pending_frames, key=lambda v: v.ts)
             k = min(len(fr), int(self.o["max_video_frames"]))
             idx = np.linspace(0, len(fr) - 1, k).round().astype(int) if k > 1 else [len(fr) - 1]
             sel = [fr[i] for i in idx]
-            t0 = time.perf_counter()
-            with nvtx_range("vision", self.nvtx):
-                enc = m.vision.encode(torch.cat(sel, 0))
-            clock.add("vision_ms", (time.perf_counter() - t0) * 1e3)
-            feats += list(enc)
         if st.pending_images:
             modality = "image" if modality == "lang" else modality
-            t0 = time.perf_counter()
-            with nvtx_range("vision", self.nvtx):
-                for pv in st.pending_images:
-                    feats += list(m.vision.encode(pv))
-            clock.add("vision_ms", (time.perf_counter() - t0) * 1e3)
+        visuals = sel + st.pending_images
+        if visuals:  # vision_ms: what the turn start itself encodes (0 when all were encoded on arrival)
+            self.start_tiles += sum(v.tiles for v in visuals if v.feats is None)
+            clock.add("vision_ms", encode_visuals(m.vision, visuals, self.nvtx))
+        for v in visuals:
+            feats += list(v.feats)
         first = st.sys_len is None
         system = (s.system_prompt if s.system_prompt is not None else system_prompt_for(modality)) if first else None
         msg = fmt.user_message(len(feats), audio is not None, text)

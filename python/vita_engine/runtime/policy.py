@@ -29,6 +29,8 @@ waits for it:
   beyond real-time playback (a window's cost is mostly per call: later, larger windows are cheaper).
   While a first audio is being made, later windows share `codec_budget_ms` per tick, the streams whose
   client runs out of audio first going first.
+* Vision: pushed images and camera frames are encoded as they arrive, up to `vision_tiles_per_tick`
+  tiles per tick and never while a first audio is being made (the turn start encodes what is left).
 * Slack: speculative work (the encoder run at a pause and the speculative turn's prefill) has the
   end-of-turn timer as slack, so while a committed turn awaits its first audio it waits, up to
   `speculative_defer_ms`. Audio input is batched over `audio_interval_ms` (one VAD + fbank call for
@@ -36,7 +38,7 @@ waits for it:
 
 `LockstepPolicy` (`scheduling="lockstep"`, the engine before issue 12, kept for comparison): every
 answering session decodes one token per tick, every TTS stream takes one AR step per tick, and every
-new codec token is pushed at once.
+new codec token is pushed at once; images and frames are encoded when their turn starts.
 """
 from __future__ import annotations
 
@@ -93,6 +95,11 @@ class Policy:
     def speculative_starts(self, states: List[SessionState], ages_ms: List[float]) -> int:
         """How many of the waiting speculative starts (oldest first, `ages_ms` since their pause) run now."""
         return len(ages_ms)
+
+    def vision_tiles(self, urgent: bool) -> int:
+        """Image/frame tiles the vision stage may encode ahead of their turn in this tick (`urgent`:
+        first_audio_pending). 0: visuals are encoded when their turn starts."""
+        return 0
 
     # ---- LLM ---------------------------------------------------------------------------------------
     def llm_rows(self, states: List[SessionState]) -> Tuple[List[SessionState], List[Tuple[SessionState, int]]]:
@@ -169,6 +176,7 @@ class CriticalPathPolicy(Policy):
         self.codec_budget_ms_urgent = _float_opt(options, "codec_budget_ms", 0.0)
         self.audio_interval_ms = _float_opt(options, "audio_interval_ms", 0.0)
         self.speculative_defer_ms = _float_opt(options, "speculative_defer_ms", 0.0)
+        self.vision_tiles_per_tick = _int_opt(options, "vision_tiles_per_tick", 0)
         # tokens finalized by the first window: everything pushed except the look-ahead tail
         self.first_window = self.lookahead + self.first_window_tokens
         # later pieces: >= codec_window_ms of audio, but never more than a look-ahead of tokens (a codec
@@ -190,6 +198,11 @@ class CriticalPathPolicy(Policy):
         if not self.first_audio_pending(states):
             return len(ages_ms)
         return sum(a >= self.speculative_defer_ms for a in ages_ms)
+
+    def vision_tiles(self, urgent):
+        # a visual's encode has until its turn starts as slack (the turn start encodes what is left):
+        # it never delays a first audio, and a tick's share is bounded so decode ticks stay short
+        return 0 if urgent else self.vision_tiles_per_tick
 
     # ---- LLM ---------------------------------------------------------------------------------------
     def _first_segment_pending(self, t: Turn) -> bool:

@@ -7,7 +7,9 @@
 3. tts_stage.py: batched TTS AR steps for the active TTS streams (segments start as soon as the text
    segmenter hands one over);
 4. codec_stage.py: codec windows for the turns with new codec tokens (`Codec.push_many`);
-5. events go to each session's sink (thread-safe; asyncio via call_soon_threadsafe).
+5. vision_stage.py, then turns.speculate(): work with slack (images and camera frames encoded as they
+   arrive; the speculative encode + prefill at a pause);
+6. events go to each session's sink (thread-safe; asyncio via call_soon_threadsafe).
 
 What runs when is decided in policy.py; lifecycle.py holds turn start/commit/discard/endings and the
 history trimming.
@@ -30,6 +32,7 @@ from .metrics import TickHistograms, TickStats
 from .policy import make_policy
 from .state import SessionState
 from .tts_stage import TTSStage
+from .vision_stage import VisionStage
 from .turns import TurnTaking
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,7 @@ class Scheduler:
         self.llm_stage = LLMStage(self)
         self.tts_stage = TTSStage(self)
         self.codec_stage = CodecStage(self)
+        self.vision_stage = VisionStage(self)
         self._thread = threading.Thread(target=self._run, name="vita-engine-scheduler", daemon=True)
         self._thread.start()
 
@@ -127,6 +131,7 @@ class Scheduler:
         busy |= self.tts_stage.step()
         t3 = clock()
         busy |= self.codec_stage.step()
+        busy |= self.vision_stage.step()
         busy |= self.turns.speculate()  # after the critical work of the tick: it has slack
         t4 = clock()
         if busy:

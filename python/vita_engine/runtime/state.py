@@ -10,7 +10,7 @@ import torch
 
 from .metrics import TurnClock
 
-__all__ = ["Segment", "Turn", "TurnRecord", "SessionState"]
+__all__ = ["Segment", "Turn", "TurnRecord", "SessionState", "Visual"]
 
 
 @dataclass
@@ -102,6 +102,24 @@ class UnspokenSegments(list):
         super().append(seg)
 
 
+class Visual:
+    """A pushed image or camera frame: its pixel values until the vision stage (or the turn start)
+    encodes it, then only its features [tiles, tokens, hidden] (smaller than the pixels at the real
+    sizes: 256 x 3584 bf16 against 3 x 448 x 448 float32 per tile)."""
+
+    __slots__ = ("pv", "feats", "ts", "arrived")
+
+    def __init__(self, pv: torch.Tensor, ts: Optional[float], arrived: float):
+        self.pv: Optional[torch.Tensor] = pv
+        self.feats: Optional[torch.Tensor] = None
+        self.ts = ts            # the client's timestamp (frames), None for images
+        self.arrived = arrived  # time.perf_counter() at the push
+
+    @property
+    def tiles(self) -> int:
+        return int((self.pv if self.feats is None else self.feats).shape[0])
+
+
 class SessionState:
     def __init__(self, session, seq, reserved_blocks: int, vad, frontend, preroll_samples: int):
         self.session = session
@@ -114,8 +132,8 @@ class SessionState:
         self.hist = np.zeros(0, np.float32)                # recent audio (pre-roll)
         self.utt_start: Optional[int] = None               # sample index of the utterance's first sample
         self.spec_request: Optional[Tuple[float, float]] = None  # (SpeculativeEnd speech_end_ms, time): not yet served
-        self.pending_images: List[Any] = []                # [pixel_values or features]
-        self.pending_frames: List[Tuple[float, Any]] = []
+        self.pending_images: List[Visual] = []             # for the next turn, in push order
+        self.pending_frames: List[Visual] = []             # camera frames since the last turn (<= 64)
         self.queued_texts: Deque[Tuple[str, float]] = collections.deque()
         self.records: List[TurnRecord] = []
         self.sys_len: Optional[int] = None                 # KV length of the system prompt

@@ -21,7 +21,7 @@ from . import vad as _vad
 from .events import SpeechStarted, SpeechStopped
 from .frontend import fbank_many
 from .stage import Stage
-from .state import SessionState
+from .state import SessionState, Visual
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,9 @@ class TurnTaking(Stage):
                 life.close(st)
                 return [], False, True
             if kind == "image":
-                st.pending_images.append(cmd[1])
+                st.pending_images.append(Visual(cmd[1], None, cmd[2]))
             elif kind == "frame":
-                st.pending_frames.append((cmd[2], cmd[1]))
+                st.pending_frames.append(Visual(cmd[1], cmd[2], time.perf_counter()))
                 del st.pending_frames[:-64]
             elif kind == "text":
                 st.queued_texts.append((cmd[1], cmd[2]))

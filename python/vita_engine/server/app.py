@@ -79,6 +79,8 @@ class ServerConfig:
     # buffer, which holds 4 packets (80 ms); False: the stock buffer
     webrtc_low_delay_jitter: bool = True
     webrtc_uplink_log: int = 0  # keep (time, samples) of the first N uplink frames (bench)
+    # this server's name among replicas (vita_engine.serving.ray sets it): sent in `ready`
+    replica: Optional[str] = None
 
     @property
     def transport_max_bytes(self) -> int:
@@ -225,11 +227,15 @@ class _Conn:
         except P.ProtocolError as e:
             await self.refuse(str(e), e.code, P.CLOSE_POLICY)
             return
+        if self.srv.draining:
+            await self.refuse("this replica is shutting down: reconnect", "draining", P.CLOSE_SERVICE_RESTART)
+            return
         if self.srv.active >= self.cfg.max_sessions:
             await self.refuse(f"server busy: {self.srv.active}/{self.cfg.max_sessions} sessions in use, try again later",
                               "capacity", P.CLOSE_TRY_AGAIN)
             return
         self.srv.active += 1  # no await between the check and here: single event loop
+        self.srv.conns.add(self)
         self.m.sessions_active.inc()
         try:
             try:
@@ -244,7 +250,8 @@ class _Conn:
                 return
             self.m.sessions_total.inc()
             ignored = sorted(set(hello.get("options") or {}) - {"system_prompt"})
-            await self.send_json({"type": "ready", "session": self.id, "protocol": P.PROTOCOL_VERSION,
+            replica = {"replica": self.cfg.replica} if self.cfg.replica is not None else {}
+            await self.send_json({"type": "ready", "session": self.id, "protocol": P.PROTOCOL_VERSION, **replica,
                                   "sample_rate": self.sample_rate, "format": "pcm16",
                                   "output": {"sample_rate": P.OUTPUT_SAMPLE_RATE, "format": "pcm16",
                                              "header_bytes": P.AUDIO_OUT_HEADER_SIZE},
@@ -272,8 +279,17 @@ class _Conn:
         finally:
             self._close_session()
             self.srv.active -= 1
+            self.srv.conns.discard(self)
             self.m.sessions_active.dec()
             await self.close(P.CLOSE_NORMAL)
+
+    @property
+    def busy(self) -> bool:
+        """A turn is under way: its answer is streaming, or the engine has taken the turn (end of
+        speech decided, a speculative start excepted) and not answered yet."""
+        st = getattr(self.session, "_state", None)
+        turn = getattr(st, "turn", None)
+        return self.answering or (turn is not None and not getattr(turn, "speculative", False))
 
     def _close_session(self) -> None:
         s = self.session
@@ -592,6 +608,8 @@ class VitaServer:
         self.metrics = ServerMetrics(engine)
         self.active = 0
         self.started = time.time()
+        self.conns: set = set()  # open sessions (_Conn)
+        self.draining = False
         self.webrtc_calls: dict = {}  # call id -> webrtc.call.Call
 
     async def webrtc_create(self, request: Request) -> Response:
@@ -608,6 +626,29 @@ class VitaServer:
         """A call closed (webrtc/call.py; its handler gave its session slot back)."""
         self.webrtc_calls.pop(call.id, None)
 
+    async def drain(self, grace_s: float = 30.0, poll_s: float = 0.02) -> None:
+        """Shut down softly (a replica being stopped, vita_engine.serving.ray): refuse new
+        sessions (1012), close each open session with 1012 as soon as it is between turns, and
+        every one still in a turn after `grace_s`; returns once they are all closed (bounded)."""
+        self.draining = True
+        deadline = time.monotonic() + grace_s
+        msg = "this replica is shutting down: reconnect"
+        while self.conns or self.webrtc_calls:
+            late = time.monotonic() >= deadline
+            for c in list(self.conns):
+                if not c.closed and (late or not c.busy):
+                    await c.fatal("draining", msg if not late else msg + f" (the turn did not end within {grace_s:g} s)",
+                                  P.CLOSE_SERVICE_RESTART, "replica shutting down")
+            for call in list(self.webrtc_calls.values()):  # WebRTC: an `error` event, then the hang-up
+                if late or call.handler.resp is None:
+                    await call.close(msg, "draining")
+            if late:
+                break
+            await asyncio.sleep(poll_s)
+        t_end = time.monotonic() + self.config.slow_client_close_timeout_s + 5.0
+        while self.conns and time.monotonic() < t_end:  # their run() ends and frees the slot
+            await asyncio.sleep(poll_s)
+
     async def ws(self, websocket: WebSocket) -> None:
         conn = _Conn(self, websocket)
         try:
@@ -623,7 +664,8 @@ class VitaServer:
         await realtime_endpoint(self, websocket)
 
     async def healthz(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok", "sessions_active": self.active, "max_sessions": self.config.max_sessions,
+        return JSONResponse({"status": "draining" if self.draining else "ok", "sessions_active": self.active,
+                             "max_sessions": self.config.max_sessions, "replica": self.config.replica,
                              "uptime_s": round(time.time() - self.started, 1), "protocol": P.PROTOCOL_VERSION})
 
     async def prometheus(self, request: Request) -> Response:

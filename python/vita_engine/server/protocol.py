@@ -32,6 +32,7 @@ CLOSE_NORMAL = 1000
 CLOSE_POLICY = 1008  # missing/invalid token, bad hello
 CLOSE_TOO_BIG = 1009  # frame beyond the transport limit (the server never reads it)
 CLOSE_INTERNAL = 1011
+CLOSE_SERVICE_RESTART = 1012  # the replica is shutting down (drain) or was lost: reconnect
 CLOSE_TRY_AGAIN = 1013  # capacity: max sessions reached or the engine is out of KV memory
 CLOSE_IDLE = 4000  # no client message for idle_timeout_s
 CLOSE_SESSION_LIMIT = 4001  # session older than max_session_s

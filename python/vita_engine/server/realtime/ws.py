@@ -72,9 +72,18 @@ class RealtimeConnection:
             return
         sub = "realtime" if "realtime" in _subprotocols(ws) else None
         await ws.accept(subprotocol=sub)
+        writer = asyncio.create_task(self._writer())
+        if getattr(self.srv, "draining", False):  # a replica shutting down (vita_engine.serving.ray)
+            self.m.sessions_refused.labels("draining").inc()
+            await self._fatal(error_event("this replica is shutting down: reconnect", "draining", type="server_error"),
+                              P.CLOSE_SERVICE_RESTART, "replica shutting down")
+            writer.cancel()
+            return
         self.handler = RealtimeHandler(self.srv, self.send_event, beta=is_beta(ws),
                                        model=ws.query_params.get("model") or "vita-1.5")
-        writer = asyncio.create_task(self._writer())
+        conns = getattr(self.srv, "conns", None)
+        if conns is not None:
+            conns.add(self)  # VitaServer.drain() closes it between turns
         try:
             try:
                 await self.handler.start()
@@ -104,6 +113,22 @@ class RealtimeConnection:
             if self.handler is not None:
                 await self.handler.close()
             await self.wire.close(P.CLOSE_NORMAL)
+            if conns is not None:
+                conns.discard(self)
+
+    # ---- VitaServer.drain() ------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return not self.wire.open
+
+    @property
+    def busy(self) -> bool:
+        """A response is in progress (drain waits for it to end)."""
+        h = self.handler
+        return h is not None and (h.resp is not None or h.creating > 0)
+
+    async def fatal(self, code: str, message: str, close_code: int, reason: str = "") -> None:
+        await self._fatal(error_event(message, code, type="server_error"), close_code, reason or message)
 
     async def _deny(self) -> None:
         body = {"error": {"type": "invalid_request_error", "code": "invalid_api_key",

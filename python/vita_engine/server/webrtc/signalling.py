@@ -88,6 +88,10 @@ async def create_call(srv, request: Request) -> Response:
         sdp, session = parse_offer(request.headers.get("content-type", ""), await _body(request))
     except ValueError as e:
         return _error(400, str(e), "invalid_offer", param="sdp")
+    if getattr(srv, "draining", False):  # a replica shutting down (vita_engine.serving.ray)
+        srv.metrics.sessions_refused.labels("draining").inc()
+        return _error(503, "this replica is shutting down: reconnect", "draining", "server_error",
+                      headers={"Retry-After": "1"})
     if srv.active >= cfg.max_sessions:
         srv.metrics.sessions_refused.labels("capacity").inc()
         return _error(503, f"server busy: {srv.active}/{cfg.max_sessions} sessions in use, try again later",
