@@ -23,6 +23,9 @@ OPTIONAL = {
 }
 # Imported only by the subpackage of an extra (declared in it, never imported by the rest of the package).
 EXTRAS = {"ray": ("ray", "vita_engine/serving/ray.py")}  # module -> (extra, the only files importing it)
+# Optional features: the modules of an extra may be imported (at any level) only inside its folder,
+# which the rest of the package imports lazily, after checking the extra is installed.
+EXTRA_FOLDERS = {"webrtc": "python/vita_engine/server/webrtc"}
 # Imported by the package only on paths that run under the test extra.
 RUNTIME_OPTIONAL = dict(OPTIONAL, pytest="only benchmarks/suite.py's pytest_params, called while pytest collects bench/",
                         **{m: f"the [{x}] extra" for m, (x, _) in EXTRAS.items()})
@@ -40,11 +43,11 @@ def _pyproject():
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
-def _third_party_imports(folder: Path):
+def _third_party_imports(folder: Path, *also_local: Path):
     """{top-level module: [files]} of absolute imports that are neither stdlib nor local files."""
-    # sibling modules the folder's own files import by name (tests' helpers); not every file's stem:
-    # vita_engine/serving/ray.py must not hide the `ray` import
-    local = {p.stem for p in folder.glob("*.py")} | {"vita_engine"}
+    # sibling modules the folder's own files import by name (tests' helpers; bench/ scripts use them
+    # too: `also_local`); not every file's stem: vita_engine/serving/ray.py must not hide `ray`
+    local = {p.stem for f in (folder, *also_local) for p in f.glob("*.py")} | {"vita_engine"}
     found = {}
     for f in folder.rglob("*.py"):
         for n in ast.walk(ast.parse(f.read_text(), str(f))):
@@ -73,6 +76,12 @@ def test_runtime_imports_are_declared():
     declared = {_req_name(r) for r in proj["dependencies"]}
     imports = _third_party_imports(ROOT / "python" / "vita_engine")
     assert {"torch", "safetensors", "yaml", "tokenizers", "silero_vad"} <= set(imports)  # the scan sees them
+    for extra, folder in EXTRA_FOLDERS.items():
+        in_extra = {_req_name(r) for r in proj["optional-dependencies"][extra]}
+        mine = {m: f for m, f in imports.items() if all(x.startswith(folder + "/") for x in f)}
+        bad = _unprovided({m: f for m, f in mine.items() if m not in RUNTIME_OPTIONAL}, declared | in_extra)
+        assert not bad, f"imported under {folder} but in neither the dependencies nor the {extra!r} extra: {bad}"
+        imports = {m: f for m, f in imports.items() if m not in mine}
     bad = _unprovided({m: f for m, f in imports.items() if m not in RUNTIME_OPTIONAL}, declared)
     assert not bad, f"imported at run time but not in [project] dependencies: {bad}"
 
@@ -95,6 +104,13 @@ def test_extra_imports_stay_in_their_subpackage_and_are_declared():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
+def test_extras_are_in_the_test_extra():
+    proj = _pyproject()
+    test = {re.sub(r"\s+", "", r) for r in proj["optional-dependencies"]["test"]}
+    for extra in EXTRA_FOLDERS:
+        assert set(proj["optional-dependencies"][extra]) <= test, extra
+
+
 def test_optional_imports_stay_inside_functions():
     for f in (ROOT / "python" / "vita_engine").rglob("*.py"):
         tree = ast.parse(f.read_text())
@@ -108,7 +124,7 @@ def test_test_suite_imports_are_in_test_extra():
     proj = _pyproject()
     declared = {_req_name(r) for r in proj["dependencies"] + proj["optional-dependencies"]["test"]}
     for folder in ("tests", "bench"):
-        imports = {m: f for m, f in _third_party_imports(ROOT / folder).items() if m not in OPTIONAL}
+        imports = {m: f for m, f in _third_party_imports(ROOT / folder, ROOT / "tests").items() if m not in OPTIONAL}
         assert "pytest" in imports
         bad = _unprovided(imports, declared)
         assert not bad, f"{folder}/ imports these, but neither the dependencies nor the test extra list them: {bad}"

@@ -58,8 +58,8 @@ def mic_wav(path: Path, tone_hz: float = 1000.0, sr: int = 48000) -> Path:
     return write_wav(path, np.concatenate([np.zeros(sr // 5, np.int16), y, np.zeros(3 * sr, np.int16)]), sr)
 
 
-def _launch(pw, wav: Path, profile: str):
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+def _launch(pw, wav: Path, profile: str, extra_args=()):
+    args = [*extra_args, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
             "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
             f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required",
@@ -69,7 +69,14 @@ def _launch(pw, wav: Path, profile: str):
                                                  ignore_default_args=["--mute-audio"], timeout=30000)
 
 
-def run_browser_turn(engine, tmp_path: Path, timeout_s: float = 40.0, wav: Path = None, **server_cfg) -> dict:
+WS_DONE = "window.vitaStats.turns >= 1 && window.vitaStats.metrics.length >= 1 && window.vitaStats.samplesPlayed > 0"
+
+
+def run_browser_turn(engine, tmp_path: Path, timeout_s: float = 40.0, wav: Path = None, query: str = "bargein=0&transport=ws",
+                     done_js: str = WS_DONE, extra_args=(), shot: str = "browser_turn.png", shot_dir: Path = None,
+                     **server_cfg) -> dict:
+    """Open the page (?query) with `wav` as the microphone, press Start, wait until `done_js` holds;
+    screenshot to shot_dir/shot (default ARTIFACTS) -> {"stats": window.vitaStats, "ui", "took_s", "console", "shot"}."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -78,41 +85,43 @@ def run_browser_turn(engine, tmp_path: Path, timeout_s: float = 40.0, wav: Path 
         _skip_loudly(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
     wav = wav or mic_wav(tmp_path / "mic.wav")
     profile = tempfile.mkdtemp(prefix="vita-chromium-", dir=tmp_path)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shots = Path(shot_dir or ARTIFACTS)
+    shots.mkdir(parents=True, exist_ok=True)
     console = []
     with running_server(engine, **server_cfg) as srv:
         with sync_playwright() as pw:
             try:
-                ctx = _launch(pw, wav, profile)
+                ctx = _launch(pw, wav, profile, extra_args)
             except Exception as e:  # noqa: BLE001
                 _skip_loudly(f"Chromium could not start: {type(e).__name__}: {str(e)[:500]}")
             try:
                 page = ctx.pages[0] if ctx.pages else ctx.new_page()
                 page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
                 page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
-                page.goto(srv.url + "/?bargein=0", timeout=15000)
+                page.goto(srv.url + "/?" + query, timeout=15000)
                 page.click("#start")
                 page.wait_for_function("window.vitaStats.ready === true", timeout=15000)
                 t0 = time.monotonic()
-                page.wait_for_function(
-                    "window.vitaStats.turns >= 1 && window.vitaStats.metrics.length >= 1 "
-                    "&& window.vitaStats.samplesPlayed > 0", timeout=timeout_s * 1000)
+                page.wait_for_function(done_js, timeout=timeout_s * 1000)
                 took = time.monotonic() - t0
                 stats = page.evaluate("JSON.parse(JSON.stringify(window.vitaStats))")
                 ui = {"transcript": page.inner_text("#transcript"), "latency_rows": page.locator("#lat tbody tr").count(),
                       "status": page.inner_text("#status")}
-                page.screenshot(path=str(ARTIFACTS / "browser_turn.png"), full_page=True)
+                page.screenshot(path=str(shots / shot), full_page=True)
             except Exception:
                 try:
-                    page.screenshot(path=str(ARTIFACTS / "browser_turn_failed.png"), full_page=True)
+                    page.screenshot(path=str(shots / shot.replace(".png", "_failed.png")), full_page=True)
                 except Exception:  # noqa: BLE001
                     pass
                 print("\n".join(console[-40:]))
                 raise
             finally:
                 ctx.close()
+        t_end = time.monotonic() + 10  # WebRTC calls end with the browser: let them close first
+        while getattr(srv.vita, "webrtc_calls", None) and time.monotonic() < t_end:
+            time.sleep(0.05)
     shutil.rmtree(profile, ignore_errors=True)
-    return {"stats": stats, "ui": ui, "took_s": took, "console": console}
+    return {"stats": stats, "ui": ui, "took_s": took, "console": console, "shot": shots / shot}
 
 
 class _Recording:

@@ -149,8 +149,13 @@ def _serve(args) -> int:
     with E.blame("--model", args.model, CheckpointError):
         engine = Engine.from_pretrained(model, **kw)
     print(f"vita-engine serve: model {args.model!r} on {args.device} loaded in {time.perf_counter() - t0:.1f} s; "
-          f"http://{args.host}:{args.port}/  (WebSocket /ws, /healthz, /metrics)", file=sys.stderr)
+          f"http://{args.host}:{args.port}/  (WebSocket /ws, WebRTC POST /v1/realtime/calls, /healthz, /metrics)", file=sys.stderr)
     cfg = ServerConfig(token=token, max_sessions=args.max_sessions, **_server_options(args))
+    from vita_engine.server.webrtc import INSTALL_HINT, missing
+
+    if missing():
+        print(f"vita-engine serve: WebRTC (POST /v1/realtime/calls) is off: {', '.join(missing())} not installed "
+              f"({INSTALL_HINT})", file=sys.stderr)
     serve(create_app(engine, cfg), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -158,7 +163,9 @@ def _serve(args) -> int:
 def _server_options(args) -> dict:
     return dict(max_frame_bytes=args.max_frame_bytes, max_session_s=args.max_session_s,
                 idle_timeout_s=args.idle_timeout_s, send_queue_s=args.send_queue_s,
-                audio_frame_ms=args.audio_frame_ms, audio_max_hold_ms=args.audio_frame_ms)
+                audio_frame_ms=args.audio_frame_ms, audio_max_hold_ms=args.audio_frame_ms,
+                ice_hosts=tuple(args.ice_host or ()), ice_servers=tuple(args.ice_server or ()),
+                webrtc_connect_timeout_s=args.webrtc_connect_timeout_s, webrtc_media_timeout_s=args.webrtc_media_timeout_s)
 
 
 RAY_FLAGS = ("replicas", "autoscale", "sessions_per_replica", "gpus_per_replica", "address", "drain_timeout_s")
@@ -244,6 +251,15 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--send-queue-s", type=E.positive_float, default=4.0,
                    help="seconds of queued output audio after which a client that does not read is closed (4002)")
     s.add_argument("--audio-frame-ms", type=E.positive_float, default=20.0, help="outgoing audio is coalesced into frames of this length")
+    s.add_argument("--ice-host", action="append", type=_ice_host, metavar="ADDR",
+                   help="WebRTC: gather ICE host candidates on this address (repeatable; default: every "
+                        "non-loopback interface; 127.0.0.1 for same-machine clients)")
+    s.add_argument("--ice-server", action="append", type=_ice_server, metavar="URL",
+                   help="WebRTC: a STUN/TURN server (stun:host:port, turn:user:pass@host:port; repeatable; default none)")
+    s.add_argument("--webrtc-connect-timeout-s", type=E.positive_float, default=15.0,
+                   help="WebRTC: a call whose ICE/DTLS does not complete within this is closed")
+    s.add_argument("--webrtc-media-timeout-s", type=E.positive_float, default=10.0,
+                   help="WebRTC: a call that sends no audio (RTP) for this long is closed")
     s.add_argument("--log-level", default="info", type=str.lower, choices=["critical", "error", "warning", "info", "debug", "trace"])
     r = s.add_argument_group("replicas on Ray Serve (docs/ray-serve.md; needs vita-engine[ray])")
     r.add_argument("--ray", action="store_true", help="serve replicas on Ray Serve, each with its own engine")
@@ -258,6 +274,24 @@ def _add_serve_parser(sub) -> None:
     r.add_argument("--drain-timeout-s", type=E.positive_float, default=None,
                    help="on scale-down: seconds open turns get to finish before 1012 (default 30)")
     s.set_defaults(fn=lambda a: _serve(a))
+
+
+def _ice_host(s: str) -> str:
+    from vita_engine.server.webrtc.ice import check_host
+
+    try:
+        return check_host(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _ice_server(s: str) -> str:
+    from vita_engine.server.webrtc.ice import check_ice_server
+
+    try:
+        return check_ice_server(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _has_cuda() -> bool:

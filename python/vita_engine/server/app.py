@@ -63,6 +63,22 @@ class ServerConfig:
     # first sample has waited audio_max_hold_ms (one frame period), and at every turn boundary
     audio_frame_ms: float = 20.0
     audio_max_hold_ms: float = 20.0
+    # WebRTC (POST /v1/realtime/calls, server/webrtc/): the host addresses ICE gathers on (empty:
+    # every non-loopback interface, as aioice does), STUN/TURN URLs (none unless configured: no
+    # public STUN server by default), and the call limits: ICE + DTLS must complete within
+    # webrtc_connect_timeout_s, and a peer that sends no RTP for webrtc_media_timeout_s is closed
+    ice_hosts: tuple = ()
+    ice_servers: tuple = ()
+    webrtc_connect_timeout_s: float = 15.0
+    webrtc_media_timeout_s: float = 10.0
+    webrtc_opus_bitrate: int = 32000  # the answer's Opus bit rate (mono, 20 ms packets)
+    # an answer starts playing once this much of it is queued (or its first sample waited this
+    # long): more = fewer gaps from an engine that delivers its first chunks unevenly, later audio
+    webrtc_prebuffer_ms: float = 20.0
+    # hand each uplink RTP packet to the decoder at once (webrtc/jitter.py) instead of aiortc's
+    # buffer, which holds 4 packets (80 ms); False: the stock buffer
+    webrtc_low_delay_jitter: bool = True
+    webrtc_uplink_log: int = 0  # keep (time, samples) of the first N uplink frames (bench)
     # this server's name among replicas (vita_engine.serving.ray sets it): sent in `ready`
     replica: Optional[str] = None
 
@@ -594,6 +610,21 @@ class VitaServer:
         self.started = time.time()
         self.conns: set = set()  # open sessions (_Conn)
         self.draining = False
+        self.webrtc_calls: dict = {}  # call id -> webrtc.call.Call
+
+    async def webrtc_create(self, request: Request) -> Response:
+        from .webrtc import signalling
+
+        return await signalling.create_call(self, request)
+
+    async def webrtc_hangup(self, request: Request) -> Response:
+        from .webrtc import signalling
+
+        return await signalling.hangup(self, request)
+
+    def webrtc_call_ended(self, call) -> None:
+        """A call closed (webrtc/call.py; its handler gave its session slot back)."""
+        self.webrtc_calls.pop(call.id, None)
 
     async def drain(self, grace_s: float = 30.0, poll_s: float = 0.02) -> None:
         """Shut down softly (a replica being stopped, vita_engine.serving.ray): refuse new
@@ -602,12 +633,15 @@ class VitaServer:
         self.draining = True
         deadline = time.monotonic() + grace_s
         msg = "this replica is shutting down: reconnect"
-        while self.conns:
+        while self.conns or self.webrtc_calls:
             late = time.monotonic() >= deadline
             for c in list(self.conns):
                 if not c.closed and (late or not c.busy):
                     await c.fatal("draining", msg if not late else msg + f" (the turn did not end within {grace_s:g} s)",
                                   P.CLOSE_SERVICE_RESTART, "replica shutting down")
+            for call in list(self.webrtc_calls.values()):  # WebRTC: an `error` event, then the hang-up
+                if late or call.handler.resp is None:
+                    await call.close(msg, "draining")
             if late:
                 break
             await asyncio.sleep(poll_s)
@@ -649,6 +683,8 @@ def create_app(engine, config: Optional[ServerConfig] = None) -> Starlette:
         Route("/metrics", srv.prometheus),
         WebSocketRoute("/ws", srv.ws),
         WebSocketRoute("/v1/realtime", srv.realtime),
+        Route("/v1/realtime/calls", srv.webrtc_create, methods=["POST"]),
+        Route("/v1/realtime/calls/{call_id}/hangup", srv.webrtc_hangup, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ])
     app.state.vita = srv
@@ -664,20 +700,32 @@ def _uvicorn_config(app: Starlette, host: str, port: int, log_level: str = "info
                           lifespan="off", access_log=False)
 
 
-def serve(app: Starlette, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def _server(app: Starlette, host: str, port: int, log_level: str):
+    """uvicorn.Server that, on shutdown, also ends the WebRTC calls (uvicorn knows only the HTTP and
+    WebSocket connections): each gets an `error` event (server_shutdown) and its session is closed."""
     import uvicorn
 
-    uvicorn.Server(_uvicorn_config(app, host, port, log_level)).run()
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            calls = list(app.state.vita.webrtc_calls.values())
+            if calls:
+                await asyncio.wait([asyncio.ensure_future(c.close("the server is shutting down", "server_shutdown"))
+                                    for c in calls], timeout=10.0)
+            await super().shutdown(sockets)
+
+    return Server(_uvicorn_config(app, host, port, log_level))
+
+
+def serve(app: Starlette, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    _server(app, host, port, log_level).run()
 
 
 class BackgroundServer:
     """Run the app with uvicorn in a daemon thread on a free loopback port (tests, bench)."""
 
     def __init__(self, app: Starlette, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import uvicorn
-
         self.app, self.host = app, host
-        self.server = uvicorn.Server(_uvicorn_config(app, host, port, log_level))
+        self.server = _server(app, host, port, log_level)
         self.server.install_signal_handlers = lambda: None  # not the main thread
         self.thread = threading.Thread(target=self.server.run, name="vita-server", daemon=True)
         self.port = None

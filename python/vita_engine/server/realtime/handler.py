@@ -452,6 +452,9 @@ class RealtimeHandler:
             return  # nothing of an answer was still playing
         r.cleared = True
         await self.emit({"type": "output_audio_buffer.cleared", "response_id": r.id})
+        if played < r.audio_ms:  # the server truncates the history itself: say where (as `truncate` would)
+            await self.emit({"type": "conversation.item.truncated", "item_id": r.item_id, "content_index": 0,
+                             "audio_end_ms": int(played)})
         if r is self.resp:
             self._stop_at(r, played, reason)
         elif r.item_id == self.last_assistant and r.turn is not None:
