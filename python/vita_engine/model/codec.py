@@ -107,6 +107,11 @@ class Codec(torch.nn.Module):
         self.loaded = False
         self._p: Dict[str, torch.Tensor] = {}
         self._lookahead = None
+        self._steady_rel = None
+        # counters of push_many (calls, graph pushes run, batched pushes, streams in batched pushes)
+        self.push_stats = {"calls": 0, "pushes": 0, "batched_pushes": 0, "batched_streams": 0}
+        # debug: fill every fresh streaming buffer with NaN so a read outside the written samples shows
+        self.poison_buffers = False
 
     # ---- weights ------------------------------------------------------------------------------------
 
@@ -302,11 +307,25 @@ class Codec(torch.nn.Module):
         """Tokens that must follow token i before all of token i's samples are final (from the layer config)."""
         return -(-self.lookahead_samples // self.hop_length)
 
+    @property
+    def steady_rel_ends(self) -> Tuple[int, ...]:
+        """Per signal of the graph, `end - U * n_tokens` in steady state (U: the signal's cumulative
+        upsample factor): a constant, so the ends of a steady stream are an affine function of its tokens."""
+        if self._steady_rel is None:
+            n0 = 4096
+            g = _Graph(self, 1, dry=True)
+            g.run(n0, final=False)
+            g.n_tokens, g.emitted = n0, g.out.end  # what a push and its _take leave
+            self._steady_rel = g.rel_ends()
+        return self._steady_rel
+
     @torch.no_grad()
     def push_many(self, streams: Sequence["CodecStream"], token_lists: Sequence) -> List[torch.Tensor]:
-        """Advance many single-sequence streams of this codec. Streams in the same state (tokens pushed
-        so far) receiving the same number of tokens are stacked into one batched step, so each kernel
-        runs once per group; the rest run alone. Returns the new samples of each stream, in order."""
+        """Advance many single-sequence streams of this codec, batching those that can share one step:
+        streams in the same state (tokens pushed so far), and steady streams (past the start transient,
+        see `_Graph.steady`) in any state, receiving the same number of tokens. Each kernel then runs
+        once per group; the rest run alone. Returns the new samples of each stream, in order.
+        `push_stats` counts the calls, the graph pushes they ran and the streams in batched pushes."""
         if len(streams) != len(token_lists):
             raise ValueError(f"push_many: {len(streams)} streams but {len(token_lists)} token lists")
         toks = [self._tokens(t) for t in token_lists]
@@ -316,14 +335,23 @@ class Codec(torch.nn.Module):
                 raise TypeError("push_many: every stream must come from this codec's stream()")
             if s.batch != 1:
                 raise ValueError("push_many: streams must be single-sequence (stream(batch=1))")
-            groups.setdefault((s._graph.n_tokens, s._graph.finished, int(t.numel())), []).append(idx)
+            g, n = s._graph, int(t.numel())
+            # a steady stream's next push is a translation of any other steady stream's: the relative
+            # ends (equal for all steady streams) are the safety check that the index arithmetic agrees
+            key = ("steady", n, g.rel_ends()) if g.steady() else ("exact", n, g.n_tokens, g.finished)
+            groups.setdefault(key, []).append(idx)
         out: List[Optional[torch.Tensor]] = [None] * len(streams)
+        st = self.push_stats
+        st["calls"] += 1
+        st["pushes"] += len(groups)
         for key, idxs in groups.items():
             if len(idxs) == 1:
                 i = idxs[0]
                 out[i] = streams[i].push(toks[i])
                 continue
-            merged = _Graph.stack([streams[i]._graph for i in idxs])
+            st["batched_pushes"] += 1
+            st["batched_streams"] += len(idxs)
+            merged = _Graph.stack([streams[i]._graph for i in idxs], key[1])
             y = merged.push(torch.stack([toks[i] for i in idxs]))
             for row, (i, g) in enumerate(zip(idxs, merged.unstack())):
                 streams[i]._graph = g
@@ -334,10 +362,12 @@ class Codec(torch.nn.Module):
 # ---- streaming graph ----------------------------------------------------------------------------------
 
 class _Sig:
-    """A [B, C, time] signal known on [0, end); buf holds [start, start + cap) (absolute indices)."""
+    """A [B, C, time] signal known on [0, end); buf holds [start, start + cap) (absolute indices).
+    U: samples per token at this signal (the product of the upsample rates before it)."""
 
-    def __init__(self, B, C, dtype, device, dry):
+    def __init__(self, B, C, dtype, device, dry, U=1, poison=False):
         self.B, self.C, self.dtype, self.device, self.dry = B, C, dtype, device, dry
+        self.U, self.poison = U, poison
         self.start = 0
         self.end = 0
         self.total = None  # full length once the input is final
@@ -360,10 +390,14 @@ class _Sig:
         keep = min(self.keep_from(), self.end)
         live = self.end - keep
         cap = max(2 * (b - keep), 64)
-        nb = torch.empty(self.B, self.C, cap, dtype=self.dtype, device=self.device)
+        nb = self.empty(cap)
         if live > 0:
             nb[:, :, :live] = self.view(keep, self.end)
         self.buf, self.start = nb, keep
+
+    def empty(self, cap: int) -> torch.Tensor:
+        nb = torch.empty(self.B, self.C, cap, dtype=self.dtype, device=self.device)
+        return nb.fill_(float("nan")) if self.poison else nb
 
 
 class _Node:
@@ -397,6 +431,10 @@ class _Conv(_Node):
     def need_from(self, sig):
         return self.out.end if sig is self.residual else self.out.end - self.pl
 
+    def unclipped(self):
+        """The next compute range (from out.end) reads no left zero padding: it translates with the stream."""
+        return self.out.end - self.pl >= 0
+
     def limit(self):
         lim = self.full_len() if self.x.total is not None else self.x.end - (self.d * (self.K - 1) - self.pl)
         if self.residual is not None:
@@ -429,6 +467,9 @@ class _ConvT(_Node):
     def need_from(self, sig):
         return self._j0(self.out.end)
 
+    def unclipped(self):
+        return self.out.end + self.p - self.K + 1 >= 0
+
     def limit(self):
         lim = self.full_len() if self.x.total is not None else self.s * self.x.end - self.p
         return max(lim, self.out.end)
@@ -452,6 +493,9 @@ class _MRF(_Node):
     def limit(self):
         return min(c.limit() for c in self.convs)
 
+    def unclipped(self):
+        return all(c.unclipped() for c in self.convs)
+
     def compute(self, t0, t1):
         for c in self.convs:
             c.compute(t0, t1)
@@ -465,9 +509,11 @@ class _Graph:
         c = codec
         dt, dev = c.dtype, c.device
         sigs: List[_Sig] = []
+        poison = bool(getattr(c, "poison_buffers", False))
+        U = 1
 
         def sig(C):
-            s = _Sig(B, C, dt, dev, dry)
+            s = _Sig(B, C, dt, dev, dry, U, poison)
             sigs.append(s)
             return s
 
@@ -479,6 +525,7 @@ class _Graph:
         nodes.append(_Conv(self.emb, x, W("generator.conv_pre.weight"), Bf("generator.conv_pre.bias"), 7, 1, None))
         for i, (u, k) in enumerate(zip(c.upsample_rates, c.upsample_kernel_sizes)):
             ch = c.channels[i]
+            U *= u
             up = sig(ch)
             nodes.append(_ConvT(x, up, W(f"generator.ups.{i}.weight"), Bf(f"generator.ups.{i}.bias"), k, u, (k - u) // 2, c.lrelu_slope))
             xs = sig(ch)
@@ -504,6 +551,7 @@ class _Graph:
         self.n_tokens = 0
         self.finished = False
         self.emitted = 0
+        self._steady = False
 
     def run(self, n_tokens: int, final: bool):
         """Dry or real pass: advance every node as far as its inputs allow."""
@@ -555,31 +603,73 @@ class _Graph:
             return torch.zeros(self.B, 0, dtype=torch.float32, device=self.codec.device)
         return self.out.view(a, b)[:, 0].float().clone()
 
-    # batching of independent streams in the same state
+    # ---- batching of independent streams ---------------------------------------------------------
+    # Without the final right edge, every end is a function of n_tokens only (each limit() depends on its
+    # inputs' ends). Once no node's compute range is clipped at index 0, end_k = U_k * n_tokens - c_k and
+    # the next push's index arithmetic is translation invariant: shifting every signal k of a stream by
+    # D * U_k gives another stream's push, D tokens further on. Such steady streams run as one batch in
+    # the coordinates of the first one; streams in the start transient batch only in identical states.
+
+    def rel_ends(self) -> Tuple[int, ...]:
+        """end - U * n_tokens per signal, and the same for the emitted samples (equal for steady streams)."""
+        n = self.n_tokens
+        return tuple(s.end - s.U * n for s in self.sigs) + (self.emitted - self.out.U * n,)
+
+    def steady(self) -> bool:
+        """Past the start transient: ends at their steady offsets and no compute range clipped at 0
+        (cached: ends only grow while the stream is not flushed)."""
+        if self._steady:
+            return not self.finished
+        if self.dry or self.finished or self.rel_ends() != self.codec.steady_rel_ends:
+            return False
+        self._steady = all(node.unclipped() for node in self.nodes)
+        return self._steady
+
     @staticmethod
-    def stack(graphs: List["_Graph"]) -> "_Graph":
+    def stack(graphs: List["_Graph"], n: int = 0) -> "_Graph":
+        """One graph holding the rows of `graphs` (all steady, or all in the same state), in the
+        coordinates of graphs[0]; each buffer holds the live region plus room for a push of n tokens."""
         g0 = graphs[0]
         m = _Graph(g0.codec, sum(g.B for g in graphs))
+        shifts = [g.n_tokens - g0.n_tokens for g in graphs]
         for idx, s in enumerate(m.sigs):
             parts = [g.sigs[idx] for g in graphs]
-            keep = min(min(p.keep_from(), p.end) for p in parts)
-            keep = max(keep, max(p.start for p in parts))
+            offs = [d * s.U for d in shifts]
+            keep = min(min(p.keep_from(), p.end) - o for p, o in zip(parts, offs))
+            if any(keep + o < p.start or p.end - o != parts[0].end for p, o in zip(parts, offs)):
+                raise RuntimeError("codec push_many: the live regions of the batched streams do not line up")
+            live = parts[0].end - keep
             s.start, s.end, s.total = keep, parts[0].end, parts[0].total
-            s.buf = torch.cat([p.view(keep, p.end) for p in parts], 0) if parts[0].end > keep else \
-                torch.empty(s.B, s.C, 0, dtype=s.dtype, device=s.device)
+            s.buf = s.empty(live + s.U * n)
+            if live > 0:
+                torch.cat([p.view(keep + o, p.end) for p, o in zip(parts, offs)], 0, out=s.buf[:, :, :live])
         m.n_tokens, m.finished, m.emitted = g0.n_tokens, g0.finished, g0.emitted
-        m._parts = [g.B for g in graphs]
+        m._parts = [(g.B, d, g._steady) for g, d in zip(graphs, shifts)]
         return m
 
     def unstack(self) -> List["_Graph"]:
+        """The rows back as graphs in their own coordinates. The buffers keep only what the consumers
+        still need (one compact copy per signal), so the merged buffers are freed at once."""
+        live = []
+        for src in self.sigs:
+            keep = min(src.keep_from(), src.end)
+            buf = src.buf
+            if 2 * (src.end - keep) < buf.shape[-1]:
+                buf = buf[:, :, keep - src.start:src.end - src.start].clone()
+            else:
+                keep = src.start
+            live.append((keep, buf))
         out = []
         row = 0
-        for nb in self._parts:
+        for nb, d, steady in self._parts:
             g = _Graph(self.codec, nb)
-            for s, src in zip(g.sigs, self.sigs):
-                s.start, s.end, s.total = src.start, src.end, src.total
-                s.buf = src.buf[row:row + nb]
-            g.n_tokens, g.finished, g.emitted = self.n_tokens, self.finished, self.emitted
+            for s, src, (keep, buf) in zip(g.sigs, self.sigs, live):
+                o = d * s.U
+                s.start, s.end = keep + o, src.end + o
+                s.total = None if src.total is None else src.total + o
+                s.buf = buf[row:row + nb]
+            g.n_tokens, g.finished, g.emitted = self.n_tokens + d, self.finished, self.emitted + d * self.out.U
+            g._steady = steady
             out.append(g)
             row += nb
         return out
