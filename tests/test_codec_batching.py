@@ -171,3 +171,9 @@ def test_push_many_ragged_streams_real_config(real):
     got, seqs, splits, shifted = _scenario(real, 5, n_streams=4, max_len=n0 + 8, ticks=14, windows=[2, 3])
     _check(real, got, seqs, splits, atol=1e-5)
     assert shifted > 0 and real.push_stats["batched_pushes"] > before["batched_pushes"]
+
+
+def test_push_many_refuses_a_stream_twice(tiny):
+    s = tiny.stream()
+    with pytest.raises(ValueError, match="more than once"):
+        tiny.push_many([s, s], [[1], [2]])

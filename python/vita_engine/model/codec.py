@@ -108,6 +108,7 @@ class Codec(torch.nn.Module):
         self._p: Dict[str, torch.Tensor] = {}
         self._lookahead = None
         self._steady_rel = None
+        self._merged: Dict[int, "_Graph"] = {}  # push_many's merged graphs, pooled per batch size
         # counters of push_many (calls, graph pushes run, batched pushes, streams in batched pushes)
         self.push_stats = {"calls": 0, "pushes": 0, "batched_pushes": 0, "batched_streams": 0}
         # debug: fill every fresh streaming buffer with NaN so a read outside the written samples shows
@@ -328,6 +329,8 @@ class Codec(torch.nn.Module):
         `push_stats` counts the calls, the graph pushes they ran and the streams in batched pushes."""
         if len(streams) != len(token_lists):
             raise ValueError(f"push_many: {len(streams)} streams but {len(token_lists)} token lists")
+        if len({id(s) for s in streams}) != len(streams):
+            raise ValueError("push_many: a stream appears more than once (concatenate its tokens instead)")
         toks = [self._tokens(t) for t in token_lists]
         groups: Dict[tuple, List[int]] = {}
         for idx, (s, t) in enumerate(zip(streams, toks)):
@@ -351,7 +354,7 @@ class Codec(torch.nn.Module):
                 continue
             st["batched_pushes"] += 1
             st["batched_streams"] += len(idxs)
-            merged = _Graph.stack([streams[i]._graph for i in idxs], key[1])
+            merged = _Graph.stack([streams[i]._graph for i in idxs], key[1], steady=key[0] == "steady")
             y = merged.push(torch.stack([toks[i] for i in idxs]))
             for row, (i, g) in enumerate(zip(idxs, merged.unstack())):
                 streams[i]._graph = g
@@ -626,30 +629,41 @@ class _Graph:
         return self._steady
 
     @staticmethod
-    def stack(graphs: List["_Graph"], n: int = 0) -> "_Graph":
+    def stack(graphs: List["_Graph"], n: int = 0, steady: bool = False) -> "_Graph":
         """One graph holding the rows of `graphs` (all steady, or all in the same state), in the
-        coordinates of graphs[0]; each buffer holds the live region plus room for a push of n tokens."""
+        coordinates of graphs[0]; each buffer holds the live region plus room for a push of n tokens.
+        The merged graph object is pooled per batch size (building one costs more than a small push)."""
         g0 = graphs[0]
-        m = _Graph(g0.codec, sum(g.B for g in graphs))
+        codec = g0.codec
+        B = sum(g.B for g in graphs)
+        m = codec._merged.pop(B, None) or _Graph(codec, B)
         shifts = [g.n_tokens - g0.n_tokens for g in graphs]
         for idx, s in enumerate(m.sigs):
             parts = [g.sigs[idx] for g in graphs]
+            p0 = parts[0]
             offs = [d * s.U for d in shifts]
-            keep = min(min(p.keep_from(), p.end) - o for p, o in zip(parts, offs))
-            if any(keep + o < p.start or p.end - o != parts[0].end for p, o in zip(parts, offs)):
+            if steady:  # equal relative ends (the group key), no clipping: keep_from translates too
+                keep = min(p0.keep_from(), p0.end)
+                bad = any(keep + o < p.start for p, o in zip(parts, offs))
+            else:
+                keep = min(min(p.keep_from(), p.end) for p in parts)
+                bad = any(keep < p.start or p.end != p0.end for p in parts)
+            if bad:
                 raise RuntimeError("codec push_many: the live regions of the batched streams do not line up")
-            live = parts[0].end - keep
-            s.start, s.end, s.total = keep, parts[0].end, parts[0].total
+            live = p0.end - keep
+            s.start, s.end, s.total = keep, p0.end, p0.total
             s.buf = s.empty(live + s.U * n)
             if live > 0:
-                torch.cat([p.view(keep + o, p.end) for p, o in zip(parts, offs)], 0, out=s.buf[:, :, :live])
+                # (keep + o >= p.start checked above; a buffer always reaches its signal's end)
+                torch.cat([p.buf[:, :, keep + o - p.start:p.end - p.start] for p, o in zip(parts, offs)], 0, out=s.buf[:, :, :live])
         m.n_tokens, m.finished, m.emitted = g0.n_tokens, g0.finished, g0.emitted
-        m._parts = [(g.B, d, g._steady) for g, d in zip(graphs, shifts)]
+        m._parts = list(zip(graphs, shifts))
         return m
 
     def unstack(self) -> List["_Graph"]:
-        """The rows back as graphs in their own coordinates. The buffers keep only what the consumers
-        still need (one compact copy per signal), so the merged buffers are freed at once."""
+        """Write the rows back into the stacked graphs, in their own coordinates, and return them. Their
+        buffers keep only what the consumers still need (one compact copy per signal), so the merged
+        buffers are freed at once."""
         live = []
         for src in self.sigs:
             keep = min(src.keep_from(), src.end)
@@ -659,19 +673,21 @@ class _Graph:
             else:
                 keep = src.start
             live.append((keep, buf))
+            src.buf = None
         out = []
         row = 0
-        for nb, d, steady in self._parts:
-            g = _Graph(self.codec, nb)
+        for g, d in self._parts:
+            nb = g.B
             for s, src, (keep, buf) in zip(g.sigs, self.sigs, live):
                 o = d * s.U
                 s.start, s.end = keep + o, src.end + o
                 s.total = None if src.total is None else src.total + o
                 s.buf = buf[row:row + nb]
             g.n_tokens, g.finished, g.emitted = self.n_tokens + d, self.finished, self.emitted + d * self.out.U
-            g._steady = steady
             out.append(g)
             row += nb
+        self._parts = []
+        self.codec._merged[self.B] = self
         return out
 
 
