@@ -109,6 +109,7 @@ class Codec(torch.nn.Module):
         self._lookahead = None
         self._steady_rel = None
         self._merged: Dict[int, "_Graph"] = {}  # push_many's merged graphs, pooled per batch size
+        self._slab: Optional["_Slab"] = None
         # counters of push_many (calls, graph pushes run, batched pushes, streams in batched pushes)
         self.push_stats = {"calls": 0, "pushes": 0, "batched_pushes": 0, "batched_streams": 0}
         # debug: fill every fresh streaming buffer with NaN so a read outside the written samples shows
@@ -320,6 +321,12 @@ class Codec(torch.nn.Module):
             self._steady_rel = g.rel_ends()
         return self._steady_rel
 
+    @property
+    def slab(self) -> "_Slab":
+        if self._slab is None:
+            self._slab = _Slab(self)
+        return self._slab
+
     @torch.no_grad()
     def push_many(self, streams: Sequence["CodecStream"], token_lists: Sequence) -> List[torch.Tensor]:
         """Advance many single-sequence streams of this codec, batching those that can share one step:
@@ -339,9 +346,11 @@ class Codec(torch.nn.Module):
             if s.batch != 1:
                 raise ValueError("push_many: streams must be single-sequence (stream(batch=1))")
             g, n = s._graph, int(t.numel())
-            # a steady stream's next push is a translation of any other steady stream's: the relative
-            # ends (equal for all steady streams) are the safety check that the index arithmetic agrees
-            key = ("steady", n, g.rel_ends()) if g.steady() else ("exact", n, g.n_tokens, g.finished)
+            # a steady stream's next push is a translation of any other steady stream's: steady streams
+            # keep their state in the slab (parked), where any of them batch with any other
+            if g.row is None and g.steady():
+                self.slab.park(g)
+            key = ("steady", n) if g.row is not None else ("exact", n, g.n_tokens, g.finished)
             groups.setdefault(key, []).append(idx)
         out: List[Optional[torch.Tensor]] = [None] * len(streams)
         st = self.push_stats
@@ -354,7 +363,12 @@ class Codec(torch.nn.Module):
                 continue
             st["batched_pushes"] += 1
             st["batched_streams"] += len(idxs)
-            merged = _Graph.stack([streams[i]._graph for i in idxs], key[1], steady=key[0] == "steady")
+            if key[0] == "steady":
+                y = self.slab.push([streams[i]._graph for i in idxs], torch.stack([toks[i] for i in idxs]))
+                for row, i in enumerate(idxs):
+                    out[i] = y[row]
+                continue
+            merged = _Graph.stack([streams[i]._graph for i in idxs])
             y = merged.push(torch.stack([toks[i] for i in idxs]))
             for row, (i, g) in enumerate(zip(idxs, merged.unstack())):
                 streams[i]._graph = g
@@ -555,6 +569,8 @@ class _Graph:
         self.finished = False
         self.emitted = 0
         self._steady = False
+        self.row: Optional[int] = None  # the slab row holding this graph's state while parked
+        self._release = None
 
     def run(self, n_tokens: int, final: bool):
         """Dry or real pass: advance every node as far as its inputs allow."""
@@ -584,6 +600,8 @@ class _Graph:
         """tokens: [B, n] validated ids -> [B, new_samples] float32."""
         if self.finished:
             raise RuntimeError("CodecStream: push after flush()")
+        if self.row is not None:
+            return self.codec.slab.push([self], tokens)
         n = tokens.shape[1]
         if n:
             self.emb.reserve(self.n_tokens + n)
@@ -595,6 +613,8 @@ class _Graph:
     def flush(self) -> torch.Tensor:
         if self.finished:
             return torch.zeros(self.B, 0, dtype=torch.float32, device=self.codec.device)
+        if self.row is not None:
+            self.codec.slab.unpark(self)
         self.run(self.n_tokens, final=True)
         self.finished = True
         return self._take()
@@ -610,8 +630,9 @@ class _Graph:
     # Without the final right edge, every end is a function of n_tokens only (each limit() depends on its
     # inputs' ends). Once no node's compute range is clipped at index 0, end_k = U_k * n_tokens - c_k and
     # the next push's index arithmetic is translation invariant: shifting every signal k of a stream by
-    # D * U_k gives another stream's push, D tokens further on. Such steady streams run as one batch in
-    # the coordinates of the first one; streams in the start transient batch only in identical states.
+    # D * U_k gives another stream's push, D tokens further on. Steady streams therefore live in the
+    # codec's `_Slab` and batch with each other whatever their positions; streams in the start transient
+    # batch only in identical states (stack / unstack).
 
     def rel_ends(self) -> Tuple[int, ...]:
         """end - U * n_tokens per signal, and the same for the emitted samples (equal for steady streams)."""
@@ -623,72 +644,142 @@ class _Graph:
         (cached: ends only grow while the stream is not flushed)."""
         if self._steady:
             return not self.finished
-        if self.dry or self.finished or self.rel_ends() != self.codec.steady_rel_ends:
+        if self.dry or self.finished or self.B != 1 or self.rel_ends() != self.codec.steady_rel_ends:
             return False
         self._steady = all(node.unclipped() for node in self.nodes)
         return self._steady
 
     @staticmethod
-    def stack(graphs: List["_Graph"], n: int = 0, steady: bool = False) -> "_Graph":
-        """One graph holding the rows of `graphs` (all steady, or all in the same state), in the
-        coordinates of graphs[0]; each buffer holds the live region plus room for a push of n tokens.
-        The merged graph object is pooled per batch size (building one costs more than a small push)."""
+    def stack(graphs: List["_Graph"]) -> "_Graph":
+        """One graph holding the rows of `graphs` (all in the same state). The merged graph object is
+        pooled per batch size (building one costs more than a small push)."""
         g0 = graphs[0]
         codec = g0.codec
-        B = sum(g.B for g in graphs)
-        m = codec._merged.pop(B, None) or _Graph(codec, B)
-        shifts = [g.n_tokens - g0.n_tokens for g in graphs]
+        m = codec._merged.pop(sum(g.B for g in graphs), None) or _Graph(codec, sum(g.B for g in graphs))
         for idx, s in enumerate(m.sigs):
             parts = [g.sigs[idx] for g in graphs]
             p0 = parts[0]
-            offs = [d * s.U for d in shifts]
-            if steady:  # equal relative ends (the group key), no clipping: keep_from translates too
-                keep = min(p0.keep_from(), p0.end)
-                bad = any(keep + o < p.start for p, o in zip(parts, offs))
-            else:
-                keep = min(min(p.keep_from(), p.end) for p in parts)
-                bad = any(keep < p.start or p.end != p0.end for p in parts)
-            if bad:
+            keep = min(min(p.keep_from(), p.end) for p in parts)
+            if any(keep < p.start or p.end != p0.end for p in parts):
                 raise RuntimeError("codec push_many: the live regions of the batched streams do not line up")
             live = p0.end - keep
             s.start, s.end, s.total = keep, p0.end, p0.total
-            s.buf = s.empty(live + s.U * n)
-            if live > 0:
-                # (keep + o >= p.start checked above; a buffer always reaches its signal's end)
-                torch.cat([p.buf[:, :, keep + o - p.start:p.end - p.start] for p, o in zip(parts, offs)], 0, out=s.buf[:, :, :live])
+            s.buf = s.empty(live) if live <= 0 else torch.cat([p.view(keep, p.end) for p in parts], 0)
         m.n_tokens, m.finished, m.emitted = g0.n_tokens, g0.finished, g0.emitted
-        m._parts = list(zip(graphs, shifts))
+        m._parts = list(graphs)
         return m
 
     def unstack(self) -> List["_Graph"]:
-        """Write the rows back into the stacked graphs, in their own coordinates, and return them. Their
-        buffers keep only what the consumers still need (one compact copy per signal), so the merged
-        buffers are freed at once."""
+        """Write the rows back into the stacked graphs and return them; each holds a compact copy of
+        what its consumers still need, so the merged buffers are freed at once."""
         live = []
         for src in self.sigs:
             keep = min(src.keep_from(), src.end)
-            buf = src.buf
-            if 2 * (src.end - keep) < buf.shape[-1]:
-                buf = buf[:, :, keep - src.start:src.end - src.start].clone()
-            else:
-                keep = src.start
-            live.append((keep, buf))
+            live.append((keep, src.buf[:, :, keep - src.start:src.end - src.start].clone()))
             src.buf = None
-        out = []
         row = 0
-        for g, d in self._parts:
-            nb = g.B
+        for g in self._parts:
             for s, src, (keep, buf) in zip(g.sigs, self.sigs, live):
-                o = d * s.U
-                s.start, s.end = keep + o, src.end + o
-                s.total = None if src.total is None else src.total + o
-                s.buf = buf[row:row + nb]
-            g.n_tokens, g.finished, g.emitted = self.n_tokens + d, self.finished, self.emitted + d * self.out.U
-            out.append(g)
-            row += nb
-        self._parts = []
+                s.start, s.end, s.total = keep, src.end, src.total
+                s.buf = buf[row:row + g.B]
+            g.n_tokens, g.finished, g.emitted = self.n_tokens, self.finished, self.emitted
+            row += g.B
+        out, self._parts = self._parts, []
         self.codec._merged[self.B] = self
         return out
+
+
+class _Slab:
+    """The state of the steady (parked) streams of a codec, one row per stream. A steady stream's live
+    region of signal k is [keep_k, end_k) with keep_k - U_k * n_tokens and end_k - U_k * n_tokens the
+    same for every steady stream, so each signal is one [rows, C_k, W_k] tensor and a push of any set of
+    rows gathers one tensor per signal into a merged graph (in the coordinates of the first row's
+    stream), runs it, and scatters the new live regions back. Rows are freed by flush() or when the
+    stream's graph is collected (a turn dropped without a flush)."""
+
+    def __init__(self, codec: Codec):
+        self.codec = codec
+        n0 = 4096
+        g = _Graph(codec, 1, dry=True)
+        g.run(n0, final=False)
+        g.n_tokens, g.emitted = n0, g.out.end
+        if not all(node.unclipped() for node in g.nodes):  # the layout below assumes a steady graph
+            raise RuntimeError("codec: the streaming graph is not steady after 4096 tokens")
+        self.keep = [min(s.keep_from(), s.end) - s.U * n0 for s in g.sigs]  # relative keep per signal
+        self.end = [s.end - s.U * n0 for s in g.sigs]
+        self.width = [e - k for k, e in zip(self.keep, self.end)]
+        self.emitted = g.emitted - g.out.U * n0
+        self.U = [s.U for s in g.sigs]
+        self.bufs: List[torch.Tensor] = []
+        self.rows = 0
+        self.free: List[int] = []
+
+    def _grow(self) -> None:
+        n = max(8, 2 * self.rows)
+        c, new = self.codec, []
+        for k, s in enumerate(_Graph(c, 1, dry=True).sigs):
+            b = torch.empty(n, s.C, self.width[k], dtype=c.dtype, device=c.device)
+            if c.poison_buffers:
+                b.fill_(float("nan"))
+            if self.rows:
+                b[:self.rows].copy_(self.bufs[k])
+            new.append(b)
+        self.free.extend(range(n - 1, self.rows - 1, -1))
+        self.bufs, self.rows = new, n
+
+    def park(self, g: "_Graph") -> None:
+        """Move a steady graph's live regions into a slab row (its own buffers are dropped)."""
+        import weakref
+
+        if g.rel_ends() != self.codec.steady_rel_ends:
+            raise RuntimeError("codec: parking a stream that is not steady")
+        if not self.free:
+            self._grow()
+        row = self.free.pop()
+        N = g.n_tokens
+        for k, s in enumerate(g.sigs):
+            a = s.U * N + self.keep[k]
+            self.bufs[k][row].copy_(s.view(a, s.end)[0])
+            s.buf = None
+        g.row = row
+        g._release = weakref.finalize(g, self.free.append, row)
+
+    def unpark(self, g: "_Graph") -> None:
+        """Give a parked graph its own buffers back (before its flush)."""
+        row, N = g.row, g.n_tokens
+        for k, s in enumerate(g.sigs):
+            s.start, s.end = s.U * N + self.keep[k], s.U * N + self.end[k]
+            s.buf = self.bufs[k][row:row + 1].clone()
+        g.row = None
+        g._release()  # the row is free again
+        g._release = None
+
+    def push(self, graphs: List["_Graph"], tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, n] for the parked `graphs` -> [B, new samples] float32."""
+        B, n = tokens.shape
+        c = self.codec
+        rows = torch.tensor([g.row for g in graphs], dtype=torch.long, device=c.device)
+        N = graphs[0].n_tokens  # the merged graph runs in the first stream's coordinates
+        m = c._merged.pop(B, None) or _Graph(c, B)
+        for k, s in enumerate(m.sigs):
+            U = self.U[k]
+            s.start, s.end, s.total = U * N + self.keep[k], U * N + self.end[k], None
+            s.buf = s.empty(self.width[k] + U * n)  # room for this push: no reallocation in reserve
+            torch.index_select(self.bufs[k], 0, rows, out=s.buf[:, :, :self.width[k]])
+        m.n_tokens, m.finished, m.emitted = N, False, m.out.U * N + self.emitted
+        y = m.push(tokens)
+        N1 = N + n
+        for k, s in enumerate(m.sigs):
+            a = self.U[k] * N1 + self.keep[k]
+            if s.end != self.U[k] * N1 + self.end[k] or min(s.keep_from(), s.end) != a:
+                raise RuntimeError("codec: a steady push left the steady layout")
+            self.bufs[k].index_copy_(0, rows, s.buf[:, :, a - s.start:s.end - s.start])
+            s.buf = None
+        c._merged[B] = m
+        for g in graphs:
+            g.n_tokens += n
+            g.emitted += m.out.U * n
+        return y
 
 
 class CodecStream:

@@ -1,6 +1,6 @@
 """The codec stage: pushes each turn's codec tokens (in segment order, one codec stream per turn) into
-exact streaming codec windows when the policy says a window is due (`Codec.push_many`: streams in the
-same state are batched; first windows go before later ones), emits the final samples as AudioChunk
+exact streaming codec windows when the policy says a window is due (`Codec.push_many`: streams that
+push the same number of tokens are batched; first windows go before later ones), emits the final samples as AudioChunk
 events, and ends the turn once the LLM and every segment are done (the rest is pushed and flushed)."""
 from __future__ import annotations
 
@@ -48,13 +48,14 @@ class CodecStage(Stage):
             if group:
                 self._push(codec, group)
         if later:
-            # later windows in the policy's order, streams in the same state batched, within the
-            # policy's time budget for this tick (the rest waits for the next tick)
+            # later windows in the policy's order, one push_many per window size (it batches the
+            # steady streams whatever their position), within the policy's time budget for this tick
+            # (the rest waits for the next tick)
             budget = self.policy.codec_budget_ms(self.policy.first_audio_pending(states))
             t0 = time.perf_counter()
             groups: dict = {}
             for c in self.policy.order_windows(later, now):
-                groups.setdefault((c[1].codec_pushed, c[2]), []).append(c)
+                groups.setdefault(c[2], []).append(c)
             for g in groups.values():
                 if (time.perf_counter() - t0) * 1e3 >= budget:
                     break
