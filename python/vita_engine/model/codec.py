@@ -13,6 +13,10 @@ Streaming (`Codec.stream()`) is exact: every signal of the graph keeps the tail 
 its consumers still need plus its own output position, each layer computes only samples whose
 receptive field is complete, and `flush()` applies the right-edge zero padding of a full decode.
 For any split of a token sequence into pushes the concatenated output equals `decode()`.
+
+`Codec.push_many` batches streams: those in the same state, and steady ones (past the start transient)
+at any position, since a steady stream's next push is a translation of any other's; steady streams keep
+their state in a per-codec slab (`_Slab`) so a batch costs one gather and one scatter per signal.
 """
 from __future__ import annotations
 
