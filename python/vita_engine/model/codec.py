@@ -13,6 +13,10 @@ Streaming (`Codec.stream()`) is exact: every signal of the graph keeps the tail 
 its consumers still need plus its own output position, each layer computes only samples whose
 receptive field is complete, and `flush()` applies the right-edge zero padding of a full decode.
 For any split of a token sequence into pushes the concatenated output equals `decode()`.
+
+`Codec.push_many` batches streams: those in the same state, and steady ones (past the start transient)
+at any position, since a steady stream's next push is a translation of any other's; steady streams keep
+their state in a per-codec slab (`_Slab`) so a batch costs one gather and one scatter per signal.
 """
 from __future__ import annotations
 
@@ -107,6 +111,13 @@ class Codec(torch.nn.Module):
         self.loaded = False
         self._p: Dict[str, torch.Tensor] = {}
         self._lookahead = None
+        self._steady_rel = None
+        self._merged: Dict[int, "_Graph"] = {}  # push_many's merged graphs, pooled per batch size
+        self._slab: Optional["_Slab"] = None
+        # counters of push_many (calls, graph pushes run, batched pushes, streams in batched pushes)
+        self.push_stats = {"calls": 0, "pushes": 0, "batched_pushes": 0, "batched_streams": 0}
+        # debug: fill every fresh streaming buffer with NaN so a read outside the written samples shows
+        self.poison_buffers = False
 
     # ---- weights ------------------------------------------------------------------------------------
 
@@ -302,13 +313,35 @@ class Codec(torch.nn.Module):
         """Tokens that must follow token i before all of token i's samples are final (from the layer config)."""
         return -(-self.lookahead_samples // self.hop_length)
 
+    @property
+    def steady_rel_ends(self) -> Tuple[int, ...]:
+        """Per signal of the graph, `end - U * n_tokens` in steady state (U: the signal's cumulative
+        upsample factor): a constant, so the ends of a steady stream are an affine function of its tokens."""
+        if self._steady_rel is None:
+            n0 = 4096
+            g = _Graph(self, 1, dry=True)
+            g.run(n0, final=False)
+            g.n_tokens, g.emitted = n0, g.out.end  # what a push and its _take leave
+            self._steady_rel = g.rel_ends()
+        return self._steady_rel
+
+    @property
+    def slab(self) -> "_Slab":
+        if self._slab is None:
+            self._slab = _Slab(self)
+        return self._slab
+
     @torch.no_grad()
     def push_many(self, streams: Sequence["CodecStream"], token_lists: Sequence) -> List[torch.Tensor]:
-        """Advance many single-sequence streams of this codec. Streams in the same state (tokens pushed
-        so far) receiving the same number of tokens are stacked into one batched step, so each kernel
-        runs once per group; the rest run alone. Returns the new samples of each stream, in order."""
+        """Advance many single-sequence streams of this codec, batching those that can share one step:
+        streams in the same state (tokens pushed so far), and steady streams (past the start transient,
+        see `_Graph.steady`) in any state, receiving the same number of tokens. Each kernel then runs
+        once per group; the rest run alone. Returns the new samples of each stream, in order.
+        `push_stats` counts the calls, the graph pushes they ran and the streams in batched pushes."""
         if len(streams) != len(token_lists):
             raise ValueError(f"push_many: {len(streams)} streams but {len(token_lists)} token lists")
+        if len({id(s) for s in streams}) != len(streams):
+            raise ValueError("push_many: a stream appears more than once (concatenate its tokens instead)")
         toks = [self._tokens(t) for t in token_lists]
         groups: Dict[tuple, List[int]] = {}
         for idx, (s, t) in enumerate(zip(streams, toks)):
@@ -316,12 +349,28 @@ class Codec(torch.nn.Module):
                 raise TypeError("push_many: every stream must come from this codec's stream()")
             if s.batch != 1:
                 raise ValueError("push_many: streams must be single-sequence (stream(batch=1))")
-            groups.setdefault((s._graph.n_tokens, s._graph.finished, int(t.numel())), []).append(idx)
+            g, n = s._graph, int(t.numel())
+            # a steady stream's next push is a translation of any other steady stream's: steady streams
+            # keep their state in the slab (parked), where any of them batch with any other
+            if g.row is None and g.steady():
+                self.slab.park(g)
+            key = ("steady", n) if g.row is not None else ("exact", n, g.n_tokens, g.finished)
+            groups.setdefault(key, []).append(idx)
         out: List[Optional[torch.Tensor]] = [None] * len(streams)
+        st = self.push_stats
+        st["calls"] += 1
+        st["pushes"] += len(groups)
         for key, idxs in groups.items():
             if len(idxs) == 1:
                 i = idxs[0]
                 out[i] = streams[i].push(toks[i])
+                continue
+            st["batched_pushes"] += 1
+            st["batched_streams"] += len(idxs)
+            if key[0] == "steady":
+                y = self.slab.push([streams[i]._graph for i in idxs], torch.stack([toks[i] for i in idxs]))
+                for row, i in enumerate(idxs):
+                    out[i] = y[row]
                 continue
             merged = _Graph.stack([streams[i]._graph for i in idxs])
             y = merged.push(torch.stack([toks[i] for i in idxs]))
@@ -334,10 +383,12 @@ class Codec(torch.nn.Module):
 # ---- streaming graph ----------------------------------------------------------------------------------
 
 class _Sig:
-    """A [B, C, time] signal known on [0, end); buf holds [start, start + cap) (absolute indices)."""
+    """A [B, C, time] signal known on [0, end); buf holds [start, start + cap) (absolute indices).
+    U: samples per token at this signal (the product of the upsample rates before it)."""
 
-    def __init__(self, B, C, dtype, device, dry):
+    def __init__(self, B, C, dtype, device, dry, U=1, poison=False):
         self.B, self.C, self.dtype, self.device, self.dry = B, C, dtype, device, dry
+        self.U, self.poison = U, poison
         self.start = 0
         self.end = 0
         self.total = None  # full length once the input is final
@@ -360,10 +411,14 @@ class _Sig:
         keep = min(self.keep_from(), self.end)
         live = self.end - keep
         cap = max(2 * (b - keep), 64)
-        nb = torch.empty(self.B, self.C, cap, dtype=self.dtype, device=self.device)
+        nb = self.empty(cap)
         if live > 0:
             nb[:, :, :live] = self.view(keep, self.end)
         self.buf, self.start = nb, keep
+
+    def empty(self, cap: int) -> torch.Tensor:
+        nb = torch.empty(self.B, self.C, cap, dtype=self.dtype, device=self.device)
+        return nb.fill_(float("nan")) if self.poison else nb
 
 
 class _Node:
@@ -397,6 +452,10 @@ class _Conv(_Node):
     def need_from(self, sig):
         return self.out.end if sig is self.residual else self.out.end - self.pl
 
+    def unclipped(self):
+        """The next compute range (from out.end) reads no left zero padding: it translates with the stream."""
+        return self.out.end - self.pl >= 0
+
     def limit(self):
         lim = self.full_len() if self.x.total is not None else self.x.end - (self.d * (self.K - 1) - self.pl)
         if self.residual is not None:
@@ -429,6 +488,9 @@ class _ConvT(_Node):
     def need_from(self, sig):
         return self._j0(self.out.end)
 
+    def unclipped(self):
+        return self.out.end + self.p - self.K + 1 >= 0
+
     def limit(self):
         lim = self.full_len() if self.x.total is not None else self.s * self.x.end - self.p
         return max(lim, self.out.end)
@@ -452,6 +514,9 @@ class _MRF(_Node):
     def limit(self):
         return min(c.limit() for c in self.convs)
 
+    def unclipped(self):
+        return all(c.unclipped() for c in self.convs)
+
     def compute(self, t0, t1):
         for c in self.convs:
             c.compute(t0, t1)
@@ -465,9 +530,11 @@ class _Graph:
         c = codec
         dt, dev = c.dtype, c.device
         sigs: List[_Sig] = []
+        poison = bool(getattr(c, "poison_buffers", False))
+        U = 1
 
         def sig(C):
-            s = _Sig(B, C, dt, dev, dry)
+            s = _Sig(B, C, dt, dev, dry, U, poison)
             sigs.append(s)
             return s
 
@@ -479,6 +546,7 @@ class _Graph:
         nodes.append(_Conv(self.emb, x, W("generator.conv_pre.weight"), Bf("generator.conv_pre.bias"), 7, 1, None))
         for i, (u, k) in enumerate(zip(c.upsample_rates, c.upsample_kernel_sizes)):
             ch = c.channels[i]
+            U *= u
             up = sig(ch)
             nodes.append(_ConvT(x, up, W(f"generator.ups.{i}.weight"), Bf(f"generator.ups.{i}.bias"), k, u, (k - u) // 2, c.lrelu_slope))
             xs = sig(ch)
@@ -504,6 +572,9 @@ class _Graph:
         self.n_tokens = 0
         self.finished = False
         self.emitted = 0
+        self._steady = False
+        self.row: Optional[int] = None  # the slab row holding this graph's state while parked
+        self._release = None
 
     def run(self, n_tokens: int, final: bool):
         """Dry or real pass: advance every node as far as its inputs allow."""
@@ -533,6 +604,8 @@ class _Graph:
         """tokens: [B, n] validated ids -> [B, new_samples] float32."""
         if self.finished:
             raise RuntimeError("CodecStream: push after flush()")
+        if self.row is not None:
+            return self.codec.slab.push([self], tokens)
         n = tokens.shape[1]
         if n:
             self.emb.reserve(self.n_tokens + n)
@@ -544,6 +617,8 @@ class _Graph:
     def flush(self) -> torch.Tensor:
         if self.finished:
             return torch.zeros(self.B, 0, dtype=torch.float32, device=self.codec.device)
+        if self.row is not None:
+            self.codec.slab.unpark(self)
         self.run(self.n_tokens, final=True)
         self.finished = True
         return self._take()
@@ -555,34 +630,160 @@ class _Graph:
             return torch.zeros(self.B, 0, dtype=torch.float32, device=self.codec.device)
         return self.out.view(a, b)[:, 0].float().clone()
 
-    # batching of independent streams in the same state
+    # ---- batching of independent streams ---------------------------------------------------------
+    # Without the final right edge, every end is a function of n_tokens only (each limit() depends on its
+    # inputs' ends). Once no node's compute range is clipped at index 0, end_k = U_k * n_tokens - c_k and
+    # the next push's index arithmetic is translation invariant: shifting every signal k of a stream by
+    # D * U_k gives another stream's push, D tokens further on. Steady streams therefore live in the
+    # codec's `_Slab` and batch with each other whatever their positions; streams in the start transient
+    # batch only in identical states (stack / unstack).
+
+    def rel_ends(self) -> Tuple[int, ...]:
+        """end - U * n_tokens per signal, and the same for the emitted samples (equal for steady streams)."""
+        n = self.n_tokens
+        return tuple(s.end - s.U * n for s in self.sigs) + (self.emitted - self.out.U * n,)
+
+    def steady(self) -> bool:
+        """Past the start transient: ends at their steady offsets and no compute range clipped at 0
+        (cached: ends only grow while the stream is not flushed)."""
+        if self._steady:
+            return not self.finished
+        if self.dry or self.finished or self.B != 1 or self.rel_ends() != self.codec.steady_rel_ends:
+            return False
+        self._steady = all(node.unclipped() for node in self.nodes)
+        return self._steady
+
     @staticmethod
     def stack(graphs: List["_Graph"]) -> "_Graph":
+        """One graph holding the rows of `graphs` (all in the same state). The merged graph object is
+        pooled per batch size (building one costs more than a small push)."""
         g0 = graphs[0]
-        m = _Graph(g0.codec, sum(g.B for g in graphs))
+        codec = g0.codec
+        m = codec._merged.pop(sum(g.B for g in graphs), None) or _Graph(codec, sum(g.B for g in graphs))
         for idx, s in enumerate(m.sigs):
             parts = [g.sigs[idx] for g in graphs]
+            p0 = parts[0]
             keep = min(min(p.keep_from(), p.end) for p in parts)
-            keep = max(keep, max(p.start for p in parts))
-            s.start, s.end, s.total = keep, parts[0].end, parts[0].total
-            s.buf = torch.cat([p.view(keep, p.end) for p in parts], 0) if parts[0].end > keep else \
-                torch.empty(s.B, s.C, 0, dtype=s.dtype, device=s.device)
+            if any(keep < p.start or p.end != p0.end for p in parts):
+                raise RuntimeError("codec push_many: the live regions of the batched streams do not line up")
+            live = p0.end - keep
+            s.start, s.end, s.total = keep, p0.end, p0.total
+            s.buf = s.empty(live) if live <= 0 else torch.cat([p.view(keep, p.end) for p in parts], 0)
         m.n_tokens, m.finished, m.emitted = g0.n_tokens, g0.finished, g0.emitted
-        m._parts = [g.B for g in graphs]
+        m._parts = list(graphs)
         return m
 
     def unstack(self) -> List["_Graph"]:
-        out = []
+        """Write the rows back into the stacked graphs and return them; each holds a compact copy of
+        what its consumers still need, so the merged buffers are freed at once."""
+        live = []
+        for src in self.sigs:
+            keep = min(src.keep_from(), src.end)
+            live.append((keep, src.buf[:, :, keep - src.start:src.end - src.start].clone()))
+            src.buf = None
         row = 0
-        for nb in self._parts:
-            g = _Graph(self.codec, nb)
-            for s, src in zip(g.sigs, self.sigs):
-                s.start, s.end, s.total = src.start, src.end, src.total
-                s.buf = src.buf[row:row + nb]
+        for g in self._parts:
+            for s, src, (keep, buf) in zip(g.sigs, self.sigs, live):
+                s.start, s.end, s.total = keep, src.end, src.total
+                s.buf = buf[row:row + g.B]
             g.n_tokens, g.finished, g.emitted = self.n_tokens, self.finished, self.emitted
-            out.append(g)
-            row += nb
+            row += g.B
+        out, self._parts = self._parts, []
+        self.codec._merged[self.B] = self
         return out
+
+
+class _Slab:
+    """The state of the steady (parked) streams of a codec, one row per stream. A steady stream's live
+    region of signal k is [keep_k, end_k) with keep_k - U_k * n_tokens and end_k - U_k * n_tokens the
+    same for every steady stream, so each signal is one [rows, C_k, W_k] tensor and a push of any set of
+    rows gathers one tensor per signal into a merged graph (in the coordinates of the first row's
+    stream), runs it, and scatters the new live regions back. Rows are freed by flush() or when the
+    stream's graph is collected (a turn dropped without a flush)."""
+
+    def __init__(self, codec: Codec):
+        self.codec = codec
+        n0 = 4096
+        g = _Graph(codec, 1, dry=True)
+        g.run(n0, final=False)
+        g.n_tokens, g.emitted = n0, g.out.end
+        if not all(node.unclipped() for node in g.nodes):  # the layout below assumes a steady graph
+            raise RuntimeError("codec: the streaming graph is not steady after 4096 tokens")
+        self.keep = [min(s.keep_from(), s.end) - s.U * n0 for s in g.sigs]  # relative keep per signal
+        self.end = [s.end - s.U * n0 for s in g.sigs]
+        self.width = [e - k for k, e in zip(self.keep, self.end)]
+        self.emitted = g.emitted - g.out.U * n0
+        self.U = [s.U for s in g.sigs]
+        self.bufs: List[torch.Tensor] = []
+        self.rows = 0
+        self.free: List[int] = []
+
+    def _grow(self) -> None:
+        n = max(8, 2 * self.rows)
+        c, new = self.codec, []
+        for k, s in enumerate(_Graph(c, 1, dry=True).sigs):
+            b = torch.empty(n, s.C, self.width[k], dtype=c.dtype, device=c.device)
+            if c.poison_buffers:
+                b.fill_(float("nan"))
+            if self.rows:
+                b[:self.rows].copy_(self.bufs[k])
+            new.append(b)
+        self.free.extend(range(n - 1, self.rows - 1, -1))
+        self.bufs, self.rows = new, n
+
+    def park(self, g: "_Graph") -> None:
+        """Move a steady graph's live regions into a slab row (its own buffers are dropped)."""
+        import weakref
+
+        if g.rel_ends() != self.codec.steady_rel_ends:
+            raise RuntimeError("codec: parking a stream that is not steady")
+        if not self.free:
+            self._grow()
+        row = self.free.pop()
+        N = g.n_tokens
+        for k, s in enumerate(g.sigs):
+            a = s.U * N + self.keep[k]
+            self.bufs[k][row].copy_(s.view(a, s.end)[0])
+            s.buf = None
+        g.row = row
+        g._release = weakref.finalize(g, self.free.append, row)
+
+    def unpark(self, g: "_Graph") -> None:
+        """Give a parked graph its own buffers back (before its flush)."""
+        row, N = g.row, g.n_tokens
+        for k, s in enumerate(g.sigs):
+            s.start, s.end = s.U * N + self.keep[k], s.U * N + self.end[k]
+            s.buf = self.bufs[k][row:row + 1].clone()
+        g.row = None
+        g._release()  # the row is free again
+        g._release = None
+
+    def push(self, graphs: List["_Graph"], tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, n] for the parked `graphs` -> [B, new samples] float32."""
+        B, n = tokens.shape
+        c = self.codec
+        rows = torch.tensor([g.row for g in graphs], dtype=torch.long, device=c.device)
+        N = graphs[0].n_tokens  # the merged graph runs in the first stream's coordinates
+        m = c._merged.pop(B, None) or _Graph(c, B)
+        for k, s in enumerate(m.sigs):
+            U = self.U[k]
+            s.start, s.end, s.total = U * N + self.keep[k], U * N + self.end[k], None
+            s.buf = s.empty(self.width[k] + U * n)  # room for this push: no reallocation in reserve
+            torch.index_select(self.bufs[k], 0, rows, out=s.buf[:, :, :self.width[k]])
+        m.n_tokens, m.finished, m.emitted = N, False, m.out.U * N + self.emitted
+        y = m.push(tokens)
+        N1 = N + n
+        for k, s in enumerate(m.sigs):
+            a = self.U[k] * N1 + self.keep[k]
+            if s.end != self.U[k] * N1 + self.end[k] or min(s.keep_from(), s.end) != a:
+                raise RuntimeError("codec: a steady push left the steady layout")
+            self.bufs[k].index_copy_(0, rows, s.buf[:, :, a - s.start:s.end - s.start])
+            s.buf = None
+        c._merged[B] = m
+        for g in graphs:
+            g.n_tokens += n
+            g.emitted += m.out.U * n
+        return y
 
 
 class CodecStream:

@@ -1,9 +1,10 @@
 """The codec stage: pushes each turn's codec tokens (in segment order, one codec stream per turn) into
-exact streaming codec windows when the policy says a window is due (`Codec.push_many`: streams in the
-same state are batched; first windows go before later ones), emits the final samples as AudioChunk
+exact streaming codec windows when the policy says a window is due (`Codec.push_many`: streams that
+push the same number of tokens are batched; first windows go before later ones), emits the final samples as AudioChunk
 events, and ends the turn once the LLM and every segment are done (the rest is pushed and flushed)."""
 from __future__ import annotations
 
+import math
 import time
 from typing import List, Tuple
 
@@ -20,6 +21,7 @@ __all__ = ["CodecStage"]
 
 class CodecStage(Stage):
     pushes = 0  # codec stream pushes (streams, not push_many calls; a counter for the tick statistics)
+    stream_ms = 2.0  # running estimate of a later window's cost per stream (sizes batches to the budget)
 
     def step(self) -> bool:
         codec = self.e.codec
@@ -48,17 +50,27 @@ class CodecStage(Stage):
             if group:
                 self._push(codec, group)
         if later:
-            # later windows in the policy's order, streams in the same state batched, within the
-            # policy's time budget for this tick (the rest waits for the next tick)
+            # later windows in the policy's order, one push_many per window size (it batches the
+            # steady streams whatever their position), within the policy's time budget for this tick
+            # (the rest waits for the next tick): a finite budget cuts a group into batches sized from
+            # the measured cost per stream, so one large batch cannot hold the critical path
             budget = self.policy.codec_budget_ms(self.policy.first_audio_pending(states))
             t0 = time.perf_counter()
             groups: dict = {}
             for c in self.policy.order_windows(later, now):
-                groups.setdefault((c[1].codec_pushed, c[2]), []).append(c)
+                groups.setdefault(c[2], []).append(c)
             for g in groups.values():
-                if (time.perf_counter() - t0) * 1e3 >= budget:
+                while g:
+                    left = budget - (time.perf_counter() - t0) * 1e3
+                    if left <= 0:
+                        break
+                    k = len(g) if math.isinf(budget) else max(1, int(left / self.stream_ms))
+                    t1 = time.perf_counter()
+                    self._push(codec, g[:k])
+                    self.stream_ms = 0.8 * self.stream_ms + 0.2 * (time.perf_counter() - t1) * 1e3 / len(g[:k])
+                    g = g[k:]
+                if g:
                     break
-                self._push(codec, g)
         for st in list(self.states.values()):
             t = st.turn
             if t is not None and not t.speculative and self._ending(t) and not t.codec_pending:
