@@ -1341,6 +1341,8 @@ void paged_impl(const PagedAttentionArgs& a) {
                    [](int64_t, int, int64_t&) -> const float* { return nullptr; });
 }
 
+#include "attention_encoder_impl.h"
+
 template <class T>
 void varlen_impl(const VarlenAttentionArgs& a) {
   const int64_t B = a.cu_seqlens.size(0) - 1;
@@ -1368,6 +1370,15 @@ void varlen_impl(const VarlenAttentionArgs& a) {
     });
   }
   const int64_t T_ = has_bias ? a.key_bias.size(1) : 0;
+  // Encoder-shaped calls take the blocked tile path (attention_encoder_impl.h); bf16 without bias
+  // on AVX512-BF16 CPUs keeps the generic driver's vdpbf16ps / AMX tiles.
+  int64_t maxn = 0;
+  for (int64_t b = 0; b < B; ++b) maxn = std::max<int64_t>(maxn, cu[(b + 1) * cus] - cu[b * cus]);
+  bool tiles = a.q.size(2) % VW == 0 && maxn <= kEncMaxKeys;
+#if defined(VITA_ATTN_BF16DP)
+  if constexpr (std::is_same_v<T, bf16_t>) tiles = tiles && has_bias;
+#endif
+  if (tiles) return encoder_attention<T>(a, has_bias ? bias.data() : nullptr, T_);
   auto bias_row = [&](int64_t b, int hq, int64_t& stride) -> const float* {
     stride = 1;
     return bias.data() + hq * T_ + cu[b * cus];
