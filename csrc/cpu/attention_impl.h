@@ -23,6 +23,10 @@
 // vdpbf16ps (attend_dp); VITA_CPU_ISA=avx512bf16 skips AMX, =avx512 skips both, =avx2 forces the
 // baseline.
 //
+// Varlen (encoder) calls with D a multiple of the vector width and sequences of at most 4096 tokens
+// take the blocked tile path of attention_encoder_impl.h instead (exact per-row softmax over packed
+// K^T / V); the driver below serves paged attention and the remaining varlen calls.
+//
 // This file is included by attention.cpp (VITA_ATTN_VW 8: AVX2 / generic), attention_avx512.cpp
 // (VITA_ATTN_VW 16) and attention_avx512bf16.cpp (16, with VITA_ATTN_BF16DP), after <algorithm>, <cmath>, <cstring>, <limits>, <vector>, <immintrin.h>,
 // "vec.h", "vita/kernels/attention.h" and "vita/parallel.h", inside a private namespace.
@@ -274,9 +278,11 @@ inline void prefetch_row(const T* p, int n) {
 
 #if VITA_ATTN_VW == 16
 // dst[c * ld + i] = src[i][c] for a 16 x 16 block of 32-bit words (rows src[i], 64 bytes each).
-// (GCC 12's unpack intrinsics trip -Wmaybe-uninitialized on their internal _mm512_undefined.)
+// (GCC 12's unpack intrinsics trip -Wmaybe-uninitialized on their internal _mm512_undefined, and
+// -Wuninitialized where the encoder path inlines this into its K^T packing.)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 inline void transpose16(const uint32_t* const* src, uint32_t* dst, int ld) {
   __m512i r[16], a[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src[i]);
