@@ -243,6 +243,72 @@ def test_varlen_attention_strided_qkv_and_scale():
     _close(out, ref.varlen_attention(q.double(), k.double(), v.double(), cu, scale=0.2), torch.float32)
 
 
+# The encoder tile path (csrc/cpu/attention_encoder_impl.h: 48-row query blocks, 64-key blocks, rows
+# in groups of 6): lengths on both sides of every block edge, T = 1, ragged and empty sequences, GQA,
+# head sizes that take the tile path on one ISA and the generic driver on the other (24, 40: not a
+# multiple of 16), poisoned outputs (NaN) and inputs strided out of a wider buffer.
+@pytest.mark.parametrize("lens", [[1], [5], [47, 48, 49], [63, 64, 65], [6, 0, 127, 1], [248], [300, 7]])
+@pytest.mark.parametrize("Hq,Hkv,D", [(16, 16, 64), (8, 2, 32), (6, 3, 40), (2, 1, 24)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_varlen_attention_tiles(lens, Hq, Hkv, D, causal, bias, isa):
+    g = torch.Generator().manual_seed(sum(lens) + Hq + D)
+    cu = torch.tensor([0] + list(np.cumsum(lens)), dtype=torch.int32)
+    T = int(cu[-1])
+    q = torch.randn(T, Hq + 1, D, generator=g)[:, 1:]  # strided rows
+    k = torch.randn(T, Hkv, D, generator=g)
+    v = torch.randn(T, Hkv, D, generator=g) * 2
+    kb = (torch.randn(2 * Hq, T, generator=g) * 3)[::2] if bias else None
+    out = torch.full((T, Hq, D), float("nan"))
+    _C.varlen_attention(q, k, v, cu, out, causal, kb, 0.3)
+    expect = ref.varlen_attention(q.double(), k.double(), v.double(), cu, causal=causal, scale=0.3,
+                                  key_bias=None if kb is None else kb.double())
+    _close(out, expect, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_attention_tiles_16bit(dtype, causal, isa):
+    g = torch.Generator().manual_seed(5)
+    lens = [248, 33]
+    cu = torch.tensor([0] + list(np.cumsum(lens)), dtype=torch.int32)
+    T, H, D = int(cu[-1]), 4, 64
+    q, k, v = (torch.randn(T, H, D, generator=g).to(dtype) for _ in range(3))
+    kb = torch.randn(H, T, generator=g).to(dtype)
+    out = ops.varlen_attention(q, k, v, cu, causal=causal, key_bias=kb)
+    expect = ref.varlen_attention(q.double(), k.double(), v.double(), cu, causal=causal, key_bias=kb.double())
+    _close(out, expect, dtype)
+
+
+def test_varlen_attention_minus_inf_bias(isa):
+    # -inf bias masks keys; a head whose every key is masked gives 0, never NaN (the reference's
+    # nan_to_num); large finite scores do not overflow the softmax
+    g = torch.Generator().manual_seed(6)
+    lens = [70, 9]
+    cu = torch.tensor([0] + list(np.cumsum(lens)), dtype=torch.int32)
+    T, H, D = int(cu[-1]), 3, 64
+    q, k, v = (torch.randn(T, H, D, generator=g) for _ in range(3))
+    q[:, 2] *= 40
+    kb = torch.randn(H, T, generator=g)
+    kb[0, ::3] = float("-inf")
+    kb[1] = float("-inf")
+    out = ops.varlen_attention(q, k, v, cu, key_bias=kb)
+    expect = ref.varlen_attention(q.double(), k.double(), v.double(), cu, key_bias=kb.double())
+    assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1]))
+    _close(out, expect, torch.float32)
+
+
+def test_varlen_attention_long_sequence_generic_driver():
+    # longer than the tile path's 4096 keys: the online-softmax driver
+    g = torch.Generator().manual_seed(7)
+    T, D = 4100, 16
+    q, k, v = (torch.randn(T, 1, D, generator=g) for _ in range(3))
+    kb = torch.randn(1, T, generator=g)
+    cu = torch.tensor([0, T], dtype=torch.int32)
+    out = ops.varlen_attention(q, k, v, cu, key_bias=kb)
+    _close(out, ref.varlen_attention(q.double(), k.double(), v.double(), cu, key_bias=kb.double()), torch.float32)
+
+
 # ---- bad arguments -------------------------------------------------------------------------------------
 
 def _base():

@@ -23,6 +23,10 @@
 // vdpbf16ps (attend_dp); VITA_CPU_ISA=avx512bf16 skips AMX, =avx512 skips both, =avx2 forces the
 // baseline.
 //
+// Varlen (encoder) calls with D a multiple of the vector width and sequences of at most 4096 tokens
+// take the blocked tile path of attention_encoder_impl.h instead (exact per-row softmax over packed
+// K^T / V); the driver below serves paged attention and the remaining varlen calls.
+//
 // This file is included by attention.cpp (VITA_ATTN_VW 8: AVX2 / generic), attention_avx512.cpp
 // (VITA_ATTN_VW 16) and attention_avx512bf16.cpp (16, with VITA_ATTN_BF16DP), after <algorithm>, <cmath>, <cstring>, <limits>, <vector>, <immintrin.h>,
 // "vec.h", "vita/kernels/attention.h" and "vita/parallel.h", inside a private namespace.
@@ -274,9 +278,11 @@ inline void prefetch_row(const T* p, int n) {
 
 #if VITA_ATTN_VW == 16
 // dst[c * ld + i] = src[i][c] for a 16 x 16 block of 32-bit words (rows src[i], 64 bytes each).
-// (GCC 12's unpack intrinsics trip -Wmaybe-uninitialized on their internal _mm512_undefined.)
+// (GCC 12's unpack intrinsics trip -Wmaybe-uninitialized on their internal _mm512_undefined, and
+// -Wuninitialized where the encoder path inlines this into its K^T packing.)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 inline void transpose16(const uint32_t* const* src, uint32_t* dst, int ld) {
   __m512i r[16], a[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src[i]);
@@ -1341,6 +1347,8 @@ void paged_impl(const PagedAttentionArgs& a) {
                    [](int64_t, int, int64_t&) -> const float* { return nullptr; });
 }
 
+#include "attention_encoder_impl.h"
+
 template <class T>
 void varlen_impl(const VarlenAttentionArgs& a) {
   const int64_t B = a.cu_seqlens.size(0) - 1;
@@ -1368,6 +1376,15 @@ void varlen_impl(const VarlenAttentionArgs& a) {
     });
   }
   const int64_t T_ = has_bias ? a.key_bias.size(1) : 0;
+  // Encoder-shaped calls take the blocked tile path (attention_encoder_impl.h); bf16 without bias
+  // on AVX512-BF16 CPUs keeps the generic driver's vdpbf16ps / AMX tiles.
+  int64_t maxn = 0;
+  for (int64_t b = 0; b < B; ++b) maxn = std::max<int64_t>(maxn, cu[(b + 1) * cus] - cu[b * cus]);
+  bool tiles = a.q.size(2) % VW == 0 && maxn <= kEncMaxKeys;
+#if defined(VITA_ATTN_BF16DP)
+  if constexpr (std::is_same_v<T, bf16_t>) tiles = tiles && has_bias;
+#endif
+  if (tiles) return encoder_attention<T>(a, has_bias ? bias.data() : nullptr, T_);
   auto bias_row = [&](int64_t b, int hq, int64_t& stride) -> const float* {
     stride = 1;
     return bias.data() + hq * T_ + cu[b * cus];
