@@ -86,6 +86,18 @@ def jpeg_bytes(w: int = 64, h: int = 48) -> bytes:
     return b.getvalue()
 
 
+async def until_closed(client, timeout: float = 30.0):
+    """Every event of a client connection until the server closes it."""
+    evs = []
+
+    async def go():
+        async for ev in client.events():
+            evs.append(ev)
+
+    await asyncio.wait_for(go(), timeout)
+    return evs
+
+
 async def collect_turn(client, timeout: float = 20.0):
     """Events up to and including the next TurnEnd -> list (raises on timeout)."""
     out = []

@@ -14,7 +14,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("websockets")
 
 from _fake_engine import FakeEngine  # noqa: E402
-from _server_helpers import run, running_server  # noqa: E402
+from _server_helpers import run, running_server, until_closed  # noqa: E402
 
 from vita_engine.client import Error, Refused, TurnEnd, connect  # noqa: E402
 from vita_engine.serving import core  # noqa: E402
@@ -173,17 +173,6 @@ def test_ready_names_the_replica():
         assert "replica" not in run(go2())
 
 
-async def _until_closed(c, timeout=10.0):
-    evs = []
-
-    async def go():
-        async for ev in c.events():
-            evs.append(ev)
-
-    await asyncio.wait_for(go(), timeout)
-    return evs
-
-
 def test_drain_lets_open_turns_finish_then_closes_1012():
     """An idle session is closed (1012, error `draining`) at once, one in a turn after its
     TurnEnd, and a new session is refused (1012) while draining."""
@@ -197,11 +186,11 @@ def test_drain_lets_open_turns_finish_then_closes_1012():
             loop = asyncio.get_running_loop()
             t0 = time.monotonic()
             drain = asyncio.run_coroutine_threadsafe(srv.vita.drain(grace_s=20.0), srv_loop(srv))
-            idle_evs = await _until_closed(idle)
+            idle_evs = await until_closed(idle)
             t_idle = time.monotonic() - t0
             with pytest.raises(Refused) as ref:
                 await connect(srv.ws_url)
-            busy_evs = await _until_closed(busy)
+            busy_evs = await until_closed(busy)
             await loop.run_in_executor(None, drain.result, 10)
             return first, idle, idle_evs, t_idle, ref.value, busy, busy_evs
 
@@ -223,7 +212,7 @@ def test_drain_grace_bounds_a_turn_that_does_not_end():
             await c.next_event(10)
             t0 = time.monotonic()
             asyncio.run_coroutine_threadsafe(srv.vita.drain(grace_s=0.5), srv_loop(srv))
-            evs = await _until_closed(c)
+            evs = await until_closed(c)
             return c, evs, time.monotonic() - t0
 
         c, evs, dt = run(go())

@@ -26,7 +26,7 @@ import pytest
 pytest.importorskip("ray.serve", reason='ray[serve] is not installed (pip install "vita-engine[ray]")')
 pytest.importorskip("torch")
 
-from _server_helpers import speech_sample, speechlike  # noqa: E402
+from _server_helpers import speech_sample, speechlike, until_closed  # noqa: E402
 
 from vita_engine.client import Error, Refused, TurnEnd, connect  # noqa: E402
 from vita_engine.serving import core  # noqa: E402
@@ -79,17 +79,6 @@ def utterance(seed=0):
     if x is None:
         x = speechlike(1.2, seed=seed)
     return np.concatenate([np.zeros(1600, np.int16), x, np.zeros(int(1.2 * 16000), np.int16)])
-
-
-async def until_closed(c, timeout=30.0):
-    evs = []
-
-    async def go():
-        async for ev in c.events():
-            evs.append(ev)
-
-    await asyncio.wait_for(go(), timeout)
-    return evs
 
 
 async def turn(c, timeout=60.0):

@@ -115,8 +115,7 @@ class SessionConfig:
                           "input_audio_noise_reduction", "tracing", "prompt", "include", "reasoning", "truncation",
                           "parallel_tool_calls", "speed"):
                 if not _is_default(name, val):
-                    errs.append(ClientError(f"'{name}' is not supported by this server (vita-engine); the setting is "
-                                            "ignored and the session goes on.", "unsupported_parameter", p))
+                    errs.append(_unsupported(name, p))
             else:
                 errs.append(_unknown(p))
         if ain:
@@ -130,8 +129,7 @@ class SessionConfig:
                     new._turn_detection(val, p)
                 elif name in ("transcription", "noise_reduction"):
                     if val is not None:
-                        errs.append(ClientError(f"'{name}' is not supported by this server (vita-engine); the setting "
-                                                "is ignored and the session goes on.", "unsupported_parameter", p))
+                        errs.append(_unsupported(name, p))
                 else:
                     errs.append(_unknown(p))
         if aout:
@@ -215,6 +213,11 @@ class SessionConfig:
         if self.replica is not None:
             out["replica"] = self.replica
         return out
+
+
+def _unsupported(name: str, p: str) -> ClientError:
+    return ClientError(f"'{name}' is not supported by this server (vita-engine); the setting is ignored and the "
+                       "session goes on.", "unsupported_parameter", p)
 
 
 def _unknown(p: str) -> ClientError:
