@@ -14,6 +14,8 @@ import pytest
 import vita_engine
 from vita_engine import _errors, cli
 
+from _no_torch import run_without_torch  # noqa: E402
+
 
 def run(capsys, *argv):
     try:
@@ -328,27 +330,11 @@ def test_other_exits(capsys, monkeypatch, exc, code, line):
 
 
 # ---- without torch -------------------------------------------------------------------------------
-NO_TORCH = """
-import sys
-class NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-sys.meta_path.insert(0, NoTorch())
-"""
-
-
-def no_torch_python(code):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(vita_engine.__file__).parents[1]),
-                                                     os.environ.get("PYTHONPATH", "")]))
-    env.pop("VITA_DEBUG", None)
-    return subprocess.run([sys.executable, "-c", NO_TORCH + code], capture_output=True, text=True, env=env,
-                          timeout=120)
 
 
 @pytest.mark.parametrize("cmd", ["check", "demo", "bench", "serve"])
 def test_cli_without_torch(cmd):
-    r = no_torch_python(f"from vita_engine import cli; sys.exit(cli.main([{cmd!r}]))")
+    r = run_without_torch(f"from vita_engine import cli; sys.exit(cli.main([{cmd!r}]))")
     assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
     assert r.stderr.strip().splitlines() == [
         f'vita-engine {cmd}: needs PyTorch (torch>=2.4), which is not installed: pip install "vita-engine[torch]"']

@@ -13,6 +13,8 @@ import pytest
 
 import vita_engine
 
+from _no_torch import run_without_torch  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
@@ -148,26 +150,13 @@ def test_installed_wheel_metadata_matches_pyproject():
 
 
 # ---- without torch -------------------------------------------------------------------------------
-NO_TORCH = """
-import sys
-class NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-sys.meta_path.insert(0, NoTorch())
-"""
+
 
 HINT = 'needs PyTorch (torch>=2.4), which is not installed: pip install "vita-engine[torch]"'
 
 
-def _run_without_torch(code):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(vita_engine.__file__).parents[1]),
-                                                     os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-c", NO_TORCH + code], capture_output=True, text=True, env=env, timeout=120)
-
-
 def test_kernels_with_numpy_need_no_torch():
-    r = _run_without_torch("""
+    r = run_without_torch("""
 import numpy as np, vita_engine
 x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32); w = np.ones(64, np.float32)
 y = np.empty_like(x)
@@ -189,7 +178,7 @@ print("ok")
     ("__import__('vita_engine.testing').testing", "vita_engine.testing"),
 ])
 def test_torch_parts_say_how_to_get_torch(stmt, what):
-    r = _run_without_torch(f"""
+    r = run_without_torch(f"""
 import vita_engine
 try:
     {stmt}
