@@ -152,6 +152,24 @@ class Engine:
         self._closed = False
         self._scheduler = Scheduler(self)
         self._scheduler.llm.graphs = llm_graphs
+        self.codec_graphs = None
+        if graphs and self.codec is not None:
+            self.codec_graphs = self._codec_graphs(buckets)
+
+    def _codec_graphs(self, buckets):
+        """The steady codec window on static buffers (model/codec_graphs.py): one step per bucket and
+        per window size the policy pushes in steady state, captured on CUDA. The codec's slab gets a
+        fixed capacity of two rows per session (a barge-in's dropped stream frees its row when it is
+        collected); a steady stream that finds it full stays on its own buffers (exact, eager)."""
+        from ..model.codec import Codec
+        from ..model.codec_graphs import CodecSlabGraphs
+
+        if not isinstance(self.codec, Codec):
+            return None
+        cg = CodecSlabGraphs(self.codec, buckets, self._scheduler.policy.codec_steady_windows(),
+                             rows=2 * int(self.options["max_sessions"]))
+        cg.capture()  # CUDA only (else the steps run eagerly on the same buffers)
+        return cg
 
     @classmethod
     def from_pretrained(cls, path="tiny", device="cpu", dtype=torch.float32, **options) -> "Engine":
@@ -260,7 +278,7 @@ class Engine:
         return out
 
     def _graphs_captured(self) -> int:
-        """CUDA graphs captured (LLM + TTS buckets): 0 without cuda_graphs, and on CPU (static buffers, eager)."""
+        """CUDA graphs captured (LLM + TTS buckets, codec steps): 0 without cuda_graphs, and on CPU (static buffers, eager)."""
         n = 0
         g = self._scheduler.llm.graphs
         if g is not None:
@@ -268,6 +286,8 @@ class Engine:
         tg = getattr(self.tts, "_graphs", None)
         if tg is not None:
             n += len(tg.graphs)
+        if self.codec_graphs is not None:
+            n += len(self.codec_graphs.graphs)
         return n
 
     @property
