@@ -17,6 +17,8 @@ For any split of a token sequence into pushes the concatenated output equals `de
 `Codec.push_many` batches streams: those in the same state, and steady ones (past the start transient)
 at any position, since a steady stream's next push is a translation of any other's; steady streams keep
 their state in a per-codec slab (`_Slab`) so a batch costs one gather and one scatter per signal.
+For a fixed row count and token count that steady push is a fixed kernel sequence: codec_graphs.py
+runs it on static buffers (captured as CUDA graphs; that capture has NOT yet run on a GPU).
 """
 from __future__ import annotations
 
