@@ -119,6 +119,7 @@ class TurnTaking(Stage):
             if kind == "image":
                 st.pending_images.append(Visual(cmd[1], None, cmd[2]))
             elif kind == "frame":
+                self.sch.prefix_stage.drop(st)  # frames come before the images in the user block
                 st.pending_frames.append(Visual(cmd[1], cmd[2], time.perf_counter()))
                 del st.pending_frames[:-64]
             elif kind == "text":
