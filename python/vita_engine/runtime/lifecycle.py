@@ -97,6 +97,7 @@ class Lifecycle(Stage):
                     record_x=x_user, max_new_tokens=max(0, min(max_new, avail)), speculative=speculative,
                     spec_end_ms=spec_end_ms, prefilled=cached, prefix_tokens=cached)
         turn.speak = st.speak if speak is None else bool(speak)
+        turn.frames_seen = list(st.pending_frames)
         if not turn.speak:
             turn.segments = UnspokenSegments()
         turn.sys_tokens = n_sys  # type: ignore[attr-defined]
@@ -148,7 +149,13 @@ class Lifecycle(Stage):
     def _on_commit(self, st: SessionState) -> None:
         t = st.turn
         st.next_turn += 1
-        st.pending_images, st.pending_frames = [], []
+        # the turn's prompt took every pending image (one pushed after a speculative start discards that
+        # start: turns.py) and chose among the frames pending at its start; frames pushed since then (a
+        # camera streaming on through the pause) are the next turn's
+        seen = {id(v) for v in t.frames_seen}
+        st.pending_images = []
+        st.pending_frames = [v for v in st.pending_frames if id(v) not in seen]
+        t.frames_seen = []
         st.prefix = None  # its KV is the committed turn's now
         st.session._playback_s = None
         st.replay_x = None

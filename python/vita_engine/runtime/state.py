@@ -64,6 +64,7 @@ class Turn:
     samples: int = 0                   # PCM samples emitted
     text: str = ""
     speak: bool = True                 # False: a text-only answer (no TTS work; segments are never spoken)
+    frames_seen: List[Any] = field(default_factory=list)  # camera frames pending at the start (spent by the commit)
     prefix_tokens: int = 0             # tokens of x already in the KV at the start (a Prefix prefilled ahead)
 
     @property
