@@ -50,3 +50,33 @@ def test_bench_bad_sessions(capsys):
         assert ei.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--sessions" in err[0], err
+
+
+def test_bench_image_prefix(tiny_ckpt, capsys, tmp_path):
+    """`bench --image` pushes the image before every spoken turn; with prefix prefill (the default) the
+    image tokens are in the KV before the turn starts (cached), with --no-prefix-prefill the turn
+    prefills them itself: the same prompt either way."""
+    import numpy as np
+    from PIL import Image
+
+    img = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(img)
+    got = {}
+    for flag in ([], ["--no-prefix-prefill"]):
+        rc = cli.main(["bench", "--model", str(tiny_ckpt), "--sessions", "1", "--turns", "1", "--fast", "--json",
+                       "--max-new-tokens", "8", "--tts-max-tokens", "16", "--image", str(img)] + flag)
+        assert rc == 0
+        r = json.loads(capsys.readouterr().out)
+        assert r["image"] and r["turns_done"] == 1
+        m = r["metrics"]
+        got[r["prefix_prefill"]] = (m["cached_tokens"]["p50"], m["prompt_tokens"]["p50"])
+    (c_on, p_on), (c_off, p_off) = got[True], got[False]
+    assert c_on + p_on == c_off + p_off and p_on < p_off, got
+
+
+def test_bench_bad_image(capsys, tmp_path):
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"not an image")
+    assert cli.main(["bench", "--image", str(bad)]) == 2  # before any model is loaded
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--image" in err[0], err

@@ -419,6 +419,7 @@ def _bench(args) -> int:
         E.output_file("--plot", args.plot)
         if importlib.util.find_spec("matplotlib") is None:
             raise UsageError("needs matplotlib, which is not installed: pip install matplotlib", "--plot", args.plot)
+    args.image_data = E.read_image("--image", args.image) if args.image else None
     from vita_engine.model.loading import CheckpointError
     from vita_engine.runtime.bench import run_bench
 
@@ -477,6 +478,9 @@ def main(argv=None) -> int:
                    help="scheduling policy (default: the engine's, critical_path; lockstep = before issue 12)")
     b.add_argument("--cuda-graphs", action="store_true",
                    help="engine option cuda_graphs: LLM decode, TTS AR step and steady codec windows on static buffers, captured on CUDA (not yet verified on a GPU)")
+    b.add_argument("--image", help="image every session pushes before each spoken turn (its tokens are prefilled while the user speaks)")
+    b.add_argument("--no-prefix-prefill", action="store_true",
+                   help="engine option prefix_prefill=False: image tokens are prefilled with the turn (to compare)")
     b.add_argument("--plot", help="save a per-stage breakdown plot (needs matplotlib)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=_bench)

@@ -23,7 +23,7 @@ PLOT_KEYS = ("fbank_ms", "audio_encoder_ms", "prefill_ms", "first_text_token_ms"
              "first_codec_window_ms", "ttfa_ms", "response_ms")
 
 
-async def _one_session(s, audio, sr, turns, chunk_ms, realtime, silence_ms, stagger):
+async def _one_session(s, audio, sr, turns, chunk_ms, realtime, silence_ms, stagger, image=None):
     await asyncio.sleep(stagger)
     done = asyncio.Event()
     got = {"turns": 0, "samples": 0}
@@ -41,6 +41,8 @@ async def _one_session(s, audio, sr, turns, chunk_ms, realtime, silence_ms, stag
     sil = np.zeros(int(sr * silence_ms / 1000), np.float32)
     for _ in range(turns):
         done.clear()
+        if image is not None:  # shown as the user starts speaking: the turn's prompt starts with it
+            s.push_image(image)
         t0 = time.perf_counter()
         pos = 0
         for buf in (audio, sil):
@@ -66,10 +68,10 @@ async def _one_session(s, audio, sr, turns, chunk_ms, realtime, silence_ms, stag
     return got
 
 
-async def drive_sessions(engine, n_sessions, turns, audio, sr, *, chunk_ms=40.0, realtime=True):
+async def drive_sessions(engine, n_sessions, turns, audio, sr, *, chunk_ms=40.0, realtime=True, image=None):
     sessions = [engine.session() for _ in range(n_sessions)]
     silence = engine.vad_config.min_silence_ms + 200
-    res = await asyncio.gather(*[_one_session(s, audio, sr, turns, chunk_ms, realtime, silence, 0.137 * i)
+    res = await asyncio.gather(*[_one_session(s, audio, sr, turns, chunk_ms, realtime, silence, 0.137 * i, image)
                                  for i, s in enumerate(sessions)])
     return res
 
@@ -104,6 +106,8 @@ def _engine_for(args, max_sessions: int):
         opts["scheduling"] = args.scheduling
     if getattr(args, "cuda_graphs", False):
         opts["cuda_graphs"] = True
+    if getattr(args, "no_prefix_prefill", False):
+        opts["prefix_prefill"] = False
     ttsmax = getattr(args, "tts_max_tokens", None)
     if dev == "cpu":
         torch.set_num_threads(args.threads)
@@ -137,19 +141,21 @@ def run_bench(args) -> int:
     eng, dt = _engine_for(args, max(counts))
     audio, sr = _compat.load_sample("question.wav")
     dims = "model" if args.model else args.dims
+    image = getattr(args, "image_data", None)
     runs = []
     try:
-        _warm_up(eng, audio, sr)
+        _warm_up(eng, audio, sr, image)
         for n in counts:
             eng.metrics.reset()
             eng.scheduler_stats(reset=True)
             load0 = _loadavg()
             t0 = time.perf_counter()
-            res = asyncio.run(drive_sessions(eng, n, args.turns, audio, sr, realtime=not args.fast))
+            res = asyncio.run(drive_sessions(eng, n, args.turns, audio, sr, realtime=not args.fast, image=image))
             wall = time.perf_counter() - t0
             summary = eng.metrics_summary()
             sched = eng.scheduler_stats()
             out = {"sessions": n, "turns": args.turns, "dims": dims, "device": args.device, "dtype": dt,
+                   "image": image is not None, "prefix_prefill": bool(eng.options["prefix_prefill"]),
                    "wall_s": round(wall, 2), "turns_done": sum(r["turns"] for r in res),
                    "audio_out_s": round(sum(r["samples"] for r in res) / 24000.0, 3),
                    "load_avg": [load0, _loadavg()],
@@ -174,13 +180,15 @@ def run_bench(args) -> int:
     return 0
 
 
-def _warm_up(eng, audio, sr) -> None:
+def _warm_up(eng, audio, sr, image=None) -> None:
     """One short text turn and one spoken turn (fed as fast as possible) before measuring, so the first
     measured turn does not pay one-time costs (first kernel calls, the VAD's and encoder's first
     shapes, allocator growth, lazy model state)."""
     s = eng.session()
     try:
         s.run_turn(text="Hello.", timeout=300)
+        if image is not None:
+            s.push_image(image)
         s.run_turn(audio, sr, chunk_ms=40.0, timeout=300)
     finally:
         s.close()

@@ -86,6 +86,12 @@ class ChatFormat:
                 ids.extend(self.encode(part))
         return ids
 
+    def user_prefix_ids(self, n_images: int) -> List[int]:
+        """The ids that start every user turn with `n_images` (> 0) image placeholders: `<|im_start|>user\\n`
+        then -200 per tile/frame. `turn_ids` splits the text at `<image>`, so they are the first ids of
+        `turn_ids(user_message(n_images, audio, text))` whatever the text and audio that follow."""
+        return self.encode("<|im_start|>user\n") + [IMAGE_TOKEN_INDEX] * int(n_images)
+
     @staticmethod
     def user_message(n_images: int, audio: bool, text: Optional[str]) -> str:
         """Image/frame placeholders first, then the text question, then audio: video_audio_demo.py builds

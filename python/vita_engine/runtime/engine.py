@@ -58,6 +58,7 @@ DEFAULT_OPTIONS: Dict[str, Any] = dict(
     audio_interval_ms=16.0,     # input audio batched across sessions over this interval (VAD + fbank)
     speculative_defer_ms=100.0, # speculative encode/prefill waits up to this while a first audio is due
     vision_tiles_per_tick=8,    # image/frame tiles encoded ahead of their turn per tick (0: at turn start)
+    prefix_prefill=True,        # prefill the next turn's image tokens (and what precedes them) ahead of it
     cpu_threads=None,           # torch intra-op threads for the scheduler (CPU)
     nvtx=None,                  # NVTX ranges per stage (default: on when CUDA and nvtx are available)
     use_reference=False,        # run every op on its pure-torch reference

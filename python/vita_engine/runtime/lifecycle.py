@@ -1,10 +1,16 @@
-"""Turn lifecycle on the scheduler thread: start (prompt assembly, vision, history trimming), commit and
-discard of speculative turns, and the endings (finish, interrupt, fail, close) that put the answer
-into the history and release what the turn held.
+"""Turn lifecycle on the scheduler thread: start (prompt assembly, vision, the prefix prefilled ahead,
+history trimming), commit and discard of speculative turns, and the endings (finish, interrupt, fail,
+close) that put the answer into the history and release what the turn held.
+
+A turn start assembles its whole prompt; when the session's `Prefix` (prefix_stage.py: the images and
+what precedes them, prefilled while the user spoke) equals its start exactly, the turn begins after
+it, else the prefix is dropped and the prompt prefilled whole. A discarded speculative turn leaves the
+prefix in the KV; a committed one takes it over.
 
 History trimming (per-session token budget `session_max_tokens`): before a turn is prefilled, if the
 session's KV + the turn's prompt + its answer allowance would exceed the budget, the oldest turns are
-evicted: the KV is truncated to the system prompt (its pages stay, the rest are freed) and the
+evicted (the check counts from the end of the history, a prefix being part of the new prompt): the
+KV is truncated to the system prompt (its pages stay, the rest are freed) and the
 remaining recent turns are replayed through the LLM from their stored input embeddings (no audio or
 vision re-encode). A turn that cannot fit even alone fails with an Error event.
 """
@@ -36,7 +42,7 @@ class Lifecycle(Stage):
                    audio_stats: Optional[dict] = None) -> None:
         """`kind`: "audio" (the VAD's utterance in st.frontend), "input_audio" (features of a whole
         utterance given to respond()) or "text"; `speak`/`max_new_tokens` default to the session's."""
-        m, fmt, s = self.model, self.e.chat, st.session
+        m, fmt = self.model, self.e.chat
         if st.system_changed and st.sys_len is not None:
             self._restart_for_system(st)
         clock = TurnClock()
@@ -66,31 +72,32 @@ class Lifecycle(Stage):
             clock.add("vision_ms", encode_visuals(m.vision, visuals, self.nvtx))
         for v in visuals:
             feats += list(v.feats)
-        first = st.sys_len is None
-        system = (s.system_prompt if s.system_prompt is not None else system_prompt_for(modality)) if first else None
         msg = fmt.user_message(len(feats), audio is not None, text)
-        close_ids = (st.unfed_ids + fmt.encode("<|im_end|>\n")) if st.needs_close else []
-        sys_ids = fmt.system_ids(system) if first else []
         user_ids = fmt.turn_ids(msg, system=None, close_previous=False)
         x_user = m.splice(user_ids, image_features=feats or None, audio_features=audio)
-        head = m.llm.embed(close_ids + sys_ids) if (close_ids or sys_ids) else x_user[:0]
-        if first and st.replay_x is not None:  # the history behind a changed system prompt
-            head = torch.cat([head, st.replay_x], 0)
+        head, n_sys = self.prompt_head(st, modality, x_user)
         restore = (st.needs_close, list(st.unfed_ids), st.sys_len, list(st.records))
         budget = int(self.o["session_max_tokens"])
-        max_new = max_new_tokens if max_new_tokens is not None else (
-            st.max_new_tokens if st.max_new_tokens is not None else s.max_new_tokens)
+        max_new = max_new_tokens if max_new_tokens is not None else self.default_max_new(st)
         x = torch.cat([head, x_user], 0)
+        # the start of x prefilled ahead (prefix_stage.py), verified token for token against x; a stale
+        # prefix is dropped here and x is prefilled whole
+        prefix = self.sch.prefix_stage
+        cached = prefix.take(st, x)
+        base = st.seq.length - cached  # the end of the history
         evicted = False
-        if st.seq.length + x.shape[0] + max_new > budget and st.sys_len is not None:
+        if base + x.shape[0] + max_new > budget and st.sys_len is not None:
+            prefix.drop(st)  # the history before it changes
+            cached = 0
             x = self._evict(st, x_user, budget - max_new)
             evicted = True
-        n_sys = len(sys_ids) + len(close_ids) if first else 0
-        avail = budget - st.seq.length - x.shape[0]
-        turn = Turn(idx=st.next_turn, kind=kind, clock=clock, x=x, kv_start=st.seq.length, restore=restore,
+            base = st.seq.length
+        avail = budget - base - x.shape[0]
+        turn = Turn(idx=st.next_turn, kind=kind, clock=clock, x=x, kv_start=base, restore=restore,
                     record_x=x_user, max_new_tokens=max(0, min(max_new, avail)), speculative=speculative,
-                    spec_end_ms=spec_end_ms)
+                    spec_end_ms=spec_end_ms, prefilled=cached, prefix_tokens=cached)
         turn.speak = st.speak if speak is None else bool(speak)
+        turn.frames_seen = list(st.pending_frames)
         if not turn.speak:
             turn.segments = UnspokenSegments()
         turn.sys_tokens = n_sys  # type: ignore[attr-defined]
@@ -102,6 +109,25 @@ class Lifecycle(Stage):
         if avail < 1:
             self.fail(st, f"turn of {x.shape[0]} prompt tokens does not fit the session budget of {budget} tokens "
                           f"(session_max_tokens); history already trimmed to the system prompt")
+
+    def prompt_head(self, st: SessionState, modality: str, like: torch.Tensor):
+        """What the next turn's prompt holds before its user block: the close of the previous answer
+        (its unfed tokens + `<|im_end|>\n`), and on the first turn the system prompt (by `modality`
+        unless the session set one) and the history replayed behind a changed system prompt.
+        -> (embeddings [n, hidden] (empty like `like`), tokens counted as the system prompt)."""
+        fmt, s = self.e.chat, st.session
+        first = st.sys_len is None
+        system = (s.system_prompt if s.system_prompt is not None else system_prompt_for(modality)) if first else None
+        close_ids = (st.unfed_ids + fmt.encode("<|im_end|>\n")) if st.needs_close else []
+        sys_ids = fmt.system_ids(system) if first else []
+        head = self.model.llm.embed(close_ids + sys_ids) if (close_ids or sys_ids) else like[:0]
+        if first and st.replay_x is not None:  # the history behind a changed system prompt
+            head = torch.cat([head, st.replay_x], 0)
+        return head, (len(sys_ids) + len(close_ids) if first else 0)
+
+    @staticmethod
+    def default_max_new(st: SessionState) -> int:
+        return st.max_new_tokens if st.max_new_tokens is not None else st.session.max_new_tokens
 
     def _evict(self, st: SessionState, x_user: torch.Tensor, limit: int) -> torch.Tensor:
         """Drop the oldest turns until the rest + the new turn fit `limit`; truncate the KV to the system
@@ -123,7 +149,14 @@ class Lifecycle(Stage):
     def _on_commit(self, st: SessionState) -> None:
         t = st.turn
         st.next_turn += 1
-        st.pending_images, st.pending_frames = [], []
+        # the turn's prompt took every pending image (one pushed after a speculative start discards that
+        # start: turns.py) and chose among the frames pending at its start; frames pushed since then (a
+        # camera streaming on through the pause) are the next turn's
+        seen = {id(v) for v in t.frames_seen}
+        st.pending_images = []
+        st.pending_frames = [v for v in st.pending_frames if id(v) not in seen]
+        t.frames_seen = []
+        st.prefix = None  # its KV is the committed turn's now
         st.session._playback_s = None
         st.replay_x = None
         if t.kind == "audio":
@@ -160,7 +193,8 @@ class Lifecycle(Stage):
             st.seq.truncate(st.sys_len or 0)
         else:
             st.needs_close, st.unfed_ids, st.sys_len, st.records = t.restore
-            st.seq.truncate(t.kv_start)
+            # a speculative turn built on a prefix leaves it in the KV (still valid: nothing before it changed)
+            st.seq.truncate(t.kv_start + self.sch.prefix_stage.kept_after(st, t))
 
     # ---- endings -----------------------------------------------------------------------------------
     def finish(self, st: SessionState, t: Turn, interrupted: bool = False) -> None:
@@ -188,8 +222,8 @@ class Lifecycle(Stage):
         st.turn = None
         vals = t.clock.values()
         vals["answer_tokens"] = float(kept)
-        vals["prompt_tokens"] = float(t.x.shape[0])  # prefilled for this turn (usage figures)
-        vals["cached_tokens"] = float(t.kv_start)  # history already in the KV cache
+        vals["prompt_tokens"] = float(t.x.shape[0] - t.prefix_tokens)  # prefilled by this turn (usage figures)
+        vals["cached_tokens"] = float(t.kv_start + t.prefix_tokens)  # already in the KV: history + prefix
         vals["codec_tokens"] = float(sum(len(g.codec) for g in t.segments))
         vals["audio_out_s"] = t.samples / float(getattr(self.e.codec, "sample_rate", 24000) or 24000)
         spoken = [g for g in t.segments if g.text_ids]
@@ -261,6 +295,7 @@ class Lifecycle(Stage):
         now = len(rec.answer_ids)
         kept = min(now, self._delivered_tokens(st, t, played_s)) if t.speak else now
         if kept < now:
+            self.sch.prefix_stage.drop(st)  # built behind the untrimmed answer
             fed = min(kept, t.n_fed)
             st.seq.truncate(t.prompt_end + fed)
             st.unfed_ids = list(t.tokens[fed:kept])
@@ -273,6 +308,7 @@ class Lifecycle(Stage):
         """A new system prompt: used as is before the first turn; afterwards the next turn replays the
         history behind it (_restart_for_system)."""
         st.session.system_prompt = text
+        self.sch.prefix_stage.drop(st)  # built behind the old system prompt
         if st.sys_len is not None:
             st.system_changed = True
 
@@ -283,6 +319,7 @@ class Lifecycle(Stage):
         llm = self.model.llm
         replay = [torch.cat([r.x_user, llm.embed(r.answer_ids + close)], 0) for r in st.records]
         st.replay_x = torch.cat(replay, 0) if replay else None
+        self.sch.prefix_stage.drop(st)
         st.seq.truncate(0)
         st.sys_len, st.needs_close, st.unfed_ids = None, False, []
         st.system_changed = False
@@ -316,6 +353,7 @@ class Lifecycle(Stage):
         if t is not None:
             self._release_tts(t)
             st.turn = None
+        st.prefix = None  # its pages go with the sequence's
         st.closed = True
         st.seq.release()
         self.e.kv.unreserve(st.reserved_blocks)

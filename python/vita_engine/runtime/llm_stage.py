@@ -1,6 +1,6 @@
 """The LLM stage: one batched forward per tick over the rows the policy picked (decode rows of
-answering sessions + chunked prefill of new turns), sampling, incremental detokenization, and the
-text handoff to the TTS segmenter."""
+answering sessions + chunked prefill of new turns + chunks of the next turns' prefixes, prefix_stage.py),
+sampling, incremental detokenization, and the text handoff to the TTS segmenter."""
 from __future__ import annotations
 
 import logging
@@ -25,8 +25,10 @@ __all__ = ["LLMStage"]
 
 class LLMStage(Stage):
     def step(self) -> bool:
-        decode, prefill = self.policy.llm_rows(list(self.states.values()))
-        busy = self._forward(decode, prefill)
+        states = list(self.states.values())
+        decode, prefill = self.policy.llm_rows(states)
+        prefix = self.policy.prefix_rows(states, sum(n for _, n in prefill))
+        busy = self._forward(decode, prefill, prefix)
         # back-to-back forwards for the rows on the critical path (the policy says which, and how many)
         for _ in range(self.policy.llm_extra_forwards):
             rows = self.policy.llm_extra_rows(list(self.states.values()))
@@ -35,8 +37,9 @@ class LLMStage(Stage):
             busy |= self._forward(rows, [])
         return busy
 
-    def _forward(self, decode: List[SessionState], prefill: List[tuple]) -> bool:
-        """One batched forward: a decode row per session in `decode`, a prefill chunk per (session, n)."""
+    def _forward(self, decode: List[SessionState], prefill: List[tuple], prefix: List[tuple] = ()) -> bool:
+        """One batched forward: a decode row per session in `decode`, a prefill chunk per (session, n) of
+        `prefill` (its turn's prompt) and of `prefix` (its next turn's prefix: no logits)."""
         work: List[LLMWork] = []
         rows: List[tuple] = []  # (state, turn, kind)
         if decode:
@@ -47,12 +50,18 @@ class LLMStage(Stage):
         for st, n in prefill:
             t = st.turn
             last = t.prefilled + n == t.x.shape[0]
-            if t.prefilled == 0:
-                t.clock.mark("prefill_start")
+            t.clock.mark("prefill_start")  # the first chunk (after the prefix, if the turn has one)
             work.append(LLMWork(st.seq, t.x[t.prefilled:t.prefilled + n], want_logits=last))
             rows.append((st, t, "prefill_last" if last else "prefill"))
             t.prefilled += n
             st.stats["prefill_tokens"] += n
+        for st, n in prefix:
+            p = st.prefix
+            work.append(LLMWork(st.seq, p.x[p.prefilled:p.prefilled + n], want_logits=False))
+            rows.append((st, p, "prefix"))
+            p.prefilled += n
+            st.stats["prefill_tokens"] += n
+            st.stats["prefix_tokens"] += n
         if not work:
             return False
         try:
@@ -60,11 +69,15 @@ class LLMStage(Stage):
                 logits = self.sch.llm.forward(work)
         except Exception as ex:
             log.error("LLM forward failed:\n%s", traceback.format_exc())
-            for st, t, _ in rows:
-                if st.turn is t:
+            for st, t, kind in rows:
+                if kind == "prefix":
+                    if st.prefix is t:
+                        self.sch.prefix_stage.drop(st)
+                elif st.turn is t:
+                    st.prefix = None  # the KV this forward wrote is not trusted: a rollback drops it all
                     self.sch.life.fail(st, f"LLM forward failed: {type(ex).__name__}: {ex}")
             return True
-        want = [(st, t, k) for (st, t, k) in rows if k != "prefill"]
+        want = [(st, t, k) for (st, t, k) in rows if k in ("decode", "prefill_last")]
         if want:
             B = len(want)
             dev = logits.device
@@ -90,7 +103,7 @@ class LLMStage(Stage):
                 self.on_token(st, t, tok)
             else:
                 t.clock.mark("prefill_end", now)
-                st.stats["turn_prefill_tokens"].append(int(t.x.shape[0]))
+                st.stats["turn_prefill_tokens"].append(int(t.x.shape[0]) - t.prefix_tokens)  # by the turn itself
                 if t.speculative:
                     t.state, t.held_token = "ready", tok
                 else:

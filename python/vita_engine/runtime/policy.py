@@ -31,6 +31,12 @@ waits for it:
   client runs out of audio first going first.
 * Vision: pushed images and camera frames are encoded as they arrive, up to `vision_tiles_per_tick`
   tiles per tick and never while a first audio is being made (the turn start encodes what is left).
+* Prefix (option `prefix_prefill`): once a session with no turn in flight has its pushed images
+  encoded (and no camera frames pending), the start of its next prompt (close of the previous answer,
+  system prompt on the first turn, `<|im_start|>user\n`, the image tokens: prefix_stage.py) is
+  prefilled in the ticks' slack: never while a first audio is being made, after the tick's committed
+  and speculative turn prefill, within what they left of `prefill_chunk_tokens`, oldest pending image
+  first. The turn start then prefills only the text/audio and the assistant header.
 * Slack: speculative work (the encoder run at a pause and the speculative turn's prefill) has the
   end-of-turn timer as slack, so while a committed turn awaits its first audio it waits, up to
   `speculative_defer_ms`. Audio input is batched over `audio_interval_ms` (one VAD + fbank call for
@@ -38,7 +44,8 @@ waits for it:
 
 `LockstepPolicy` (`scheduling="lockstep"`, the engine before issue 12, kept for comparison): every
 answering session decodes one token per tick, every TTS stream takes one AR step per tick, and every
-new codec token is pushed at once; images and frames are encoded when their turn starts.
+new codec token is pushed at once; images and frames are encoded, and their tokens prefilled, when
+their turn starts.
 """
 from __future__ import annotations
 
@@ -66,6 +73,13 @@ def _int_opt(options: Dict, key: str, lo: int) -> int:
     v = options[key]
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise ValueError(f"Engine: option {key} must be an int >= {lo}, got {v!r}")
+    return v
+
+
+def _bool_opt(options: Dict, key: str) -> bool:
+    v = options[key]
+    if not isinstance(v, bool):
+        raise ValueError(f"Engine: option {key} must be True or False, got {v!r}")
     return v
 
 
@@ -101,10 +115,17 @@ class Policy:
         first_audio_pending). 0: visuals are encoded when their turn starts."""
         return 0
 
+    prefix_prefill = False  # the prefix stage builds the next turn's prompt start (images) ahead of it
+
     # ---- LLM ---------------------------------------------------------------------------------------
     def llm_rows(self, states: List[SessionState]) -> Tuple[List[SessionState], List[Tuple[SessionState, int]]]:
         """-> (sessions that get a decode row, [(session, prefill tokens)]) for this tick's LLM forward."""
         raise NotImplementedError
+
+    def prefix_rows(self, states: List[SessionState], used: int) -> List[Tuple[SessionState, int]]:
+        """[(session, tokens of its `prefix` to prefill)] joining this tick's LLM forward, `used`: the
+        turn prefill tokens llm_rows already gave it."""
+        return []
 
     def llm_extra_rows(self, states: List[SessionState]) -> List[SessionState]:
         """Sessions that get one more back-to-back decode forward in this tick (none: no extra forward)."""
@@ -182,6 +203,7 @@ class CriticalPathPolicy(Policy):
         self.audio_interval_ms = _float_opt(options, "audio_interval_ms", 0.0)
         self.speculative_defer_ms = _float_opt(options, "speculative_defer_ms", 0.0)
         self.vision_tiles_per_tick = _int_opt(options, "vision_tiles_per_tick", 0)
+        self.prefix_prefill = _bool_opt(options, "prefix_prefill")
         # tokens finalized by the first window: everything pushed except the look-ahead tail
         self.first_window = self.lookahead + self.first_window_tokens
         # later pieces: >= codec_window_ms of audio, but never more than a look-ahead of tokens (a codec
@@ -234,6 +256,22 @@ class CriticalPathPolicy(Policy):
             prefill = [(st, n) for st, n in prefill if not st.turn.speculative
                        or (now - st.turn.clock.t.get("created", now)) * 1e3 >= self.speculative_defer_ms]
         return decode, prefill
+
+    def prefix_rows(self, states, used):
+        # a prefix's slack is the rest of the user's speech: it never delays a first audio, and turn
+        # prefill (committed, then speculative) goes first within the tick's prefill budget
+        if not self.prefix_prefill or self.first_audio_pending(states):
+            return []
+        budget = self.prefill_chunk_tokens - used
+        out: List[Tuple[SessionState, int]] = []
+        todo = [st for st in states if st.turn is None and st.prefix is not None and st.prefix.remaining > 0]
+        for st in sorted(todo, key=lambda st: st.prefix.next_arrival):
+            if budget <= 0:
+                break
+            n = min(budget, st.prefix.remaining)
+            out.append((st, n))
+            budget -= n
+        return out
 
     def llm_extra_rows(self, states):
         return [st for st in states if _decoding(st.turn) and not st.turn.speculative
@@ -297,7 +335,7 @@ class CriticalPathPolicy(Policy):
         return sent if t0 is None else sent - (now - t0) * 1e3
 
     def describe(self):
-        return {"scheduling": "critical_path", "codec_lookahead_tokens": self.lookahead,
+        return {"scheduling": "critical_path", "prefix_prefill": self.prefix_prefill, "codec_lookahead_tokens": self.lookahead,
                 "first_window_tokens": self.first_window, "codec_window_tokens": self.window,
                 "codec_token_ms": self.token_ms}
 

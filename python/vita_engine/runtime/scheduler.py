@@ -3,7 +3,9 @@
 1. turns.py: drains every session's inbox (audio -> VAD -> incremental audio features; images; text
    turns; interrupts; close) and runs turn taking (speculative prefill on a short pause, commit on end
    of turn, discard on resumed speech, barge-in on new speech while answering);
-2. llm_stage.py: ONE batched LLM forward over the rows the policy picks (decode rows + chunked prefill);
+2. prefix_stage.py builds the next turns' prompt starts (pushed images) of idle sessions; llm_stage.py:
+   ONE batched LLM forward over the rows the policy picks (decode rows + chunked prefill of turns, then
+   of those prefixes);
 3. tts_stage.py: batched TTS AR steps for the active TTS streams (segments start as soon as the text
    segmenter hands one over);
 4. codec_stage.py: codec windows for the turns with new codec tokens (`Codec.push_many`);
@@ -30,6 +32,7 @@ from .lifecycle import Lifecycle
 from .llm_stage import LLMStage
 from .metrics import TickHistograms, TickStats
 from .policy import make_policy
+from .prefix_stage import PrefixStage
 from .state import SessionState
 from .tts_stage import TTSStage
 from .vision_stage import VisionStage
@@ -64,6 +67,7 @@ class Scheduler:
         self.tts_stage = TTSStage(self)
         self.codec_stage = CodecStage(self)
         self.vision_stage = VisionStage(self)
+        self.prefix_stage = PrefixStage(self)
         self._thread = threading.Thread(target=self._run, name="vita-engine-scheduler", daemon=True)
         self._thread.start()
 
@@ -126,6 +130,7 @@ class Scheduler:
         busy = bool(new)
         busy |= self.turns.step()
         t1 = clock()
+        busy |= self.prefix_stage.step()
         busy |= self.llm_stage.step()
         t2 = clock()
         busy |= self.tts_stage.step()

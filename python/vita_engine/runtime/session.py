@@ -249,7 +249,9 @@ class Session:
 
     @property
     def stats(self) -> dict:
-        """Counters: prefill_tokens (total), turn_prefill_tokens (per turn), decode_tokens, evictions, ..."""
+        """Counters: prefill_tokens (total), turn_prefill_tokens (per turn, by the turn itself),
+        prefix_tokens (of those, prefilled ahead of a turn: its images, prefix_stage.py), prefix_hits /
+        prefix_misses / prefix_dropped, decode_tokens, evictions, ..."""
         st = self._state
         return {} if st is None else {k: (list(v) if isinstance(v, list) else v) for k, v in st.stats.items()}
 

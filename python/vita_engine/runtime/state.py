@@ -10,7 +10,7 @@ import torch
 
 from .metrics import TurnClock
 
-__all__ = ["Segment", "Turn", "TurnRecord", "SessionState", "Visual"]
+__all__ = ["Segment", "Turn", "TurnRecord", "SessionState", "Visual", "Prefix"]
 
 
 @dataclass
@@ -64,6 +64,8 @@ class Turn:
     samples: int = 0                   # PCM samples emitted
     text: str = ""
     speak: bool = True                 # False: a text-only answer (no TTS work; segments are never spoken)
+    frames_seen: List[Any] = field(default_factory=list)  # camera frames pending at the start (spent by the commit)
+    prefix_tokens: int = 0             # tokens of x already in the KV at the start (a Prefix prefilled ahead)
 
     @property
     def prompt_end(self) -> int:
@@ -120,6 +122,38 @@ class Visual:
         return int((self.pv if self.feats is None else self.feats).shape[0])
 
 
+class Prefix:
+    """The start of the next turn's prompt, prefilled into the session's KV while the user still speaks
+    (prefix_stage.py): the close of the previous answer, the system prompt on the first turn,
+    `<|im_start|>user\n` and the pushed images' tokens, which the chat template puts before the text
+    and audio, so they do not depend on what the user says next. Its KV sits at kv_start ..
+    kv_start + prefilled of the session's sequence, right after the history."""
+
+    __slots__ = ("x", "kv_start", "prefilled", "head_key", "visuals", "ends", "refs")
+
+    def __init__(self, x: torch.Tensor, kv_start: int, head_key: Tuple, visuals: List["Visual"], ends: List[int],
+                 refs: Tuple = ()):
+        self.x = x                      # [P, hidden] embeddings of the prefix
+        self.kv_start = kv_start        # session KV length before it (the end of the history)
+        self.prefilled = 0              # tokens of x in the KV
+        self.head_key = head_key        # what the part before the images was built from
+        self.visuals = visuals          # the pushed images it covers, in push order
+        self.ends = ends                # token end of each visual in x
+        self.refs = refs                # objects whose id() is in head_key (kept alive: ids stay unique)
+
+    @property
+    def remaining(self) -> int:
+        return int(self.x.shape[0]) - self.prefilled
+
+    @property
+    def next_arrival(self) -> float:
+        """Push time of the first image whose tokens are not all in the KV (the policy's order)."""
+        for v, end in zip(self.visuals, self.ends):
+            if end > self.prefilled:
+                return v.arrived
+        return self.visuals[-1].arrived if self.visuals else 0.0
+
+
 class SessionState:
     def __init__(self, session, seq, reserved_blocks: int, vad, frontend, preroll_samples: int):
         self.session = session
@@ -156,8 +190,10 @@ class SessionState:
         self.last_turn: Optional[Turn] = None              # the latest finished turn (truncate_answer)
         self.system_changed = False                        # the system prompt changed after it was prefilled
         self.replay_x: Optional[torch.Tensor] = None       # history to replay after a system prompt change
+        self.prefix: Optional[Prefix] = None               # the next turn's prompt start, prefilled ahead
+        self.prefix_refused: Optional[Tuple] = None        # what the last prefix too long for the budget was built from
         self.stats = {"prefill_tokens": 0, "turn_prefill_tokens": [], "decode_tokens": 0, "evictions": 0,
-                      "interrupts": 0, "codec_tokens": 0, "audio_samples": 0}
+                      "interrupts": 0, "codec_tokens": 0, "audio_samples": 0, "prefix_tokens": 0}
 
     def arrival_time(self, sample: int) -> Optional[float]:
         for end, t in self.arrivals:

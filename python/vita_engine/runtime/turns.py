@@ -117,8 +117,13 @@ class TurnTaking(Stage):
                 life.close(st)
                 return [], False, True
             if kind == "image":
+                if st.turn is not None and st.turn.speculative:
+                    # the image belongs to the turn being decided, whose speculative prompt lacks it: the
+                    # end of turn starts it again with the image (as without speculation)
+                    life.discard(st)
                 st.pending_images.append(Visual(cmd[1], None, cmd[2]))
             elif kind == "frame":
+                self.sch.prefix_stage.drop(st)  # frames come before the images in the user block
                 st.pending_frames.append(Visual(cmd[1], cmd[2], time.perf_counter()))
                 del st.pending_frames[:-64]
             elif kind == "text":

@@ -1,6 +1,6 @@
 """The vision stage: encodes pushed images and camera frames as they arrive, in the ticks' slack, so
 the start of a turn (on the critical path when its prefill was not speculative) pays only for the
-visuals still unencoded. Each visual is encoded by itself, in one call, wherever that happens (here
+visuals still unencoded (and prefix_stage.py prefills the images' tokens ahead too). Each visual is encoded by itself, in one call, wherever that happens (here
 or at the turn start): its features never depend on timing or on other sessions' visuals.
 
 How many tiles run in a tick is the policy's (`Policy.vision_tiles`): none while a committed turn
