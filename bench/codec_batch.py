@@ -5,7 +5,8 @@ engine's sessions look like: turns started at different times), each call pushin
     PYTHONPATH=<tree>/python python bench/codec_batch.py [--streams 16] [--calls 200] [--config tiny|real]
 
 Before/after: run it alternately with PYTHONPATH set to each tree (the codec before this change runs
-streams in different states one by one)."""
+streams in different states one by one). `--graphs`: the steady pushes run on the static steps of
+model/codec_graphs.py (buckets 1..32, windows 2 and 3; eager on CPU, captured on CUDA)."""
 import argparse
 import json
 import random
@@ -41,9 +42,16 @@ def main():
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--config", choices=["tiny", "real"], default="tiny")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--graphs", action="store_true", help="steady pushes on the static steps (codec_graphs.py)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     codec = tiny_codec() if a.config == "tiny" else real_codec()
+    graphs = None
+    if a.graphs:
+        from vita_engine.model.codec_graphs import CodecSlabGraphs
+
+        graphs = CodecSlabGraphs(codec, (1, 2, 4, 8, 16, 32), (2, 3), rows=max(8, a.streams))
+        graphs.capture()
     rng = random.Random(0)
     la = codec.lookahead_tokens
     streams = [codec.stream() for _ in range(a.streams)]
@@ -54,11 +62,11 @@ def main():
         n = rng.choice([2, 3])
         lists = [[rng.randrange(codec.n_codes) for _ in range(n)] for _ in streams]
         t0 = time.perf_counter()
-        codec.push_many(streams, lists)
+        codec.push_many(streams, lists, graphs=graphs)
         if c >= 10:  # warm-up calls left out
             times.append((time.perf_counter() - t0) * 1e3)
     t = np.array(times)
-    print(json.dumps({"config": a.config, "streams": a.streams, "calls": a.calls,
+    print(json.dumps({"config": a.config, "graphs": a.graphs, "streams": a.streams, "calls": a.calls,
                       "ms_per_call_p50": round(float(np.percentile(t, 50)), 3), "ms_per_call_p90": round(float(np.percentile(t, 90)), 3),
                       "ms_per_stream_p50": round(float(np.percentile(t, 50)) / a.streams, 4),
                       "push_stats": getattr(codec, "push_stats", None)}))

@@ -477,7 +477,7 @@ def main(argv=None) -> int:
     b.add_argument("--scheduling", default=None, choices=["critical_path", "lockstep"],
                    help="scheduling policy (default: the engine's, critical_path; lockstep = before issue 12)")
     b.add_argument("--cuda-graphs", action="store_true",
-                   help="engine option cuda_graphs: LLM decode and TTS AR step on static buffers, captured on CUDA (not yet verified on a GPU)")
+                   help="engine option cuda_graphs: LLM decode, TTS AR step and steady codec windows on static buffers, captured on CUDA (not yet verified on a GPU)")
     b.add_argument("--image", help="image every session pushes before each spoken turn (its tokens are prefilled while the user speaks)")
     b.add_argument("--no-prefix-prefill", action="store_true",
                    help="engine option prefix_prefill=False: image tokens are prefilled with the turn (to compare)")

@@ -17,6 +17,8 @@ For any split of a token sequence into pushes the concatenated output equals `de
 `Codec.push_many` batches streams: those in the same state, and steady ones (past the start transient)
 at any position, since a steady stream's next push is a translation of any other's; steady streams keep
 their state in a per-codec slab (`_Slab`) so a batch costs one gather and one scatter per signal.
+For a fixed row count and token count that steady push is a fixed kernel sequence: codec_graphs.py
+runs it on static buffers (captured as CUDA graphs; that capture has NOT yet run on a GPU).
 """
 from __future__ import annotations
 
@@ -115,7 +117,8 @@ class Codec(torch.nn.Module):
         self._merged: Dict[int, "_Graph"] = {}  # push_many's merged graphs, pooled per batch size
         self._slab: Optional["_Slab"] = None
         # counters of push_many (calls, graph pushes run, batched pushes, streams in batched pushes)
-        self.push_stats = {"calls": 0, "pushes": 0, "batched_pushes": 0, "batched_streams": 0}
+        self.push_stats = {"calls": 0, "pushes": 0, "batched_pushes": 0, "batched_streams": 0, "graph_pushes": 0,
+                           "graph_streams": 0, "slab_full": 0}
         # debug: fill every fresh streaming buffer with NaN so a read outside the written samples shows
         self.poison_buffers = False
 
@@ -186,7 +189,8 @@ class Codec(torch.nn.Module):
 
     # ---- token validation -------------------------------------------------------------------------
 
-    def _tokens(self, codec_tokens, ndim: int = 1, what: str = "codec_tokens") -> torch.Tensor:
+    def _tokens(self, codec_tokens, ndim: int = 1, what: str = "codec_tokens", on_device: bool = True) -> torch.Tensor:
+        """Validated int64 ids on self.device (on the host with on_device=False)."""
         t = codec_tokens
         if isinstance(t, np.ndarray):
             if not np.issubdtype(t.dtype, np.integer):
@@ -211,7 +215,7 @@ class Codec(torch.nn.Module):
             lo, hi = int(t.min()), int(t.max())
             if lo < 0 or hi >= self.n_codes:
                 raise ValueError(f"Codec: {what} must be in [0, {self.n_codes}), got values in [{lo}, {hi}]")
-        return t.to(self.device, torch.int64)
+        return t.to(self.device if on_device else "cpu", torch.int64)
 
     def _lookup(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, n] ids -> [B, code_dim, n] in self.dtype (time-dense)."""
@@ -332,18 +336,24 @@ class Codec(torch.nn.Module):
         return self._slab
 
     @torch.no_grad()
-    def push_many(self, streams: Sequence["CodecStream"], token_lists: Sequence) -> List[torch.Tensor]:
+    def push_many(self, streams: Sequence["CodecStream"], token_lists: Sequence, graphs=None) -> List[torch.Tensor]:
         """Advance many single-sequence streams of this codec, batching those that can share one step:
         streams in the same state (tokens pushed so far), and steady streams (past the start transient,
         see `_Graph.steady`) in any state, receiving the same number of tokens. Each kernel then runs
         once per group; the rest run alone. Returns the new samples of each stream, in order.
-        `push_stats` counts the calls, the graph pushes they ran and the streams in batched pushes."""
+        `graphs` (a codec_graphs.CodecSlabGraphs of this codec): steady groups whose token count it
+        holds a static step for run on it (padded to a row bucket; captured on CUDA), the rest as above.
+        `push_stats` counts the calls, the graph pushes they ran, the streams in batched pushes, the
+        static-step runs and their streams, and the steady streams left unparked by a full slab."""
         if len(streams) != len(token_lists):
             raise ValueError(f"push_many: {len(streams)} streams but {len(token_lists)} token lists")
         if len({id(s) for s in streams}) != len(streams):
             raise ValueError("push_many: a stream appears more than once (concatenate its tokens instead)")
-        toks = [self._tokens(t) for t in token_lists]
+        if graphs is not None and getattr(graphs, "codec", None) is not self:
+            raise TypeError("push_many: graphs must be a CodecSlabGraphs built for this codec")
+        toks = [self._tokens(t, on_device=False) for t in token_lists]  # on the host: static steps stage them
         groups: Dict[tuple, List[int]] = {}
+        st = self.push_stats
         for idx, (s, t) in enumerate(zip(streams, toks)):
             if not isinstance(s, CodecStream) or s.codec is not self:
                 raise TypeError("push_many: every stream must come from this codec's stream()")
@@ -353,27 +363,43 @@ class Codec(torch.nn.Module):
             # a steady stream's next push is a translation of any other steady stream's: steady streams
             # keep their state in the slab (parked), where any of them batch with any other
             if g.row is None and g.steady():
-                self.slab.park(g)
+                if self.slab.room():
+                    self.slab.park(g)
+                else:  # a fixed slab is full: this stream stays on its own buffers (exact, unbatched)
+                    st["slab_full"] += 1
             key = ("steady", n) if g.row is not None else ("exact", n, g.n_tokens, g.finished)
             groups.setdefault(key, []).append(idx)
         out: List[Optional[torch.Tensor]] = [None] * len(streams)
-        st = self.push_stats
         st["calls"] += 1
-        st["pushes"] += len(groups)
         for key, idxs in groups.items():
+            if key[0] == "steady" and graphs is not None and graphs.has(key[1]):
+                for a in range(0, len(idxs), graphs.max_bucket):
+                    part = idxs[a:a + graphs.max_bucket]
+                    y = graphs.push([streams[i]._graph for i in part], [toks[i] for i in part])
+                    for row, i in enumerate(part):
+                        out[i] = y[row]
+                    st["pushes"] += 1
+                    st["graph_pushes"] += 1
+                    st["graph_streams"] += len(part)
+                    if len(part) > 1:
+                        st["batched_pushes"] += 1
+                        st["batched_streams"] += len(part)
+                continue
+            st["pushes"] += 1
             if len(idxs) == 1:
                 i = idxs[0]
                 out[i] = streams[i].push(toks[i])
                 continue
             st["batched_pushes"] += 1
             st["batched_streams"] += len(idxs)
+            batch = torch.stack([toks[i] for i in idxs]).to(self.device)
             if key[0] == "steady":
-                y = self.slab.push([streams[i]._graph for i in idxs], torch.stack([toks[i] for i in idxs]))
+                y = self.slab.push([streams[i]._graph for i in idxs], batch)
                 for row, i in enumerate(idxs):
                     out[i] = y[row]
                 continue
             merged = _Graph.stack([streams[i]._graph for i in idxs])
-            y = merged.push(torch.stack([toks[i] for i in idxs]))
+            y = merged.push(batch)
             for row, (i, g) in enumerate(zip(idxs, merged.unstack())):
                 streams[i]._graph = g
                 out[i] = y[row]
@@ -431,8 +457,16 @@ class _Node:
         """How far the output can be computed now."""
         raise NotImplementedError
 
-    def compute(self, t0: int, t1: int) -> None:
+    def launches(self, t0: int, t1: int) -> List[tuple]:
+        """The kernel calls computing out[t0, t1) as (fn, args), run as fn(*args, stream). The args
+        are DLPack views of the current buffers (the kernels read them, never consume them), so a
+        static layout (codec_graphs.SlabStep) prepares them once and reuses them on every run."""
         raise NotImplementedError
+
+    def compute(self, t0: int, t1: int) -> None:
+        st = stream_of(self.out.buf)
+        for fn, args in self.launches(t0, t1):
+            fn(*args, st)
 
 
 class _Conv(_Node):
@@ -462,15 +496,17 @@ class _Conv(_Node):
             lim = min(lim, self.residual.end)
         return max(lim, self.out.end)
 
-    def compute(self, t0, t1):
+    def launches(self, t0, t1):
+        # the arguments ops.conv1d passes to the kernel (right padding: implied by out's length)
         lo, hi = t0 - self.pl, t1 + self.d * (self.K - 1) - self.pl
         a, b = max(lo, 0), min(hi, self.x.end)
-        pad_l = a - lo
-        pad_r = hi - lo - pad_l - (b - a)
+        if a > b:
+            raise RuntimeError(f"codec: conv input range [{a}, {b}) does not cover outputs [{t0}, {t1})")
         o = self.out.view(t0, t1)
         res = self.residual.view(t0, t1) if self.residual is not None else None
-        ops.conv1d(self.x.view(a, b), self.w, self.b, padding=(pad_l, pad_r), dilation=self.d, lrelu_slope=self.slope, residual=res,
-                   alpha=self.alpha, accum=o if self.accum else None, beta=1.0, tanh=self.tanh, out=o)
+        slope = None if self.slope is None else float(self.slope)
+        return [(_C.conv1d, (dl(self.x.view(a, b)), dl(self.w), dl_opt(self.b), dl(o), dl_opt(res), dl(o) if self.accum else None,
+                             a - lo, int(self.d), slope, float(self.alpha), 1.0 if self.accum else 0.0, bool(self.tanh)))]
 
 
 class _ConvT(_Node):
@@ -495,13 +531,13 @@ class _ConvT(_Node):
         lim = self.full_len() if self.x.total is not None else self.s * self.x.end - self.p
         return max(lim, self.out.end)
 
-    def compute(self, t0, t1):
+    def launches(self, t0, t1):
         j0 = self._j0(t0)
         j1 = min(self.x.end, (t1 - 1 + self.p) // self.s + 1)
         j1 = max(j1, j0)
         o = self.out.view(t0, t1)
         x = self.x.view(j0, j1)
-        _C.conv_transpose1d(dl(x), dl(self.w), dl_opt(self.b), dl(o), self.s, t0 + self.p - self.s * j0, self.slope, stream_of(o))
+        return [(_C.conv_transpose1d, (dl(x), dl(self.w), dl_opt(self.b), dl(o), self.s, t0 + self.p - self.s * j0, self.slope))]
 
 
 class _MRF(_Node):
@@ -517,9 +553,8 @@ class _MRF(_Node):
     def unclipped(self):
         return all(c.unclipped() for c in self.convs)
 
-    def compute(self, t0, t1):
-        for c in self.convs:
-            c.compute(t0, t1)
+    def launches(self, t0, t1):
+        return [call for c in self.convs for call in c.launches(t0, t1)]
 
 
 class _Graph:
@@ -699,7 +734,15 @@ class _Slab:
     same for every steady stream, so each signal is one [rows, C_k, W_k] tensor and a push of any set of
     rows gathers one tensor per signal into a merged graph (in the coordinates of the first row's
     stream), runs it, and scatters the new live regions back. Rows are freed by flush() or when the
-    stream's graph is collected (a turn dropped without a flush)."""
+    stream's graph is collected (a turn dropped without a flush).
+
+    Row 0 is a scratch row, never a stream's: the padded rows of a static step (codec_graphs.py) read
+    and write it, so its contents are garbage by design. The slab grows on demand (new tensors, every
+    row copied: `generation` counts the moves) unless `reserve` fixed its capacity: captured graphs
+    hold its addresses, so a fixed slab never moves, and a steady stream that finds it full stays on
+    its own buffers (`room()` false: exact, unbatched)."""
+
+    SCRATCH = 0
 
     def __init__(self, codec: Codec):
         self.codec = codec
@@ -715,11 +758,12 @@ class _Slab:
         self.emitted = g.emitted - g.out.U * n0
         self.U = [s.U for s in g.sigs]
         self.bufs: List[torch.Tensor] = []
-        self.rows = 0
+        self.rows = 0  # rows of bufs, the scratch row included
         self.free: List[int] = []
+        self.fixed = False
+        self.generation = 0  # bumped whenever bufs are reallocated
 
-    def _grow(self) -> None:
-        n = max(8, 2 * self.rows)
+    def _alloc(self, n: int) -> None:
         c, new = self.codec, []
         for k, s in enumerate(_Graph(c, 1, dry=True).sigs):
             b = torch.empty(n, s.C, self.width[k], dtype=c.dtype, device=c.device)
@@ -728,8 +772,30 @@ class _Slab:
             if self.rows:
                 b[:self.rows].copy_(self.bufs[k])
             new.append(b)
-        self.free.extend(range(n - 1, self.rows - 1, -1))
+        self.free.extend(range(n - 1, max(self.rows, self.SCRATCH + 1) - 1, -1))
         self.bufs, self.rows = new, n
+        self.generation += 1
+
+    def _grow(self) -> None:
+        self._alloc(max(8, 2 * self.rows))
+
+    @property
+    def capacity(self) -> int:
+        """Stream rows (the scratch row excluded)."""
+        return max(0, self.rows - 1)
+
+    def room(self) -> bool:
+        """Can a stream be parked now (a free row, or the slab may grow)?"""
+        return bool(self.free) or not self.fixed
+
+    def reserve(self, streams: int) -> None:
+        """Fix the capacity at >= `streams` stream rows: allocated now (moving the slab once if it
+        holds fewer), never grown or moved afterwards."""
+        if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
+            raise ValueError(f"codec slab reserve: streams must be an int >= 1, got {streams!r}")
+        if self.capacity < streams:
+            self._alloc(streams + 1)
+        self.fixed = True
 
     def park(self, g: "_Graph") -> None:
         """Move a steady graph's live regions into a slab row (its own buffers are dropped)."""
@@ -738,6 +804,8 @@ class _Slab:
         if g.rel_ends() != self.codec.steady_rel_ends:
             raise RuntimeError("codec: parking a stream that is not steady")
         if not self.free:
+            if self.fixed:
+                raise RuntimeError(f"codec: the slab is full ({self.capacity} rows, fixed by reserve); check room() first")
             self._grow()
         row = self.free.pop()
         N = g.n_tokens

@@ -99,7 +99,7 @@ class CodecStage(Stage):
             t.codec_pushed += n
             st.stats["codec_tokens"] += n
         with nvtx_range("codec", self.nvtx):
-            outs = codec.push_many(streams, lists)
+            outs = codec.push_many(streams, lists, graphs=getattr(self.e, "codec_graphs", None))
         self.pushes += len(streams)
         for (st, t, _), y in zip(group, outs):
             if y is not None and y.numel():

@@ -63,8 +63,9 @@ DEFAULT_OPTIONS: Dict[str, Any] = dict(
     nvtx=None,                  # NVTX ranges per stage (default: on when CUDA and nvtx are available)
     use_reference=False,        # run every op on its pure-torch reference
     # CUDA graphs (runtime/graphs.py, docs/architecture.md §4): opt-in, capture NOT yet verified on a GPU.
-    # On CUDA the LLM decode step and the TTS AR step are captured per bucket at engine start and
-    # replayed with padded rows; on CPU the same static-buffer path runs eagerly (same tokens).
+    # On CUDA the LLM decode step, the TTS AR step and the steady codec window (per bucket x window
+    # size, model/codec_graphs.py) are captured at engine start and replayed with padded rows; on CPU
+    # the same static-buffer paths run eagerly (same tokens, same audio).
     cuda_graphs=False,
     cuda_graph_buckets=DEFAULT_BUCKETS,  # batch sizes captured; larger batches run eagerly
 )
@@ -151,8 +152,27 @@ class Engine:
         self._sessions: Dict[int, Session] = {}
         self._next_sid = 0
         self._closed = False
+        self.codec_graphs = None
+        if graphs and self.codec is not None:
+            self.codec_graphs = self._codec_graphs(buckets)  # captured before the scheduler thread exists
         self._scheduler = Scheduler(self)
         self._scheduler.llm.graphs = llm_graphs
+
+    def _codec_graphs(self, buckets):
+        """The steady codec window on static buffers (model/codec_graphs.py): one step per bucket and
+        per window size the policy pushes in steady state, captured on CUDA. The codec's slab gets a
+        fixed capacity of two rows per session (a barge-in's dropped stream frees its row when it is
+        collected); a steady stream that finds it full stays on its own buffers (exact, eager)."""
+        from ..model.codec import Codec
+        from ..model.codec_graphs import CodecSlabGraphs
+        from .policy import make_policy
+
+        if not isinstance(self.codec, Codec):
+            return None
+        windows = make_policy(self.options, codec=self.codec, has_tts=self.tts is not None).codec_steady_windows()
+        cg = CodecSlabGraphs(self.codec, buckets, windows, rows=2 * int(self.options["max_sessions"]))
+        cg.capture()  # CUDA only (else the steps run eagerly on the same buffers)
+        return cg
 
     @classmethod
     def from_pretrained(cls, path="tiny", device="cpu", dtype=torch.float32, **options) -> "Engine":
@@ -248,6 +268,7 @@ class Engine:
                "kv_session_blocks": kv["sequence_blocks"], "ticks": self._scheduler.ticks,
                "llm_forwards": self._scheduler.llm.forwards, "llm_rows": self._scheduler.llm.rows,
                "llm_graph_forwards": self._scheduler.llm.graph_forwards, "cuda_graphs_captured": self._graphs_captured(),
+               "codec_graph_pushes": int(getattr(self.codec, "push_stats", {}).get("graph_pushes", 0)),
                "tick_errors": self._scheduler.tick_errors}
         tts = self.tts
         if tts is not None:
@@ -261,7 +282,7 @@ class Engine:
         return out
 
     def _graphs_captured(self) -> int:
-        """CUDA graphs captured (LLM + TTS buckets): 0 without cuda_graphs, and on CPU (static buffers, eager)."""
+        """CUDA graphs captured (LLM + TTS buckets, codec steps): 0 without cuda_graphs, and on CPU (static buffers, eager)."""
         n = 0
         g = self._scheduler.llm.graphs
         if g is not None:
@@ -269,6 +290,8 @@ class Engine:
         tg = getattr(self.tts, "_graphs", None)
         if tg is not None:
             n += len(tg.graphs)
+        if self.codec_graphs is not None:
+            n += len(self.codec_graphs.graphs)
         return n
 
     @property

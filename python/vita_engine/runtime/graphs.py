@@ -1,4 +1,4 @@
-"""CUDA graphs for the per-token stages (LLM decode, TTS AR step): the mechanism only.
+"""CUDA graphs for the per-token stages (LLM decode, TTS AR step; the codec window: codec_graphs.py): the mechanism.
 
 A stage that runs one q_len = 1 row per sequence each tick is captured once per batch-size *bucket*
 (`cuda_graph_buckets`, default 1, 2, 4, 8, 16, 32) and replayed with the tick's rows padded up to the
@@ -22,7 +22,11 @@ staging buffers are rewritten, and those are done by then (the tick sampled its 
 On CPU (and on CUDA without capture) `replay` runs the same function eagerly on the same static
 buffers, so the CPU tests exercise the exact buffers, padding and plan updates the GPU path replays.
 
-STATUS: capture/replay (`GraphRunner.capture`) has NOT yet run on a GPU; `cuda_graphs` is off by default.
+The third per-token stage, the steady codec window, has its own static steps (model/codec_graphs.py:
+one per row bucket x window size, padded rows on the slab's scratch row) under the same option.
+
+STATUS: capture/replay (`GraphRunner.capture`, `CodecSlabGraphs.capture`) has NOT yet run on a GPU;
+only the eager static-buffer paths have run (CPU tests, engine). `cuda_graphs` is off by default.
 """
 from __future__ import annotations
 

@@ -164,6 +164,11 @@ class Policy:
         """The order in which the later windows [(session, turn, n)] of this tick are pushed."""
         return later
 
+    def codec_steady_windows(self) -> Tuple[int, ...]:
+        """The token counts of the later (steady) codec windows this policy mostly pushes: the codec's
+        static steps (CUDA graphs, model/codec_graphs.py) are built for these; other counts run eagerly."""
+        return (1,)  # a push of every new token at once: one per tick (one TTS AR step)
+
     def describe(self) -> Dict[str, float]:
         return {}
 
@@ -317,6 +322,11 @@ class CriticalPathPolicy(Policy):
 
     def order_windows(self, later, now):
         return sorted(later, key=lambda c: self.client_lead(c[1], now))
+
+    def codec_steady_windows(self):
+        # later windows are multiples of `window` (what the TTS made since the last push, rounded down);
+        # a stream that keeps up pushes one window, one that caught up after a slow tick two
+        return (self.window, 2 * self.window)
 
     def client_lead(self, t: Turn, now: float) -> float:
         """ms of decoded audio sent beyond what real-time playback from the first AudioChunk has used."""
