@@ -17,11 +17,12 @@ def _frames(n, seed=0):
     return [rng.integers(0, 256, (64 + 8 * i, 80, 3), dtype=np.uint8) for i in range(n)]
 
 
-def _wait_encoded(st, timeout=30.0):
+def _wait_encoded(st, n_visuals, timeout=30.0):
     t_end = time.monotonic() + timeout
     while time.monotonic() < t_end:
         vs = list(st.pending_images) + list(st.pending_frames)
-        if vs and all(v.feats is not None for v in vs):
+        # all of them: a visual still in the session's inbox is not pending yet
+        if len(vs) == n_visuals and all(v.feats is not None for v in vs):
             return True
         time.sleep(0.02)
     return False
@@ -35,7 +36,7 @@ def _turn(engine, frames, image, pre_encode):
         s.push_image(image)
     st = s._state
     if pre_encode:
-        assert _wait_encoded(st), "the vision stage did not encode the pushed visuals"
+        assert _wait_encoded(st, len(frames) + (image is not None)), "the vision stage did not encode the pushed visuals"
         assert all(v.pv is None for v in (*st.pending_images, *st.pending_frames)), "pixels kept after encoding"
     r = s.run_turn(text="What do you see?")
     check_turn_tail(r.events)
@@ -74,7 +75,7 @@ def test_frames_selected_after_encoding_are_the_right_ones(tiny_ckpt, one_thread
         for i in order:
             s.push_video_frame(frames[i], timestamp=float(i))
         st = s._state
-        assert _wait_encoded(st)
+        assert _wait_encoded(st, len(order))
         chosen = []
         life = e._scheduler.life
         orig = life.start_turn
