@@ -191,24 +191,27 @@ class AudioEncoder:
     def fbank(self, waveform_16k) -> torch.Tensor:
         """1-D float waveform in [-1, 1] at 16 kHz -> [frames, 80] float32 after global CMVN."""
         c = self.config
-        w = waveform_16k
-        w = torch.as_tensor(np.asarray(w, dtype=np.float32)) if not isinstance(w, torch.Tensor) else w.detach().cpu()
+        w = _check_waveform(waveform_16k, "audio.fbank")
         feats = kaldi_fbank(w.to(torch.float64) * 32768.0, c.sample_rate, c.num_mel_bins, c.frame_length_ms, c.frame_shift_ms)
         mean = self.cmvn_mean.detach().cpu().to(torch.float32)
         istd = self.cmvn_istd.detach().cpu().to(torch.float32)
         return (feats - mean) * istd
 
     # ---- encoder -----------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers may feed the output to autograd-enabled code
     def encode_features(self, feats: torch.Tensor) -> torch.Tensor:
         """CMVN-normalised fbank [T, 80] -> [T_llm, llm_hidden]."""
         t, ops, c = self.t, self.ops, self.config
+        if feats.dim() != 2 or feats.shape[1] != c.num_mel_bins:
+            raise ValueError(f"audio.encode_features: feats must be [frames, {c.num_mel_bins}], got {tuple(feats.shape)}")
+        if feats.shape[0] < MIN_FRAMES:
+            raise ValueError(f"audio too short: {feats.shape[0]} fbank frames give no encoder frame (need >= {MIN_FRAMES}: "
+                             f"{fbank_min_samples(c)} samples, {fbank_min_samples(c) / c.sample_rate * 1e3:.0f} ms at "
+                             f"{c.sample_rate} Hz)")
         x = feats.to(self.device, self.dtype)[None, None]  # [1,1,T,80]
         x = F.relu(F.conv2d(x, t[ENC + "enc.0.core.conv.0.weight"], t[ENC + "enc.0.core.conv.0.bias"], stride=2))
         x = F.relu(F.conv2d(x, t[ENC + "enc.0.core.conv.2.weight"], t[ENC + "enc.0.core.conv.2.bias"], stride=2))
         _, C, T1, Fs = x.shape
-        if T1 < 1:
-            raise ValueError(f"audio too short: {feats.shape[0]} fbank frames give no encoder frame (need >= 7)")
         x = x[0].permute(1, 0, 2).reshape(T1, C * Fs)  # channel-major: c*F' + f
         x = F.linear(x, t[ENC + "enc.0.core.out.0.weight"], t[ENC + "enc.0.core.out.0.bias"])
         d = x.shape[-1]
@@ -253,4 +256,46 @@ class AudioEncoder:
 
     def encode(self, waveform_16k) -> torch.Tensor:
         """1-D waveform in [-1, 1] at 16 kHz -> [T_llm, llm_hidden]."""
-        return self.encode_features(self.fbank(waveform_16k))
+        feats = self.fbank(waveform_16k)
+        if feats.shape[0] < MIN_FRAMES:
+            n = fbank_min_samples(self.config)
+            raise ValueError(f"audio.encode: waveform_16k is too short: {len(waveform_16k)} samples give "
+                             f"{feats.shape[0]} fbank frames; the encoder needs >= {MIN_FRAMES} frames ({n} samples, "
+                             f"{n / self.config.sample_rate * 1e3:.0f} ms at {self.config.sample_rate} Hz)")
+        return self.encode_features(feats)
+
+
+#: fbank frames for one encoder frame (two 3x3 stride-2 convolutions)
+MIN_FRAMES = 7
+
+
+def fbank_min_samples(c) -> int:
+    wl = int(c.sample_rate * c.frame_length_ms * 0.001)
+    ws = int(c.sample_rate * c.frame_shift_ms * 0.001)
+    return wl + (MIN_FRAMES - 1) * ws
+
+
+def _check_waveform(w, where: str) -> torch.Tensor:
+    """waveform_16k: 1-D float (numpy or torch), finite -> float CPU tensor. Integer PCM is refused
+    (int16 would be off by 32768x: divide by 32768 first)."""
+    if isinstance(w, torch.Tensor):
+        t = w.detach().cpu()
+    else:
+        try:
+            a = np.asarray(w)
+        except Exception as e:  # ragged lists and the like
+            raise TypeError(f"{where}: waveform_16k must be a 1-D float array or tensor, got {type(w).__name__} ({e})") from None
+        if a.dtype == object:
+            raise TypeError(f"{where}: waveform_16k must be a 1-D float array or tensor, got {type(w).__name__} of objects")
+        if a.dtype.kind not in "biuf":
+            raise TypeError(f"{where}: waveform_16k must be float32 in [-1, 1], got dtype {a.dtype}")
+        # floats as float32, as before (VITA's waveforms are float32)
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32) if a.dtype.kind == "f" else np.ascontiguousarray(a))
+    if not t.is_floating_point():
+        hint = " (int16 PCM: divide by 32768)" if t.dtype == torch.int16 else ""
+        raise TypeError(f"{where}: waveform_16k must be float32 in [-1, 1], got {str(t.dtype).replace('torch.', '')}{hint}")
+    if t.dim() != 1:
+        raise ValueError(f"{where}: waveform_16k must be 1-D [samples] (mono, 16 kHz), got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{where}: waveform_16k contains NaN or infinite samples")
+    return t

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ._ops import OpsHandle
 from .config import LLMConfig
 from .layers import DecoderLayer, PagedKVCache, run_decoder_stack
-from .loading import CheckpointError, SafetensorsCheckpoint, load_tensors
+from .loading import CheckpointError, SafetensorsCheckpoint, check_device_dtype, load_tensors
 
 __all__ = ["LLM"]
 
@@ -82,6 +82,7 @@ class LLM:
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, *, use_reference: bool = False, ops: Optional[OpsHandle] = None, progress=None) -> "LLM":
         """Load a Hugging Face Qwen2 folder (config.json + *.safetensors, index optional). A VITA
         checkpoint folder also works: its vision/audio tensors are skipped."""
+        device, dtype = check_device_dtype("LLM.from_pretrained", device, dtype)
         path = Path(path)
         cfg = LLMConfig.from_file(path / "config.json")
         ckpt = SafetensorsCheckpoint(path)
@@ -110,7 +111,7 @@ class LLM:
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.lm_head)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers may feed the output to autograd-enabled code
     def logits(self, input_ids=None, inputs_embeds=None) -> torch.Tensor:
         """Full causal forward without cache: [T] ids or [T, hidden] embeddings -> [T, vocab]."""
         if (input_ids is None) == (inputs_embeds is None):

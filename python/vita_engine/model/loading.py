@@ -24,6 +24,7 @@ __all__ = [
     "load_cmvn",
     "read_json",
     "load_codec",
+    "check_device_dtype",
 ]
 
 Shape = Tuple[Optional[int], ...]
@@ -298,9 +299,35 @@ def load_cmvn(path, is_json: Optional[bool] = None):
     return mean, 1.0 / v.sqrt()
 
 
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_device_dtype(where: str, device, dtype) -> Tuple[torch.device, torch.dtype]:
+    """`device` ("cpu", "cuda", "cuda:N" or a torch.device) usable here, `dtype` float32 / float16 /
+    bfloat16 (a torch dtype or its name): else ValueError / TypeError naming the argument."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{where}: device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{where}: device={device!r} but CUDA is not available here "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None}); use device='cpu'")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"{where}: device={device!r} but only {n} CUDA device(s) are visible")
+    elif dev.type != "cpu":
+        raise ValueError(f"{where}: device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    dt = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if dt not in _DTYPES.values():
+        raise TypeError(f"{where}: dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
+    return dev, dt
+
+
 def load_codec(path, device="cpu", dtype=torch.float32):
     """The TiCodec of `vita_tts_ckpt/codec`: parse model.json, load final.pt, fold weight norm,
     build `vita_engine.model.codec.Codec` (imported lazily; owned by the codec module)."""
+    device, dtype = check_device_dtype("load_codec", device, dtype)
     path = Path(path)
     cfg = read_json(path / "model.json")
     if not isinstance(cfg, dict):

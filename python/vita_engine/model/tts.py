@@ -85,7 +85,7 @@ class TTSDecoder:
         e = self.ops.fuse_embeddings(ids, self.llm_embed, None)
         return e.reshape(-1, self.config.hidden).to(self.device, self.dtype)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers may feed the output to autograd-enabled code
     def nar(self, text_ids) -> torch.Tensor:
         """Bidirectional NAR decoder over the split text embeddings -> [4N, tts_hidden]."""
         x = self.text_embeddings(text_ids)
@@ -121,15 +121,35 @@ class TTSDecoder:
         ids = torch.as_tensor(tokens, dtype=torch.long, device=self.device).reshape(-1)
         return self._ar_run(seq, F.embedding(ids, self.embedding), causal=True)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def ar_logits(self, text_ids, codec_tokens) -> torch.Tensor:
         """Teacher forcing: logits after sos and after each codec token -> [len(codec_tokens)+1, V+4]."""
         nar = self.nar(text_ids)
-        codec = list(torch.as_tensor(codec_tokens).reshape(-1).tolist())
+        codec = self.check_codec_tokens(codec_tokens)
         cache = self.new_cache(nar.shape[0] + len(codec) + 2)
         seq = cache.new_sequence()
-        self.ar_prefill(seq, nar)
-        return self.ar_step(seq, [self.sos] + codec)
+        # the bodies of ar_prefill / ar_step, outside their inference_mode (a plain tensor comes back)
+        bos = self.embedding[self.bos : self.bos + 1]
+        self._ar_run(seq, torch.cat([bos, nar.to(self.dtype)], 0), causal=False)
+        ids = torch.tensor([self.sos] + codec, dtype=torch.long, device=self.device)
+        return self._ar_run(seq, F.embedding(ids, self.embedding), causal=True)
+
+    def check_codec_tokens(self, codec_tokens) -> List[int]:
+        """Teacher-forced AR input: a 1-D sequence of integer ids in [0, V+4) (codec ids, or the specials)."""
+        try:
+            t = torch.as_tensor(codec_tokens)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"TTS.ar_logits: codec_tokens must be a sequence of integer codec ids, got {type(codec_tokens).__name__} ({e})") from None
+        if t.numel() and (t.dtype == torch.bool or t.is_floating_point() or t.is_complex()):
+            raise TypeError(f"TTS.ar_logits: codec_tokens must be integer codec ids, got dtype {t.dtype}")
+        if t.dim() > 1 and not (t.dim() == 2 and t.shape[0] == 1):
+            raise ValueError(f"TTS.ar_logits: codec_tokens must be 1-D [n], got shape {tuple(t.shape)}")
+        ids = t.reshape(-1).to(torch.long).tolist()
+        rows = self.embedding.shape[0]
+        if ids and (min(ids) < 0 or max(ids) >= rows):
+            raise ValueError(f"TTS.ar_logits: codec_tokens must lie in [0, {rows}) (codec vocabulary {rows - 4} + 4 special ids), "
+                             f"got min {min(ids)}, max {max(ids)}")
+        return ids
 
     def generate(self, text_ids, max_tokens: Optional[int] = None, *, seed: int = 0, topk: Optional[int] = None,
                  block_size: int = 16) -> List[int]:

@@ -135,19 +135,29 @@ class VisionTower:
         return (g // 2) ** 2
 
     # ---- preprocessing -----------------------------------------------------------------------------
-    def preprocess(self, image, max_tiles: Optional[int] = None) -> torch.Tensor:
+    def preprocess(self, image, max_tiles: Optional[int] = 12) -> torch.Tensor:
         """PIL image or HxWx3 uint8 array -> pixel_values [tiles, 3, S, S] (float32, CLIP-normalised):
-        dynamic tiling (1..max_tiles grid, closest aspect ratio), thumbnail last."""
+        dynamic tiling (1..max_tiles grid, closest aspect ratio), thumbnail last. The default 12 is
+        VITA's own demo call (`dynamic_preprocess(max_num=12)`); None: the checkpoint's
+        `max_dynamic_patch` (what the engine uses)."""
         from PIL import Image
 
+        if isinstance(image, torch.Tensor):
+            image = image.cpu().numpy()
         if isinstance(image, np.ndarray):
-            image = Image.fromarray(image)
-        elif isinstance(image, torch.Tensor):
-            image = Image.fromarray(image.cpu().numpy())
-        image = image.convert("RGB")
+            if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+                raise ValueError(f"vision.preprocess: image array must be HxWx3 (or HxW, HxWx4) uint8, got shape {image.shape}")
+            if image.dtype != np.uint8:
+                raise TypeError(f"vision.preprocess: image array must be uint8, got {image.dtype}")
+            image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
+        elif not isinstance(image, Image.Image):
+            raise TypeError(f"vision.preprocess: image must be a PIL image or an HxWx3 uint8 array, got {type(image).__name__}")
         c = self.config
         mt = c.max_tiles if max_tiles is None else max_tiles
-        tiles = dynamic_tiles(image, c.image_size, max_num=mt, use_thumbnail=c.use_thumbnail)
+        if isinstance(mt, bool) or not isinstance(mt, (int, np.integer)) or mt < 1:
+            raise ValueError(f"vision.preprocess: max_tiles must be an integer >= 1 (or None), got {max_tiles!r}")
+        image = image.convert("RGB")
+        tiles = dynamic_tiles(image, c.image_size, max_num=int(mt), use_thumbnail=c.use_thumbnail)
         return self.normalize(tiles)
 
     def normalize(self, tiles) -> torch.Tensor:
@@ -178,7 +188,7 @@ class VisionTower:
         return (x - mean) / std
 
     # ---- forward -----------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers may feed the output to autograd-enabled code
     def vit(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """InternViT: [N,3,S,S] -> last hidden states [N, 1+G², C] (no final norm)."""
         c, ops = self.config, self.ops
@@ -212,10 +222,23 @@ class VisionTower:
             x = x + ly.ls2 * F.linear(F.gelu(F.linear(h, ly.fc1_w, ly.fc1_b)), ly.fc2_w, ly.fc2_b)
         return x.view(N, L, C)
 
-    @torch.inference_mode()
+    def check_pixel_values(self, pixel_values) -> torch.Tensor:
+        """pixel_values must be a float [tiles, 3, S, S] tensor, S a multiple of 2 * patch_size."""
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"vision.encode: pixel_values must be a torch tensor [tiles, 3, S, S], got {type(pixel_values).__name__}")
+        x = pixel_values
+        p = self.config.patch_size
+        if x.dim() != 4 or x.shape[1] != 3 or x.shape[2] != x.shape[3] or x.shape[2] % (2 * p) or x.shape[0] == 0:
+            raise ValueError(f"vision.encode: pixel_values must be [tiles >= 1, 3, S, S] with S a multiple of {2 * p} "
+                             f"(S = {self.config.image_size} for this tower), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"vision.encode: pixel_values must be a float tensor (from preprocess), got {x.dtype}")
+        return x
+
+    @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[tiles, 3, S, S] -> [tiles, tokens_per_tile, llm_hidden]."""
-        h = self.vit(pixel_values)[:, 1:]
+        h = self.vit(self.check_pixel_values(pixel_values))[:, 1:]
         N, L, C = h.shape
         g = int(round(L ** 0.5))
         f = pixel_shuffle(h.reshape(N, g, g, C) * self.config.scale_pix_shuffle)

@@ -12,7 +12,7 @@ from ._ops import OpsHandle
 from .audio import CMVN_KEYS, AudioEncoder
 from .config import AudioConfig, LLMConfig, TTSConfig, VisionConfig, resolve_subfolder
 from .llm import LLM, LLM_IGNORE
-from .loading import CheckpointError, SafetensorsCheckpoint, load_cmvn, load_codec, load_tensors, load_torch_file
+from .loading import CheckpointError, SafetensorsCheckpoint, check_device_dtype, load_cmvn, load_codec, load_tensors, load_torch_file
 from .tts import TTS_IGNORE, TTSDecoder
 from .vision import VisionTower
 
@@ -46,6 +46,7 @@ class VitaModel:
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, *, use_reference: bool = False,
                         load_tts: bool = True, load_codec_model: bool = True, progress: Optional[bool] = None) -> "VitaModel":
+        device, dtype = check_device_dtype("VitaModel.from_pretrained", device, dtype)
         root = Path(path)
         if not root.is_dir():
             raise CheckpointError(f"checkpoint folder not found: {root}")
@@ -107,7 +108,7 @@ class VitaModel:
         return cls(root, llm, vision, audio, tts, codec, ops, cfg)
 
     # ---- splicing ----------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers may feed the output to autograd-enabled code
     def splice(self, input_ids, image_features=None, audio_features=None) -> torch.Tensor:
         """Embed input_ids, expanding each -200 into the tokens of the next image tile/frame
         (image_features [tiles, tokens, hidden] or a list of [tokens, hidden]) and each -500 into

@@ -47,8 +47,9 @@ class PagedAttentionPlan:
     """
 
     def __init__(self, block_table, kv_lens, cu_q_lens, *, num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
-                 causal: bool = True, max_q_len: Optional[int] = None, num_tokens: Optional[int] = None, device=None):
-        op = "PagedAttentionPlan"
+                 causal: bool = True, max_q_len: Optional[int] = None, num_tokens: Optional[int] = None, device=None,
+                 _op: str = "PagedAttentionPlan"):
+        op = _op  # errors name the public entry point (paged_attention when it builds the plan)
         if device is None:
             device = block_table.device if isinstance(block_table, torch.Tensor) else torch.device("cpu")
         self.device = torch.device(device)
@@ -61,6 +62,8 @@ class PagedAttentionPlan:
             raise ValueError(f"{op}: expected block_table [B, max_blocks], kv_lens [B], cu_q_lens [B+1], got "
                              f"{tuple(self.block_table.shape)}, {tuple(self.kv_lens.shape)}, {tuple(self.cu_q_lens.shape)}")
         if num_q_heads % max(num_kv_heads, 1) or num_kv_heads < 1:
+            if op == "paged_attention":
+                raise ValueError(f"{op}: q heads ({num_q_heads}) must be a multiple of k_cache kv_heads ({num_kv_heads}) (GQA)")
             raise ValueError(f"{op}: num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.num_q_heads, self.num_kv_heads, self.head_dim, self.block_size = int(num_q_heads), int(num_kv_heads), int(head_dim), int(block_size)
         self.causal = bool(causal)
@@ -155,7 +158,8 @@ def _paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_q_lens, causa
         _C.paged_attention(plain(q), plain(k_cache), plain(v_cache), plain(block_table), plain(kv_lens), plain(cu_q_lens), out, scale, causal)
         return out
     plan = PagedAttentionPlan(block_table, kv_lens, cu_q_lens, num_q_heads=q.shape[1], num_kv_heads=k_cache.shape[2],
-                              head_dim=q.shape[2], block_size=k_cache.shape[1], causal=causal, num_tokens=q.shape[0], device=q.device)
+                              head_dim=q.shape[2], block_size=k_cache.shape[1], causal=causal, num_tokens=q.shape[0], device=q.device,
+                              _op="paged_attention")
     return plan.run(q, k_cache, v_cache, scale=scale)
 
 

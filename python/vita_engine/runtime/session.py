@@ -24,42 +24,50 @@ _CLOSED = object()
 
 
 class _EventSink:
-    """Events go to a thread-safe queue until an asyncio consumer binds, then to its loop."""
+    """The session's event queue, shared by every consumer: `events()` iterators (on any event loop,
+    one after another: each `asyncio.run(...)` may drain a turn) and the synchronous helpers. An
+    event put while no consumer waits, or while a finished loop is bound, stays queued."""
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self._q: "queue.Queue" = queue.Queue()
-        self._loop = None
-        self._aq: Optional[asyncio.Queue] = None
+        self._cv = threading.Condition()
+        self._items: "collections.deque" = collections.deque()
+        self._waiters: List[tuple] = []  # (loop, future) of events() iterators awaiting an event
 
     def put(self, ev) -> None:
-        with self._lock:
-            if self._loop is None:
-                self._q.put(ev)
-                return
-            loop, aq = self._loop, self._aq
-        try:
-            loop.call_soon_threadsafe(aq.put_nowait, ev)
-        except RuntimeError:  # the consumer's loop is closed: nobody listens any more
-            pass
-
-    def bind(self, loop) -> asyncio.Queue:
-        with self._lock:
-            if self._loop is not None and self._loop is not loop:
-                raise RuntimeError("Session.events(): already consumed from another event loop")
-            if self._loop is None:
-                self._loop, self._aq = loop, asyncio.Queue()
-                while True:
-                    try:
-                        self._aq.put_nowait(self._q.get_nowait())
-                    except queue.Empty:
-                        break
-            return self._aq
+        with self._cv:
+            self._items.append(ev)
+            self._cv.notify_all()
+            waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            try:
+                loop.call_soon_threadsafe(_wake, fut)
+            except RuntimeError:  # that loop is closed: the event waits for the next consumer
+                pass
 
     def get(self, timeout: Optional[float]):
-        if self._loop is not None:
-            raise RuntimeError("Session: events are consumed by an asyncio events() iterator; the synchronous helpers are unavailable")
-        return self._q.get(timeout=timeout)
+        with self._cv:
+            if not self._cv.wait_for(lambda: self._items, timeout):
+                raise queue.Empty
+            return self._items.popleft()
+
+    async def aget(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._cv:
+                if self._items:
+                    return self._items.popleft()
+                fut = loop.create_future()
+                self._waiters.append((loop, fut))
+            try:
+                await fut
+            finally:
+                with self._cv:
+                    self._waiters = [w for w in self._waiters if w[1] is not fut]
+
+
+def _wake(fut) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 @dataclass
@@ -97,9 +105,12 @@ class Session:
         if self._closed:
             raise SessionClosedError(f"Session.{what}: session {self.id} is closed")
 
+    _API_NAME = {"audio": "push_audio", "image": "push_image", "frame": "push_video_frame", "text": "push_text",
+                 "config": "configure", "truncate": "truncate_answer"}
+
     def _send(self, *cmd) -> None:
         with self._lock:
-            self._check_open(cmd[0])
+            self._check_open(self._API_NAME.get(cmd[0], cmd[0]))
             self._inbox.append(cmd)
         self.engine._scheduler.wake()
 
@@ -263,12 +274,12 @@ class Session:
     # ---- output ------------------------------------------------------------------------------------
     async def events(self):
         """Async iterator over TextDelta, AudioChunk, Interrupted, Metrics, TurnEnd (, Error); ends
-        after close()."""
+        after close(). It may be left (break) and started again, on the same or another event loop
+        (events not yet consumed stay queued), and mixed with the synchronous helpers."""
         if self._ended:
             return
-        aq = self._sink.bind(asyncio.get_running_loop())
         while True:
-            ev = await aq.get()
+            ev = await self._sink.aget()
             if ev is _CLOSED:
                 self._ended = True
                 return
