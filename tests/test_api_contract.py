@@ -212,6 +212,13 @@ def _check_answer(evs):
     assert all(isinstance(e.text, str) for e in evs if isinstance(e, TextDelta))
     met = evs[-2]
     assert isinstance(met.values, dict) and met.values["ttfa_ms"] >= 0 and met.turn == evs[-1].turn
+    # DESIGN §6: values holds the §7 keys (a spoken answer reaches every moment; the work stages are
+    # there even when the turn had none of that work, e.g. vision_ms without an image: 0)
+    from vita_engine.runtime.metrics import KEYS
+
+    missing = [k for k in KEYS if k not in met.values]
+    assert not missing, missing
+    assert all(isinstance(met.values[k], float) and met.values[k] >= 0 for k in KEYS)
 
 
 def test_session_as_written_each_turn_on_its_own_event_loop(tiny_engine):

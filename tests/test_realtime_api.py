@@ -254,8 +254,9 @@ def test_text_turn_and_image_plus_audio_turn(srv):
     assert a[ta.index("response.done")].response.status == "completed"
     tb = _types(b)
     assert b[tb.index("response.done")].response.status == "completed"
-    # vision_ms is there only for a turn with visuals (0 when the vision stage encoded them on arrival)
-    assert "vision_ms" in b[-1].values and "vision_ms" not in a[-1].values
+    # every work stage is reported, 0 ms where there was none (the image of b is in its prompt)
+    assert a[-1].values["vision_ms"] == 0.0 and b[-1].values["vision_ms"] >= 0.0
+    assert all(k in a[-1].values and k in b[-1].values for k in ("fbank_ms", "audio_encoder_ms", "tts_nar_ms"))
     assert b[-1].values.get("audio_encoder_ms", 0) > 0
 
 

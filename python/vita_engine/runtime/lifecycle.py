@@ -24,7 +24,7 @@ import torch
 
 from .chat import system_prompt_for
 from .events import Error, Interrupted, Metrics, TurnEnd, TurnStarted
-from .metrics import TurnClock, nvtx_range
+from .metrics import WORK_KEYS, TurnClock, nvtx_range
 from .stage import Stage
 from .vision_stage import encode_visuals
 from .state import SessionState, Turn, TurnRecord, UnspokenSegments
@@ -235,9 +235,13 @@ class Lifecycle(Stage):
         sink = st.session._sink
         if interrupted:
             sink.put(Interrupted(t.idx))
+        # the contract's Metrics carry every work stage: 0 ms where the turn had none (no image, a text
+        # turn's audio stages); the distributions only take the turns that did the work
+        self.e.metrics.add(dict(vals))
+        for k in WORK_KEYS:
+            vals.setdefault(k, 0.0)
         sink.put(Metrics(t.idx, vals))
         sink.put(TurnEnd(t.idx))
-        self.e.metrics.add({k: v for k, v in vals.items()})
 
     def _delivered_tokens(self, st: SessionState, t: Turn, played_s: Optional[float] = None) -> int:
         """LLM tokens whose audio was delivered (or played, if the client reported a position, or

@@ -9,7 +9,10 @@ Times are `time.perf_counter()` seconds; values are milliseconds.
   start -> last chunk done), first_text_token_ms (decision -> first token sampled), tts_nar_ms (NAR +
   AR prefix prefill of the first segment), first_codec_token_ms (decision -> first codec token),
   first_codec_window_ms (decision -> first codec PCM window decoded).
-Stages that did not happen in a turn (no audio, interrupted early) are absent from `values`.
+The work stages (WORK_KEYS: fbank, audio encoder, vision, TTS NAR) are always in a turn's `Metrics`
+values, 0 where the turn had no such work (a text turn, no image); the moments after the decision
+(ttfa_ms, response_ms, first_*) are there only when they happened (no audio: no ttfa_ms). The
+distributions (`MetricsStore`) take a work stage only from the turns that did it.
 """
 from __future__ import annotations
 
@@ -20,11 +23,12 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-__all__ = ["KEYS", "STAGE_KEYS", "TICK_KEYS", "TurnClock", "MetricsStore", "TickStats", "TickHistograms", "distribution", "nvtx_range"]
+__all__ = ["KEYS", "STAGE_KEYS", "WORK_KEYS", "TICK_KEYS", "TurnClock", "MetricsStore", "TickStats", "TickHistograms", "distribution", "nvtx_range"]
 
 STAGE_KEYS = ("fbank_ms", "audio_encoder_ms", "vision_ms", "prefill_ms", "first_text_token_ms", "tts_nar_ms",
               "first_codec_token_ms", "first_codec_window_ms")
 KEYS = ("ttfa_ms", "response_ms") + STAGE_KEYS
+WORK_KEYS = ("fbank_ms", "audio_encoder_ms", "vision_ms", "tts_nar_ms")
 
 
 class TurnClock:
