@@ -109,3 +109,17 @@ def test_sampling_bad_arguments():
         ops.sample_tokens(torch.randint(0, 5, (2, 5)))
     with pytest.raises(ValueError, match="seed dim 0 .batch of logits. must be 2"):
         ops.sample_tokens(torch.randn(2, 5), seed=torch.tensor([1, 2, 3]))
+
+
+def test_uniform_is_never_one():
+    # philox_uniform once mapped 24 bits to (v + 0.5) / 2^24, whose top bucket rounds to exactly 1.0:
+    # the Gumbel noise was +inf and that token won whatever its logit. (seed 7, step 4772) draws the
+    # top raw value at index 1380.
+    u = ref.philox_uniform(7, 4772, torch.tensor([1380]))
+    assert 0.0 < u.item() < 1.0
+    assert torch.isfinite(-torch.log(-torch.log(u))).all()
+    logits = torch.zeros(1, 4096)
+    logits[0, 0], logits[0, 1380] = 30.0, -30.0  # token 1380 has probability ~e^-60
+    for device_logits in [logits] + ([logits.cuda()] if torch.cuda.is_available() else []):
+        assert ops.sample_tokens(device_logits, temperature=1.0, top_k=0, seed=7, step=4772).item() == 0
+
