@@ -109,3 +109,44 @@ def test_sampling_bad_arguments():
         ops.sample_tokens(torch.randint(0, 5, (2, 5)))
     with pytest.raises(ValueError, match="seed dim 0 .batch of logits. must be 2"):
         ops.sample_tokens(torch.randn(2, 5), seed=torch.tensor([1, 2, 3]))
+
+
+def test_uniform_is_never_one():
+    # philox_uniform once mapped 24 bits to (v + 0.5) / 2^24, whose top bucket rounds to exactly 1.0:
+    # the Gumbel noise was +inf and that token won whatever its logit. (seed 7, step 4772) draws the
+    # top raw value at index 1380.
+    u = ref.philox_uniform(7, 4772, torch.tensor([1380]))
+    assert 0.0 < u.item() < 1.0
+    assert torch.isfinite(-torch.log(-torch.log(u))).all()
+    logits = torch.zeros(1, 4096)
+    logits[0, 0], logits[0, 1380] = 30.0, -30.0  # token 1380 has probability ~e^-60
+    for device_logits in [logits] + ([logits.cuda()] if torch.cuda.is_available() else []):
+        assert ops.sample_tokens(device_logits, temperature=1.0, top_k=0, seed=7, step=4772).item() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_vocab_draws_match_reference_at_llm_size(device, dtype):
+    # The CPU whole-vocabulary path scores only the tokens that can still win (x / t within the
+    # largest Gumbel noise of the best score so far): the draw must be the one of scoring all of them,
+    # at the LLM's vocabulary and temperatures, with infinities, NaNs and ties mixed in.
+    V = 152064
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(10, V, generator=g) * 3
+    logits[1] = torch.randn(V, generator=g) * 0.01  # flat: most tokens are candidates
+    logits[2, 1000:] = -float("inf")  # the winner among a few finite tokens
+    logits[3, ::7] = float("nan")
+    logits[4, 77] = logits[4, 99999] = float("inf")  # two +inf: the smaller id
+    logits[5] = 0.0  # all tied
+    logits[6] = -float("inf")
+    logits[6, 12345] = -1e30
+    logits[7] = torch.randn(V, generator=g) * 40  # peaked
+    logits[8, 3] = 1e30
+    logits = logits.to(dtype)
+    temps = torch.tensor([0.7, 1.0, 0.05, 0.7, 1.3, 1.0, 0.7, 2.0, 0.7, 1e-3])
+    for step in (0, 9):
+        got = ops.sample_tokens(logits.to(device), temperature=temps.to(device), top_k=0, seed=123, step=step).cpu()
+        # (the reference has no NaN rule; a NaN token never wins, as a -inf one)
+        clean = torch.where(logits.isnan(), torch.full_like(logits, -float("inf")), logits)
+        want = [ref.sample_tokens(clean[b:b + 1], temperature=float(temps[b]), top_k=0, seed=123, step=step).item() for b in range(10)]
+        assert got.tolist() == want
+    assert got[2].item() < 1000 and got[4].item() == 77 and got[6].item() == 12345 and got[8].item() == 3

@@ -24,6 +24,7 @@ namespace {
 #define VITA_ATTN_VW 8
 #include "attention_impl.h"
 #undef VITA_ATTN_VW
+#undef VITA_ATTN_TRANSPOSE
 }  // namespace
 }  // namespace base
 

@@ -25,6 +25,7 @@ namespace {
 #define VITA_ATTN_VW 16
 #include "attention_impl.h"
 #undef VITA_ATTN_VW
+#undef VITA_ATTN_TRANSPOSE
 }  // namespace
 
 void paged_attention(const PagedAttentionArgs& a) { paged_attention_entry(a); }

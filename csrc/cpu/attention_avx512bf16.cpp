@@ -38,6 +38,7 @@ namespace {
 #include "attention_impl.h"
 #undef VITA_ATTN_BF16DP
 #undef VITA_ATTN_VW
+#undef VITA_ATTN_TRANSPOSE
 #pragma GCC diagnostic pop
 }  // namespace
 

@@ -15,7 +15,7 @@
 //  - row softmax over the row's keys (causal rows stop at their own position; later keys get 0).
 //  - O = P.V with channels in vector lanes, the EKB-key V slice L1-resident across the row groups.
 // Included by attention_impl.h (after the helpers it uses: vf, ldv, stv, vi, exp_le0, hsum,
-// transpose16); no include guard on purpose.
+// transpose_vw where VITA_ATTN_TRANSPOSE); no include guard on purpose.
 
 constexpr int EKB = 64;                // keys per K^T / V block
 constexpr int EQB = 48;                      // query rows per block (S: EQB x keys floats)
@@ -133,12 +133,12 @@ void enc_pack(const T* k, int64_t ks, const T* v, int64_t vs, int n, int D, EncS
   const int tpad = (n + EKB - 1) / EKB * EKB;
   float* kt = sc.kt.data();
   enc_copy_rows(v, vs, n, D, 1.0f, sc.vp.data());
-#if VITA_ATTN_VW == 16
-  if (D % 16 == 0) {
+#if defined(VITA_ATTN_TRANSPOSE)
+  if (D % VW == 0) {  // VW keys at a time through a VW x VW register transpose
     float* tmp = sc.tmp.data();
-    for (int t0 = 0; t0 < tpad; t0 += 16) {
-      const uint32_t* src[16];
-      for (int i = 0; i < 16; ++i) {
+    for (int t0 = 0; t0 < tpad; t0 += VW) {
+      const uint32_t* src[VW];
+      for (int i = 0; i < VW; ++i) {
         float* row = tmp + size_t(i) * D;
         if (t0 + i < n)
           load_row(k + (t0 + i) * ks, row, D);
@@ -146,9 +146,9 @@ void enc_pack(const T* k, int64_t ks, const T* v, int64_t vs, int n, int D, EncS
           std::fill(row, row + D, 0.f);
       }
       float* dst = kt + size_t(t0 / EKB) * D * EKB + t0 % EKB;
-      for (int d = 0; d < D; d += 16) {
-        for (int i = 0; i < 16; ++i) src[i] = reinterpret_cast<const uint32_t*>(tmp + size_t(i) * D + d);
-        transpose16(src, reinterpret_cast<uint32_t*>(dst + size_t(d) * EKB), EKB);
+      for (int d = 0; d < D; d += VW) {
+        for (int i = 0; i < VW; ++i) src[i] = reinterpret_cast<const uint32_t*>(tmp + size_t(i) * D + d);
+        transpose_vw(src, reinterpret_cast<uint32_t*>(dst + size_t(d) * EKB), EKB);
       }
     }
     return;

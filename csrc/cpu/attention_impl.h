@@ -306,6 +306,33 @@ inline void transpose16(const uint32_t* const* src, uint32_t* dst, int ld) {
   }
 }
 #pragma GCC diagnostic pop
+#define VITA_ATTN_TRANSPOSE 1
+inline void transpose_vw(const uint32_t* const* src, uint32_t* dst, int ld) { transpose16(src, dst, ld); }
+#elif VITA_ATTN_VW == 8 && defined(__AVX__)
+// dst[c * ld + i] = src[i][c] for an 8 x 8 block of 32-bit words (rows src[i], 32 bytes each): the
+// AVX2 build's K^T packing, which otherwise stores one float at a time at a stride of ld floats.
+inline void transpose8(const uint32_t* const* src, uint32_t* dst, int ld) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(reinterpret_cast<const float*>(src[i]));
+  for (int i = 0; i < 4; ++i) {  // t[2i] = (r[2i][0], r[2i+1][0], r[2i][1], r[2i+1][1] | same for 4, 5), t[2i+1]: 2, 3 | 6, 7
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {  // rows 4h .. 4h + 3: r[4h + c] = column c | column c + 4
+    const __m256 a = t[4 * h], b = t[4 * h + 1], c = t[4 * h + 2], d = t[4 * h + 3];
+    r[4 * h + 0] = _mm256_shuffle_ps(a, c, 0x44);
+    r[4 * h + 1] = _mm256_shuffle_ps(a, c, 0xEE);
+    r[4 * h + 2] = _mm256_shuffle_ps(b, d, 0x44);
+    r[4 * h + 3] = _mm256_shuffle_ps(b, d, 0xEE);
+  }
+  float* o = reinterpret_cast<float*>(dst);
+  for (int c = 0; c < 4; ++c) {
+    _mm256_storeu_ps(o + size_t(c) * ld, _mm256_permute2f128_ps(r[c], r[4 + c], 0x20));
+    _mm256_storeu_ps(o + size_t(c + 4) * ld, _mm256_permute2f128_ps(r[c], r[4 + c], 0x31));
+  }
+}
+#define VITA_ATTN_TRANSPOSE 1
+inline void transpose_vw(const uint32_t* const* src, uint32_t* dst, int ld) { transpose8(src, dst, ld); }
 #endif
 
 struct Scratch {
@@ -413,15 +440,15 @@ void attend(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begin, int
     constexpr int QKT = 32;
     if (pack) {  // K^T tile, zero past n
       float* kt = sc.kt.data();
-#if VITA_ATTN_VW == 16
-      if (D % 16 == 0) {
-        static_assert(TK % 16 == 0, "K^T tiles transpose 16 keys at a time");
-        for (int t = np; t < (np + 15) / 16 * 16; ++t) krow[t] = sc.zero.data();
-        for (int tb = 0; tb < np; tb += 16)
-          for (int d = 0; d < D; d += 16) {
-            const uint32_t* src[16];
-            for (int i = 0; i < 16; ++i) src[i] = reinterpret_cast<const uint32_t*>(krow[tb + i] + d);
-            transpose16(src, reinterpret_cast<uint32_t*>(kt + size_t(d) * TK + tb), TK);
+#if defined(VITA_ATTN_TRANSPOSE)
+      if (D % VW == 0) {
+        static_assert(TK % VW == 0, "K^T tiles transpose VW keys at a time");
+        for (int t = np; t < (np + VW - 1) / VW * VW; ++t) krow[t] = sc.zero.data();
+        for (int tb = 0; tb < np; tb += VW)
+          for (int d = 0; d < D; d += VW) {
+            const uint32_t* src[VW];
+            for (int i = 0; i < VW; ++i) src[i] = reinterpret_cast<const uint32_t*>(krow[tb + i] + d);
+            transpose_vw(src, reinterpret_cast<uint32_t*>(kt + size_t(d) * TK + tb), TK);
           }
       } else
 #endif

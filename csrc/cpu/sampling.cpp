@@ -77,6 +77,69 @@ bool top2(const T* row, int64_t V, int64_t (&out)[2]) {
   return !nan;
 }
 
+// The largest Gumbel noise philox_uniform can give (u at its top bucket), plus a margin that
+// covers any rounding of the bound test below.
+inline float gumbel_max() {
+  static const float g = -std::log(-std::log((float(0x7FFFFF) + 0.5f) * (1.0f / 8388608.0f))) + 1e-3f;
+  return g;
+}
+
+// Whole-vocabulary draw: argmax over i of (x_i / temp + gumbel(i)), ties -> smaller index, the same
+// winner as scoring every token. A token whose x_i / temp + gumbel_max() is below the best score
+// so far cannot win, so its noise (10 Philox rounds and two logs, nearly all of the cost) is never
+// computed: starting from the largest logit's score, only the tokens within gumbel_max() (~16.6)
+// of it in x / temp are scored (a fifth of a 152k vocabulary of N(0, 3^2) logits at t = 0.7).
+// The test runs on whole vectors of x against a threshold in x space, x < (best - gmax) * temp,
+// loosened by a relative margin far above float rounding. Returns -1 where the bound does not
+// apply (NaN / infinite best score or temperature); the caller then scores every token.
+template <class T>
+int64_t sample_full_bounded(const T* row, int64_t V, float temp, uint64_t seed, uint64_t step) {
+  if (!(temp > 0.f) || !std::isfinite(temp)) return -1;
+  // a start: the first largest logit (NaNs ignored)
+  float mx = -INFINITY;
+  int64_t im = -1;
+  for (int64_t i = 0; i < V; ++i) {
+    const float v = to_float(row[i]);
+    if (v > mx) mx = v, im = i;
+  }
+  if (im < 0) return -1;
+  float bv = mx / temp + gumbel(seed, step, uint64_t(im));
+  int64_t best = im;
+  if (!std::isfinite(bv)) return -1;
+  const float gmax = gumbel_max();
+  auto threshold = [&] {
+    const float lo = bv - gmax;
+    const float xt = (lo - 1e-4f * (1.f + std::fabs(lo))) * temp;
+    return xt - 1e-4f * std::fabs(xt);
+  };
+  float xthr = threshold();
+  auto score = [&](int64_t i) {
+    const float v = to_float(row[i]) / temp + gumbel(seed, step, uint64_t(i));
+    if (better(v, i, bv, best)) {
+      bv = v, best = i;
+      xthr = threshold();
+    }
+  };
+  int64_t i = 0;
+#ifdef __AVX2__
+  if constexpr (std::is_same_v<T, float>) {
+    for (; i + 16 <= V; i += 16) {
+      const __m256 t = _mm256_set1_ps(xthr);
+      unsigned m = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + i), t, _CMP_GE_OQ))) |
+                   (unsigned(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + i + 8), t, _CMP_GE_OQ))) << 8);
+      while (m) {
+        const int j = __builtin_ctz(m);
+        m &= m - 1;
+        if (i + j != im) score(i + j);
+      }
+    }
+  }
+#endif
+  for (; i < V; ++i)
+    if (to_float(row[i]) >= xthr && i != im) score(i);
+  return best;
+}
+
 template <class T>
 void sample_impl(const SampleArgs& a) {
   const int64_t B = a.logits.size(0), V = a.logits.size(1), ls = a.logits.stride(0);
@@ -123,8 +186,9 @@ void sample_impl(const SampleArgs& a) {
           const float v = to_float(row[i]) / temp + gumbel(seed, step, uint64_t(i));
           if (better(v, i, bv, best)) bv = v, best = i;
         }
-      } else {
+      } else if ((best = sample_full_bounded(row, V, temp, seed, step)) < 0) {
         float bv = -INFINITY;
+        best = 0;
         for (int64_t i = 0; i < V; ++i) {
           const float v = to_float(row[i]) / temp + gumbel(seed, step, uint64_t(i));
           if (better(v, i, bv, best)) bv = v, best = i;

@@ -37,9 +37,12 @@ VITA_HD Philox4 philox4x32(uint64_t seed, uint64_t step, uint64_t index) {
   return Philox4{{c0, c1, c2, c3}};
 }
 
-// Uniform in (0, 1), never 0 or 1: 24 random bits, centred in their bucket.
+// Uniform in (0, 1), never 0 or 1: 23 random bits, centred in their bucket. (With 24 bits the top
+// bucket's centre, 16777215.5, is not a float: it rounded to 2^24, so u was exactly 1 once in 2^24
+// draws and the Gumbel noise -log(-log u) was +inf: a full-vocabulary draw then took that token
+// whatever its logit, about once per 110 draws over a 152k vocabulary.)
 VITA_HD float philox_uniform(uint64_t seed, uint64_t step, uint64_t index) {
-  return (float(philox4x32(seed, step, index).v[0] >> 8) + 0.5f) * (1.0f / 16777216.0f);
+  return (float(philox4x32(seed, step, index).v[0] >> 9) + 0.5f) * (1.0f / 8388608.0f);
 }
 
 }  // namespace vita

@@ -193,7 +193,7 @@ def philox_uniform(seed: int, step: int, index: torch.Tensor) -> torch.Tensor:
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
         k0 = (k0 + 0x9E3779B9) & _M32
         k1 = (k1 + 0xBB67AE85) & _M32
-    return ((c0 >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    return ((c0 >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)  # 23 bits: never exactly 0 or 1
 
 
 def _mulhilo(a: torch.Tensor, b: int):
