@@ -228,10 +228,12 @@ def test_engine_same_tokens_and_audio_with_codec_graphs(tiny_ckpt, one_thread): 
     from vita_engine.runtime import AudioChunk, TextDelta
 
     res = {}
-    for g in (False, True):
-        e = make_engine(tiny_ckpt, cuda_graphs=g, max_new_tokens=16, tts_max_tokens=40)
+    # off: the slab push; default on CPU (codec_static_windows=None): the static steps, as with cuda_graphs
+    for name, opts in (("off", dict(codec_static_windows=False)), ("default", {}), ("graphs", dict(cuda_graphs=True))):
+        e = make_engine(tiny_ckpt, max_new_tokens=16, tts_max_tokens=40, **opts)
+        g = name != "off"
         try:
-            res[g] = _run_sessions(e, [3, 4, 5, 6], "Hello, how are you?")
+            res[name] = _run_sessions(e, [3, 4, 5, 6], "Hello, how are you?")
             st = e.codec.push_stats
             if g:
                 cg = e.codec_graphs
@@ -243,7 +245,9 @@ def test_engine_same_tokens_and_audio_with_codec_graphs(tiny_ckpt, one_thread): 
                 assert e.codec_graphs is None and st["graph_pushes"] == 0
         finally:
             e.close()
-    for ea, eb in zip(res[False], res[True]):
+    with pytest.raises(TypeError, match="codec_static_windows"):
+        make_engine(tiny_ckpt, codec_static_windows="yes")
+    for ea, eb in [p for other in ("default", "graphs") for p in zip(res["off"], res[other])]:
         ta = "".join(ev.text for ev in ea if isinstance(ev, TextDelta))
         tb = "".join(ev.text for ev in eb if isinstance(ev, TextDelta))
         assert ta == tb and ta

@@ -68,6 +68,10 @@ DEFAULT_OPTIONS: Dict[str, Any] = dict(
     # the same static-buffer paths run eagerly (same tokens, same audio).
     cuda_graphs=False,
     cuda_graph_buckets=DEFAULT_BUCKETS,  # batch sizes captured; larger batches run eagerly
+    # the steady codec windows on the static-buffer steps (model/codec_graphs.py; the same samples as
+    # the slab push, with less Python per window). None: on with cuda_graphs, and on CPU (where they
+    # run eagerly: codec time per window 0.64-0.93x the slab push's, bench/RESULTS.md)
+    codec_static_windows=None,
 )
 
 
@@ -153,12 +157,18 @@ class Engine:
         self._next_sid = 0
         self._closed = False
         self.codec_graphs = None
-        if graphs and self.codec is not None:
-            self.codec_graphs = self._codec_graphs(buckets)  # captured before the scheduler thread exists
+        static = o["codec_static_windows"]
+        if static is not None and not isinstance(static, bool):
+            raise TypeError(f"Engine: codec_static_windows must be True, False or None (auto), got {static!r}")
+        if static is None:
+            static = graphs or self.device.type == "cpu"
+        if static and self.codec is not None:
+            # captured (CUDA + cuda_graphs) before the scheduler thread exists
+            self.codec_graphs = self._codec_graphs(buckets, capture=graphs)
         self._scheduler = Scheduler(self)
         self._scheduler.llm.graphs = llm_graphs
 
-    def _codec_graphs(self, buckets):
+    def _codec_graphs(self, buckets, capture: bool = True):
         """The steady codec window on static buffers (model/codec_graphs.py): one step per bucket and
         per window size the policy pushes in steady state, captured on CUDA. The codec's slab gets a
         fixed capacity of two rows per session (a barge-in's dropped stream frees its row when it is
@@ -171,7 +181,8 @@ class Engine:
             return None
         windows = make_policy(self.options, codec=self.codec, has_tts=self.tts is not None).codec_steady_windows()
         cg = CodecSlabGraphs(self.codec, buckets, windows, rows=2 * int(self.options["max_sessions"]))
-        cg.capture()  # CUDA only (else the steps run eagerly on the same buffers)
+        if capture:
+            cg.capture()  # CUDA only (else the steps run eagerly on the same buffers)
         return cg
 
     @classmethod
