@@ -42,3 +42,52 @@ def speech(seconds=1.6, sr=16000, seed=0):
     x = sum(np.sin(k * ph) / k for k in range(1, 6))
     env = 0.6 + 0.4 * np.sin(2 * np.pi * 4 * t) ** 2
     return (0.1 * env * x + 0.005 * np.random.default_rng(seed).standard_normal(t.size)).astype(np.float32)
+
+
+def run_sessions(e, seeds, text, turns: int = 1, timeout: float = 120.0):
+    """Sessions of engine `e` (one per seed, sampling at temperature 0.9 / top-k 20) each asking `text`
+    `turns` times concurrently -> every session's events, in order."""
+    import asyncio
+
+    async def one(s):
+        evs = []
+        for _ in range(turns):
+            s.push_text(text)
+            async for ev in s.events():
+                evs.append(ev)
+                if isinstance(ev, TurnEnd):
+                    break
+        s.close()
+        return evs
+
+    async def main():
+        ss = [e.session(seed=sd, temperature=0.9, top_k=20) for sd in seeds]
+        return await asyncio.wait_for(asyncio.gather(*[one(s) for s in ss]), timeout)
+
+    return asyncio.run(main())
+
+
+def until(pred, what: str, timeout: float = 30.0):
+    """Poll `pred` (10 ms) until it is truthy -> its value; AssertionError naming `what` after `timeout` s."""
+    import time
+
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def same_answers(a, b, atol: float = 0.0):
+    """Two runs' per-session events (run_sessions) give the same text and the same audio (bit for bit,
+    or within `atol`)."""
+    for ea, eb in zip(a, b, strict=True):
+        ta = "".join(ev.text for ev in ea if isinstance(ev, TextDelta))
+        tb = "".join(ev.text for ev in eb if isinstance(ev, TextDelta))
+        assert ta == tb and ta
+        pa = np.concatenate([ev.pcm for ev in ea if isinstance(ev, AudioChunk)] or [np.zeros(0, np.float32)])
+        pb = np.concatenate([ev.pcm for ev in eb if isinstance(ev, AudioChunk)] or [np.zeros(0, np.float32)])
+        assert pa.shape == pb.shape and pa.size
+        np.testing.assert_allclose(pa, pb, rtol=0, atol=atol)

@@ -2,17 +2,15 @@
 different token positions run as one batch, shifted into the first one's coordinates. Every stream's
 output must equal the same stream pushed alone (bit for bit) and the offline decode; fresh buffers are
 NaN-filled (`poison_buffers`) so a read at a wrong offset cannot pass silently."""
-import json
 import random
 
 import pytest
 import torch
 
 from vita_engine.model.codec import Codec
-from vita_engine.model.loading import load_codec
 
 from test_codec import TINY, tiny_state_dict
-from test_codec_real_config import REAL, real_final_pt
+from test_codec_real_config import real_codec, steady_len
 
 
 @pytest.fixture(scope="module")
@@ -24,21 +22,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    d = tmp_path_factory.mktemp("codec_real_batching")
-    torch.save(real_final_pt(), d / "final.pt")
-    (d / "model.json").write_text(json.dumps(REAL))
-    c = load_codec(d, device="cpu", dtype=torch.float32)
-    c.poison_buffers = True
-    return c
-
-
-def _steady_from(codec) -> int:
-    s = codec.stream()
-    n = 0
-    while not s._graph.steady():
-        s.push([0])
-        n += 1
-    return n
+    return real_codec(tmp_path_factory, "codec_real_batching")
 
 
 def _scenario(codec, seed, n_streams, max_len, ticks, windows):
@@ -128,7 +112,7 @@ def test_push_many_ragged_streams_tiny(tiny, seed):
 
 
 def test_steady_streams_at_different_offsets_run_as_one_push(tiny):
-    n0 = _steady_from(tiny)
+    n0 = steady_len(tiny)
     offs = [0, 1, 5, 12, 37]
     gen = torch.Generator().manual_seed(11)
     seqs = [torch.randint(0, 64, (n0 + o + 9,), generator=gen) for o in offs]
@@ -159,7 +143,7 @@ def test_transient_streams_batch_only_in_the_same_state(tiny):
 
 def test_steady_flag_cleared_by_flush(tiny):
     s = tiny.stream()
-    s.push(list(range(_steady_from(tiny) + 2)))
+    s.push(list(range(steady_len(tiny) + 2)))
     assert s._graph.steady()
     s.flush()
     assert not s._graph.steady()
@@ -168,7 +152,7 @@ def test_steady_flag_cleared_by_flush(tiny):
 
 
 def test_push_many_ragged_streams_real_config(real):
-    n0 = _steady_from(real)
+    n0 = steady_len(real)
     assert n0 <= 16
     before = dict(real.push_stats)
     got, seqs, splits, shifted, calls = _scenario(real, 5, n_streams=4, max_len=n0 + 8, ticks=14, windows=[2, 3])
@@ -185,7 +169,7 @@ def test_push_many_refuses_a_stream_twice(tiny):
 def test_slab_rows_are_freed_by_flush_and_by_a_dropped_stream(tiny):
     import gc
 
-    n0 = _steady_from(tiny)
+    n0 = steady_len(tiny)
     streams = [tiny.stream() for _ in range(3)]
     for s in streams:
         s.push(list(range(n0)))

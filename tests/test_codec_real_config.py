@@ -141,3 +141,24 @@ def test_real_config_low_precision(real_codec_dir, tokens, reference, dtype, bou
     # The fold is done in float32 and rounded once to the compute dtype; this bounds what remains.
     codec = load_codec(real_codec_dir[0], device="cpu", dtype=dtype)
     assert _rel(codec.decode(tokens), reference) <= bound
+
+
+def real_codec(tmp_path_factory, name: str, dtype=torch.float32):
+    """The real configuration with random weights stored as VITA stores them, loaded by load_codec,
+    buffers poisoned (for the batching and static-step tests)."""
+    d = tmp_path_factory.mktemp(name)
+    torch.save(real_final_pt(), d / "final.pt")
+    (d / "model.json").write_text(json.dumps(REAL))
+    c = load_codec(d, device="cpu", dtype=dtype)
+    c.poison_buffers = True
+    return c
+
+
+def steady_len(codec) -> int:
+    """Tokens one stream takes to leave the start transient (one token per push)."""
+    s = codec.stream()
+    n = 0
+    while not s._graph.steady():
+        s.push([0])
+        n += 1
+    return n

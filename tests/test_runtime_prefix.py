@@ -13,7 +13,7 @@ from vita_engine.runtime.engine import DEFAULT_OPTIONS
 from vita_engine.runtime.policy import CriticalPathPolicy, LockstepPolicy
 from vita_engine.runtime.session import summarize_turn
 
-from runtime_util import check_turn_tail, make_engine, one_thread  # noqa: F401
+from runtime_util import check_turn_tail, make_engine, one_thread, until  # noqa: F401
 
 
 def _img(seed, h=200, w=300):
@@ -29,16 +29,6 @@ def engines(tiny_ckpt, one_thread):  # noqa: F811
     off.close()
 
 
-def _until(pred, what, timeout=30.0):
-    t_end = time.monotonic() + timeout
-    while time.monotonic() < t_end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _prefilled(s, n_images=None):
     """Wait until the session's prefix covers all its pushed images (or `n_images`) and is in the KV."""
     st = s._state
@@ -48,12 +38,12 @@ def _prefilled(s, n_images=None):
         n = len(st.pending_images) if n_images is None else n_images
         return p if p is not None and p.remaining == 0 and len(p.visuals) == n else None
 
-    return _until(done, "the prefix to be prefilled")
+    return until(done, "the prefix to be prefilled")
 
 
 def _images_encoded(s):
     st = s._state
-    _until(lambda: st.pending_images and all(v.feats is not None for v in st.pending_images), "the images encoded")
+    until(lambda: st.pending_images and all(v.feats is not None for v in st.pending_images), "the images encoded")
 
 
 def _push(s, x, sr, chunk=1600):
@@ -170,12 +160,12 @@ def test_discarded_speculative_start_keeps_the_prefix(engines):
             _images_encoded(s)
         _push(s, x, sr)
         _push(s, pause, sr)
-        _until(lambda: s.stats.get("turn_prefill_tokens"), "the speculative prefill at the pause")
+        until(lambda: s.stats.get("turn_prefill_tokens"), "the speculative prefill at the pause")
         if name == "on":  # the speculative start was built on the prefix
             assert s.stats["prefix_hits"] == 1 and s._state.prefix is p
         _push(s, x[:sr], sr)  # the user goes on talking: the speculative turn is discarded
         if name == "on":
-            _until(lambda: s.stats.get("discarded"), "the discard")
+            until(lambda: s.stats.get("discarded"), "the discard")
         _push(s, np.zeros(sr, np.float32), sr)
         r = summarize_turn(s.collect(timeout=60))
         res[name] = (r, s.stats)
@@ -200,7 +190,7 @@ def test_frame_after_the_prefix_drops_it(engines):
             assert s.kv_length > 0
         s.push_video_frame(frame, timestamp=0.5)
         if name == "on":
-            _until(lambda: s._state.prefix is None and s.kv_length == 0, "the prefix dropped")
+            until(lambda: s._state.prefix is None and s.kv_length == 0, "the prefix dropped")
         r = s.run_turn(text="What changed?")
         res[name] = (r, s.stats)
         _closed(e, s)
@@ -221,7 +211,7 @@ def test_system_prompt_change_after_the_prefix(engines):
             old = _prefilled(s1)
         s1.configure(system_prompt="You are a pirate.")
         if name == "on":
-            _until(lambda: s1.stats.get("prefix_dropped"), "the prefix dropped")
+            until(lambda: s1.stats.get("prefix_dropped"), "the prefix dropped")
             new = _prefilled(s1)
             assert new.kv_start == 0 and new.x.shape[0] < old.x.shape[0]  # the pirate is shorter than VITA's prompt
             n_new = new.x.shape[0]
@@ -234,7 +224,7 @@ def test_system_prompt_change_after_the_prefix(engines):
             _prefilled(s2)
         s2.configure(system_prompt="You are a poet.")
         if name == "on":
-            _until(lambda: s2._state.prefix is None, "the prefix dropped")
+            until(lambda: s2._state.prefix is None, "the prefix dropped")
         r2b = s2.run_turn(text="And this one?")
         res[name] = ([r1, r2a, r2b], s1.stats, s2.stats)
         _closed(e, s1, s2)
@@ -254,7 +244,7 @@ def test_truncate_answer_then_image_then_turn(engines):
         if name == "on":
             p = _prefilled(s)
         s.truncate_answer(r1.turn, 0.05)
-        _until(lambda: s.stats.get("truncations"), "the truncation")
+        until(lambda: s.stats.get("truncations"), "the truncation")
         if name == "on":  # built behind the untrimmed answer: dropped, rebuilt behind the trimmed one
             assert s.stats["prefix_dropped"] == 1
             q = _prefilled(s)

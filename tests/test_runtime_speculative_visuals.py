@@ -3,7 +3,6 @@ decision: an image belongs to the turn being decided, so the speculative start i
 end of turn starts the turn again with it (the answer is the one without speculation); a camera
 frame is kept for the next turn (frames stream on through every pause; the turn chose its frames at
 its start). Before this, the commit cleared both, so such an image was silently lost."""
-import time
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from vita_engine.runtime import _compat
 from vita_engine.runtime.session import summarize_turn
 
-from runtime_util import check_turn_tail, make_engine, one_thread  # noqa: F401
+from runtime_util import check_turn_tail, make_engine, one_thread, until  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -21,15 +20,6 @@ def engines(tiny_ckpt, one_thread):  # noqa: F811
     yield spec, plain
     spec.close()
     plain.close()
-
-
-def _until(pred, what, timeout=30.0):
-    t_end = time.monotonic() + timeout
-    while time.monotonic() < t_end:
-        if pred():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _push(s, x, sr, chunk=1600):
@@ -48,7 +38,7 @@ def _speak_then(s, spec: bool, push):
     _push(s, x, sr)
     _push(s, np.zeros(int(0.3 * sr), np.float32), sr)
     if spec:
-        _until(lambda: s._state.turn is not None and s._state.turn.speculative and s.stats.get("turn_prefill_tokens"),
+        until(lambda: s._state.turn is not None and s._state.turn.speculative and s.stats.get("turn_prefill_tokens"),
                "the speculative start at the pause")
     push(s)
     _push(s, np.zeros(sr, np.float32), sr)
