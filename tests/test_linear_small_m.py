@@ -144,3 +144,41 @@ def test_bad_arguments():
         C.linear_small_m(dl(x.T.contiguous().T), dl(w), dl(b), dl(out))
     with pytest.raises(ValueError, match=r"linear_small_m.*x"):
         C.linear_small_m(dl(torch.randn(16)), dl(w), dl(b), dl(out))
+
+
+def test_model_dispatch(monkeypatch):
+    """model.layers.linear: linear_small_m only where it wins (CPU, 2-D, rows in _SMALL_M_ROWS,
+    one dtype), never on the reference path or when autograd needs a graph."""
+    from vita_engine.model import layers
+    from vita_engine.model._ops import OpsHandle
+
+    calls = []
+    real = layers._fast.linear_small_m
+
+    class Spy:
+        @staticmethod
+        def linear_small_m(x, w, b=None):
+            calls.append((x.dtype, x.shape[0]))
+            return real(x, w, b)
+
+    monkeypatch.setattr(layers, "_fast", Spy)
+    fast, ref = OpsHandle(False), OpsHandle(True)
+    for dtype, M, taken in [(torch.bfloat16, 1, True), (torch.bfloat16, 32, True), (torch.bfloat16, 33, False),
+                            (torch.float32, 3, False), (torch.float32, 4, True), (torch.float32, 16, True),
+                            (torch.float32, 17, False), (torch.float16, 4, False)]:
+        x, w, b = make(M, 40, 24, dtype, True, seed=6)
+        calls.clear()
+        y = layers.linear(fast, x, w, b)
+        assert bool(calls) == taken, (dtype, M)
+        torch.testing.assert_close(y.float(), F.linear(x, w, b).float(), rtol=1.6e-2, atol=1e-2)
+        calls.clear()
+        layers.linear(ref, x, w, b)
+        assert not calls
+    x, w, b = make(8, 40, 24, torch.float32, True, seed=7)
+    w.requires_grad_(True)
+    calls.clear()
+    y = layers.linear(fast, x, w, b)
+    assert not calls and y.requires_grad
+    with torch.no_grad():
+        layers.linear(fast, x, w, b)
+    assert calls
