@@ -146,12 +146,15 @@ def test_bad_arguments():
         C.linear_small_m(dl(torch.randn(16)), dl(w), dl(b), dl(out))
 
 
-def test_model_dispatch(monkeypatch):
+@pytest.mark.parametrize("isa_cap", [None, "avx2"])
+def test_model_dispatch(monkeypatch, isa_cap):
     """model.layers.linear: linear_small_m only where it wins (CPU, 2-D, rows in _SMALL_M_ROWS,
     one dtype), never on the reference path or when autograd needs a graph."""
     from vita_engine.model import layers
     from vita_engine.model._ops import OpsHandle
 
+    if isa_cap:
+        monkeypatch.setenv("VITA_CPU_ISA", isa_cap)
     calls = []
     real = layers._fast.linear_small_m
 
@@ -163,9 +166,10 @@ def test_model_dispatch(monkeypatch):
 
     monkeypatch.setattr(layers, "_fast", Spy)
     fast, ref = OpsHandle(False), OpsHandle(True)
+    wide_fp32 = vita_engine._C.cpu_isa() != "avx2"  # the AVX2 build takes fp32 at 4-8 rows only
     for dtype, M, taken in [(torch.bfloat16, 1, True), (torch.bfloat16, 32, True), (torch.bfloat16, 33, False),
-                            (torch.float32, 3, False), (torch.float32, 4, True), (torch.float32, 16, True),
-                            (torch.float32, 17, False), (torch.float16, 4, False)]:
+                            (torch.float32, 3, False), (torch.float32, 4, True), (torch.float32, 8, True),
+                            (torch.float32, 16, wide_fp32), (torch.float32, 17, False), (torch.float16, 4, False)]:
         x, w, b = make(M, 40, 24, dtype, True, seed=6)
         calls.clear()
         y = layers.linear(fast, x, w, b)

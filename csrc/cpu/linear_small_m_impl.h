@@ -4,7 +4,7 @@
 // Why not torch's GEMM: at M <= 16 MKL/oneDNN reach a fraction of what streaming the weights once
 // allows. Here each weight row is read from memory once: a block of NB = 4 rows (<= 4 x K floats,
 // L1/L2 resident) is swept by every group of MB <= 4 input rows with NB x MB vector accumulators
-// along K, reduced horizontally at the end (8 rows when M <= 2, where the kernel is
+// along K, reduced horizontally at the end (8 rows when M <= 2 in the AVX-512 build, where the kernel is
 // bandwidth-bound and wants more streams in flight; software prefetch 0.5-2 KB ahead measured
 // 3-20 % slower, the hardware prefetcher keeps up). The input rows are first widened to a zero-padded
 // float32 copy (M x K, small), so the hot loop is plain loads + FMAs; bf16 weights are widened in
@@ -14,7 +14,10 @@
 // "vita/parallel.h". No include guard on purpose.
 
 constexpr int kNBMax = 8;  // weight rows per block: 8 for M <= 2 (more streams and FMA chains), else 4
-constexpr int kMB = 4;     // input rows per register block (NB x MB <= 16 accumulators + NB + 1 live)
+// Input rows per register tile: NB x MB accumulators + NB weight vectors + 1 input vector must fit the
+// register file (32 zmm: 4 x 4; 16 ymm: 4 x 2, as 4 x 4 spilled and ran 0.9x torch at 16 rows).
+constexpr int kMB = VW == 16 ? 4 : 2;
+constexpr int kNBSmallM = VW == 16 ? 8 : 4;  // NB at M <= 2 under the same budget
 
 // Horizontal sum in log2(VW) shuffle+add steps (vecw_impl.h's hsum is a lane loop, fine once per
 // row but it costs as much as a K = 900 dot product here, where every output element needs one).
@@ -60,11 +63,18 @@ inline void lin_tile(const float* X, int64_t ldx, const T* W, int64_t K, int64_t
 
 template <class T, int NB>
 inline void lin_mrows(const float* X, int64_t ldx, int64_t mb, const T* W, int64_t K, int64_t k0, int64_t k1, vf* accm) {
-  switch (mb) {
-    case 1: lin_tile<T, NB, 1>(X, ldx, W, K, k0, k1, accm); break;
-    case 2: lin_tile<T, NB, 2>(X, ldx, W, K, k0, k1, accm); break;
-    case 3: lin_tile<T, NB, 3>(X, ldx, W, K, k0, k1, accm); break;
-    default: lin_tile<T, NB, 4>(X, ldx, W, K, k0, k1, accm); break;
+  if constexpr (kMB == 2) {
+    if (mb == 1)
+      lin_tile<T, NB, 1>(X, ldx, W, K, k0, k1, accm);
+    else
+      lin_tile<T, NB, 2>(X, ldx, W, K, k0, k1, accm);
+  } else {
+    switch (mb) {
+      case 1: lin_tile<T, NB, 1>(X, ldx, W, K, k0, k1, accm); break;
+      case 2: lin_tile<T, NB, 2>(X, ldx, W, K, k0, k1, accm); break;
+      case 3: lin_tile<T, NB, 3>(X, ldx, W, K, k0, k1, accm); break;
+      default: lin_tile<T, NB, 4>(X, ldx, W, K, k0, k1, accm); break;
+    }
   }
 }
 
@@ -111,7 +121,7 @@ void linear_small_m_t(const LinearArgs& a) {
     X = xbuf.data();
     ldx = Kp;
   }
-  const int NB = M <= 2 ? 8 : 4;
+  const int NB = M <= 2 ? kNBSmallM : 4;
   // K chunk: x slice (M x KC floats) + weight slice (NB x KC) within ~32 KB of L1.
   const int64_t per_k = 4 * M + NB * int64_t(sizeof(T));
   const int64_t KC = std::max<int64_t>(VW, (int64_t(32768) / per_k) / VW * VW);
@@ -126,7 +136,7 @@ void linear_small_m_t(const LinearArgs& a) {
       for (int64_t n = 0; n < nb; ++n) bias[n] = B ? to_float(B[n0 + n]) : 0.f;
       const T* Wn = W + n0 * K;
       if (nb == 8) {
-        lin_block<T, 8>(X, ldx, M, Wn, K, KC, bias, O + n0, ldo);
+        lin_block<T, kNBSmallM>(X, ldx, M, Wn, K, KC, bias, O + n0, ldo);  // nb == 8 only when kNBSmallM is 8
       } else if (nb == 4) {
         lin_block<T, 4>(X, ldx, M, Wn, K, KC, bias, O + n0, ldo);
       } else {  // the last rows of N, one at a time

@@ -13,6 +13,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
+from .. import _C
 from .. import ops as _fast
 
 __all__ = ["DecoderLayer", "run_decoder_stack", "PagedKVCache", "SequenceKV", "linear"]
@@ -23,7 +24,10 @@ __all__ = ["DecoderLayer", "run_decoder_stack", "PagedKVCache", "SequenceKV", "l
 #   ~13; 2.3-3.4x at 2-32 rows), so all of them;
 # - float32: 0.83-0.98x at 1-3 rows (MKL's sgemv already streams the weights at ~28 GB/s, ours
 #   ~26), 1.4-1.7x at 4-8 rows, 1.1-1.45x at 16, 0.97-1.17x at 24-32, so 4-16 rows only.
+# - float32 on the AVX2 build (VITA_CPU_ISA=avx2, torch held to AVX2 too): 1.35-1.9x at 4-8 rows,
+#   0.92-1.12x at 12-16, so 4-8 rows there (bf16 stays 1.4-3.6x at every row count).
 _SMALL_M_ROWS = {torch.bfloat16: (1, 32), torch.float32: (4, 16)}
+_SMALL_M_ROWS_FP32_AVX2 = (4, 8)
 
 
 def linear(ops, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -31,6 +35,9 @@ def linear(ops, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = No
     `ops.linear_small_m`. The reference path (`ops.use_reference`) and anything needing autograd
     stay on F.linear."""
     rows = _SMALL_M_ROWS.get(x.dtype)
+    if rows is not None and x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] > _SMALL_M_ROWS_FP32_AVX2[1] \
+            and _C.cpu_isa() == "avx2":
+        rows = _SMALL_M_ROWS_FP32_AVX2
     if (rows is not None and x.dim() == 2 and rows[0] <= x.shape[0] <= rows[1] and x.device.type == "cpu"
             and w.dtype == x.dtype and w.device.type == "cpu" and w.is_contiguous()
             and (b is None or (b.dtype == x.dtype and b.device.type == "cpu" and b.is_contiguous()))
