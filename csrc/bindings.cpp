@@ -28,4 +28,5 @@ PYBIND11_MODULE(_C, m) {
   vita::bind::register_codec(m);
   vita::bind::register_sampling(m);
   vita::bind::register_attention(m);
+  vita::bind::register_linear(m);
 }

@@ -42,6 +42,7 @@ void register_elementwise(py::module_& m);
 void register_attention(py::module_& m);
 void register_codec(py::module_& m);
 void register_sampling(py::module_& m);
+void register_linear(py::module_& m);
 
 }  // namespace vita::bind
 

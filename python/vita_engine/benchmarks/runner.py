@@ -86,6 +86,7 @@ def run_cases(specs: Iterable[Spec], device: str = "cpu", dtypes: Optional[Seque
     run goes on. Specs with fixed dtypes (sampling: float32 logits) run in those only."""
     dtypes = list(dtypes or default_dtypes(device))
     peak = peak_for(torch.cuda.get_device_name()) if device == "cuda" else None
+    specs = [s for s in specs if s.devices is None or device in s.devices]
     jobs = list(dict.fromkeys((s, d) for s in specs for d in (s.dtypes or dtypes)))
     rows = []
     for spec, dt in jobs:

@@ -1,8 +1,8 @@
 """Building blocks shared by the LLM (Qwen2) and the TTS decoders (Llama layers): a pre-RMSNorm
 decoder layer with fused qkv / gate|up projections, and a small paged KV cache.
 
-GEMMs stay in torch (F.linear); norms, RoPE, SiLU-and-mul and attention go through the model's
-`OpsHandle`. Attention is a callable `attn(layer_index, q, k, v) -> o` so one layer stack serves
+GEMMs go through `linear` (F.linear, or `ops.linear_small_m` for the CPU decode shapes where it
+wins); norms, RoPE, SiLU-and-mul and attention go through the model's `OpsHandle`. Attention is a callable `attn(layer_index, q, k, v) -> o` so one layer stack serves
 full forwards (varlen), prefill + decode (paged) and prefix-LMs alike.
 """
 from __future__ import annotations
@@ -13,7 +13,38 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DecoderLayer", "run_decoder_stack", "PagedKVCache", "SequenceKV"]
+from .. import _C
+from .. import ops as _fast
+
+__all__ = ["DecoderLayer", "run_decoder_stack", "PagedKVCache", "SequenceKV", "linear"]
+
+# Row counts where ops.linear_small_m beats F.linear (torch 2.13, MKL/oneDNN) on CPU. Measured on an
+# Intel Xeon (family 6 model 207, AVX-512, no AVX512-BF16/AMX), one thread, CPU clock, min of 60:
+# - bfloat16: every row count 1-32 (1.4-1.8x at 1 row: ~24 GB/s of weights against torch's
+#   ~13; 2.3-3.4x at 2-32 rows), so all of them;
+# - float32: 0.83-0.98x at 1-3 rows (MKL's sgemv already streams the weights at ~28 GB/s, ours
+#   ~26), 1.4-1.7x at 4-8 rows, 1.1-1.45x at 16, 0.97-1.17x at 24-32, so 4-16 rows only.
+# - float32 on the AVX2 build (VITA_CPU_ISA=avx2, torch held to AVX2 too): 1.35-1.9x at 4-8 rows,
+#   0.92-1.12x at 12-16, so 4-8 rows there (bf16 stays 1.4-3.6x at every row count).
+_SMALL_M_ROWS = {torch.bfloat16: (1, 32), torch.float32: (4, 16)}
+_SMALL_M_ROWS_FP32_AVX2 = (4, 8)
+
+
+def linear(ops, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear(x, w, b); CPU decode shapes (2-D x, few rows, see _SMALL_M_ROWS) take
+    `ops.linear_small_m`. The reference path (`ops.use_reference`) and anything needing autograd
+    stay on F.linear."""
+    rows = _SMALL_M_ROWS.get(x.dtype)
+    if rows is not None and x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] > _SMALL_M_ROWS_FP32_AVX2[1] \
+            and _C.cpu_isa() == "avx2":
+        rows = _SMALL_M_ROWS_FP32_AVX2
+    if (rows is not None and x.dim() == 2 and rows[0] <= x.shape[0] <= rows[1] and x.device.type == "cpu"
+            and w.dtype == x.dtype and w.device.type == "cpu" and w.is_contiguous()
+            and (b is None or (b.dtype == x.dtype and b.device.type == "cpu" and b.is_contiguous()))
+            and not getattr(ops, "use_reference", False)
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)))):
+        return _fast.linear_small_m(x, w, b)
+    return F.linear(x, w, b)
 
 
 @dataclass
@@ -89,15 +120,15 @@ def run_decoder_stack(
             h = ops.rms_norm(x, L.input_norm, eps)
         else:
             h, residual = ops.fused_add_rms_norm(x, residual, L.input_norm, eps)
-        qkv = F.linear(h, L.qkv_w, L.qkv_b)
+        qkv = linear(ops, h, L.qkv_w, L.qkv_b)
         q = qkv[:, :qd].view(T, num_heads, head_dim)
         k = qkv[:, qd : qd + kd].view(T, num_kv_heads, head_dim)
         v = qkv[:, qd + kd :].view(T, num_kv_heads, head_dim)
         q, k = ops.rotary_embedding(q, k, positions, rope_theta)
         o = attn(i, q, k, v.contiguous())
-        x = F.linear(o.reshape(T, qd), L.o_w)
+        x = linear(ops, o.reshape(T, qd), L.o_w)
         h, residual = ops.fused_add_rms_norm(x, residual, L.post_norm, eps)
-        x = F.linear(ops.silu_and_mul(F.linear(h, L.gate_up_w)), L.down_w)
+        x = linear(ops, ops.silu_and_mul(linear(ops, h, L.gate_up_w)), L.down_w)
     if final_norm is not None:
         y, _ = ops.fused_add_rms_norm(x, residual, final_norm, eps)
         return y

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 from ._ops import OpsHandle
 from .config import LLMConfig
-from .layers import DecoderLayer, PagedKVCache, run_decoder_stack
+from .layers import DecoderLayer, PagedKVCache, linear, run_decoder_stack
 from .loading import CheckpointError, SafetensorsCheckpoint, check_device_dtype, load_tensors
 
 __all__ = ["LLM"]
@@ -109,7 +108,7 @@ class LLM:
         )
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.lm_head)
+        return linear(self.ops, h, self.lm_head)
 
     @torch.no_grad()  # not inference_mode: callers may feed the output to autograd-enabled code
     def logits(self, input_ids=None, inputs_embeds=None) -> torch.Tensor:

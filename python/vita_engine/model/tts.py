@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ._ops import OpsHandle
 from .config import TTSConfig
-from .layers import DecoderLayer, PagedKVCache, run_decoder_stack
+from .layers import DecoderLayer, PagedKVCache, linear, run_decoder_stack
 
 __all__ = ["TTSDecoder"]
 
@@ -107,7 +107,7 @@ class TTSDecoder:
         pos = torch.arange(start, start + q, device=self.device)
         h = self._stack(self.ar_layers, x, pos, seq.attn_fn(self.ops, slots, q, causal=causal))
         h = self.ops.rms_norm(h, self.norm, self.config.rms_eps)
-        return F.linear(h, self.out_w, self.out_b)
+        return linear(self.ops, h, self.out_w, self.out_b)
 
     @torch.inference_mode()
     def ar_prefill(self, seq, nar_out: torch.Tensor) -> None:

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops as _ops_pkg
-from .layers import PagedKVCache
+from .layers import PagedKVCache, linear
 
 __all__ = ["TTSBatchDecoder", "TTSCapacityError", "DEFAULT_SEGMENT_TEXT_TOKENS"]
 
@@ -361,7 +361,7 @@ class TTSBatchDecoder:
         """Final norm + out_fnn, float32, with bos/sos/pad masked out -> [rows, V+4]."""
         tts = self.tts
         h = tts.ops.rms_norm(h, tts.norm, tts.config.rms_eps)
-        return F.linear(h, tts.out_w, tts.out_b).float() + self._logit_mask
+        return linear(tts.ops, h, tts.out_w, tts.out_b).float() + self._logit_mask
 
 
 def _cumsum(xs):

@@ -18,6 +18,7 @@ __all__ = [
     "rotary_embedding",
     "rope_inv_freq",
     "silu_and_mul",
+    "linear_small_m",
     "fuse_embeddings",
     "store_kv",
     "gather_kv",
@@ -272,3 +273,8 @@ def conv_transpose1d_ref(x, weight, bias=None, *, stride: int = 1, padding=0, ou
                 y[..., full:] = bias[:, None].to(y.dtype)
         end += output_padding
     return y[..., pl:end]
+
+
+def linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The reference of ops.linear_small_m: torch's own F.linear."""
+    return F.linear(x, weight, bias)

@@ -11,9 +11,9 @@ __all__ = ["Spec", "all_specs", "select"]
 
 
 def all_specs() -> List[Spec]:
-    from . import attention, codec, rowops, sampling, tts
+    from . import attention, codec, linear, rowops, sampling, tts
 
-    return [*rowops.SPECS, *attention.SPECS, *sampling.SPECS, *codec.SPECS, *tts.SPECS]
+    return [*rowops.SPECS, *attention.SPECS, *sampling.SPECS, *codec.SPECS, *linear.SPECS, *tts.SPECS]
 
 
 def select(specs: Iterable[Spec], only: Optional[List[str]], full: bool = False) -> List[Spec]:

@@ -17,6 +17,7 @@ class Spec:
     build: Callable  # (device: str, dtype: torch.dtype) -> Case
     dtypes: Optional[Tuple[str, ...]] = None  # None: every requested dtype; else only these (e.g. fp32 logits)
     full_only: bool = False  # more shapes of a family already covered: run with --full or when named in --only
+    devices: Optional[Tuple[str, ...]] = None  # None: every device; else only these (CPU-only kernels)
 
 
 def dtype_name(dt: torch.dtype) -> str:
