@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from vita_engine import _C, ops
 from vita_engine.ops import reference as R
+from cpu_isa import ISA_ORDER, isa  # noqa: F401
 
 TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -17,24 +18,7 @@ def _close(y, ref, dtype, what=""):
     assert err <= TOL[dtype] * scale * 4, f"{what}: max err {err} (scale {scale})"
 
 
-# The CPU builds of these kernels (csrc/cpu/conv1d*.cpp): each test below that takes `isa` runs
-# every build the CPU has, chosen through VITA_CPU_ISA; builds the CPU lacks are skipped.
-ISA_ORDER = {"avx2": 0, "avx512": 1, "avx512bf16": 2, "amx": 3}
-
-
-@pytest.fixture(params=["avx2", "avx512"])
-def isa(request, monkeypatch):
-    if request.node.callspec.params.get("device", "cpu") != "cpu":
-        if request.param != "avx2":
-            pytest.skip("the ISA choice only applies to the CPU kernels")
-        return request.param
-    monkeypatch.delenv("VITA_CPU_ISA", raising=False)
-    best = _C.cpu_isa()
-    if ISA_ORDER[request.param] > ISA_ORDER[best]:
-        pytest.skip(f"this CPU has no {request.param} (best: {best})")
-    monkeypatch.setenv("VITA_CPU_ISA", request.param)
-    assert _C.cpu_isa() == request.param
-    return request.param
+# The CPU builds of these kernels (csrc/cpu/conv1d*.cpp): the tests that take `isa` (tests/cpu_isa.py) run on each.
 
 
 def _rand(*shape, dtype, device, s=1.0):

@@ -6,6 +6,7 @@ import torch
 import vita_engine
 from vita_engine import ops
 from vita_engine.ops import reference as ref
+from cpu_isa import isa  # noqa: F401
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2), torch.float64: (1e-10, 1e-10)}
@@ -16,25 +17,7 @@ def close(a, b, dtype):
     torch.testing.assert_close(a.float().cpu(), b.float().cpu(), rtol=rtol, atol=atol)
 
 
-# The CPU builds of these kernels (csrc/cpu/rowops*.cpp): each test that takes `isa` runs every
-# build the CPU has, chosen through VITA_CPU_ISA; builds the CPU lacks are skipped.
-ISA_ORDER = {"avx2": 0, "avx512": 1, "avx512bf16": 2, "amx": 3}
-
-
-@pytest.fixture(params=["avx2", "avx512"])
-def isa(request, monkeypatch):
-    params = request.node.callspec.params
-    if params.get("device", "cpu") != "cpu":
-        if request.param != "avx2":
-            pytest.skip("the ISA choice only applies to the CPU kernels")
-        return request.param
-    monkeypatch.delenv("VITA_CPU_ISA", raising=False)
-    best = vita_engine._C.cpu_isa()
-    if ISA_ORDER[request.param] > ISA_ORDER[best]:
-        pytest.skip(f"this CPU has no {request.param} (best: {best})")
-    monkeypatch.setenv("VITA_CPU_ISA", request.param)
-    assert vita_engine._C.cpu_isa() == request.param
-    return request.param
+# The CPU builds of these kernels (csrc/cpu/rowops*.cpp): the tests that take `isa` (tests/cpu_isa.py) run on each.
 
 
 def rand(*shape, dtype=torch.float32, device="cpu"):

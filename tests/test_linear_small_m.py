@@ -6,20 +6,9 @@ import torch.nn.functional as F
 import vita_engine
 from vita_engine import ops
 from vita_engine.ops._lib import dl
+from cpu_isa import isa  # noqa: F401
 
 MAXM = ops.LINEAR_SMALL_M_MAX_ROWS
-ISA_ORDER = {"avx2": 0, "avx512": 1, "avx512bf16": 2, "amx": 3}
-
-
-@pytest.fixture(params=["avx2", "avx512"])
-def isa(request, monkeypatch):
-    monkeypatch.delenv("VITA_CPU_ISA", raising=False)
-    best = vita_engine._C.cpu_isa()
-    if ISA_ORDER[request.param] > ISA_ORDER[best]:
-        pytest.skip(f"this CPU has no {request.param} (best: {best})")
-    monkeypatch.setenv("VITA_CPU_ISA", request.param)
-    assert vita_engine._C.cpu_isa() == request.param
-    return request.param
 
 
 def make(M, K, N, dtype, bias, seed=0):
