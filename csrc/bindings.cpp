@@ -21,6 +21,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_arch_list", &vita::cuda_arch_list);
   m.def("num_threads", &vita::num_threads, "threads used by the CPU kernels");
   m.def("set_num_threads", &vita::set_num_threads, py::arg("n"));
+  m.def("threadpool_backend", &vita::threadpool_backend,
+        "'omp' when the CPU kernels run on the host's OpenMP team (torch's), 'own' on the extension's pool");
   m.def("cpu_isa", [] { return std::string(vita::cpu::isa_name(vita::cpu::cpu_isa())); },
         "the CPU code path the kernels take now: avx2, avx512, avx512bf16 or amx (VITA_CPU_ISA caps it)");
 

@@ -18,9 +18,9 @@ void store_kv_impl(const StoreKvArgs& a) {
   const T* V = a.v.ptr<T>();
   T* KC = a.k_cache.ptr<T>();
   T* VC = a.v_cache.ptr<T>();
-  // Chunks of >= 256K elements: a decode step's rows (and a 256-token chunk) are copied inline,
-  // since waking a pool worker (tens of us, more in a VM) costs more than the copy itself.
-  parallel_for(T_, std::max<int64_t>(1, (int64_t(1) << 18) / (H * D + 1)), [&](int64_t b, int64_t e) {
+  // Chunks of >= 64K elements: a decode step's rows are copied inline, since even a spinning
+  // worker costs a few microseconds, while a 256-token chunk (256K elements per cache) is split.
+  parallel_for(T_, std::max<int64_t>(1, (int64_t(1) << 16) / (H * D + 1)), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t s = int64_t(slots[t * ss]);
       if (s < 0) continue;

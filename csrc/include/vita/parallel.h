@@ -9,6 +9,8 @@ namespace vita {
 
 int num_threads();
 void set_num_threads(int n);
+// "omp": parallel loops run on the host process's OpenMP team (torch's); "own": on the extension's pool.
+const char* threadpool_backend();
 
 // Runs fn(begin, end) over [0, n) split into chunks of at least `grain` items, on the pool and
 // the calling thread. Re-entrant calls (from a worker, or while another thread holds the pool)
