@@ -23,6 +23,12 @@ constexpr int kOB = VW == 16 ? 8 : 4;  // output channels per micro tile
 constexpr int kTV = 3;                 // vectors per micro tile
 constexpr int kTT = VW * kTV;          // time steps per micro tile
 constexpr int64_t kOG = 16;            // output channels per task
+// Phase-major transposed tiles share each input vector across all their rows, so wider tiles (more
+// vectors per row) cut the loads and weight broadcasts per FMA: AVX-512 takes 4 vectors where
+// rows * 4 accumulators + 4 inputs + 1 broadcast fit the 32 registers (rows <= 6), else kTV.
+constexpr int kTVpMax = VW == 16 ? 4 : kTV;
+constexpr int kTTp = VW * kTVpMax;  // acc row stride of the phase-major tiles
+constexpr int tv_phase(int rows) { return VW == 16 && rows <= 6 ? 4 : kTV; }
 constexpr int64_t kStageBudget = int64_t(16) << 20;  // floats of staged input per batch group (64 MB)
 
 // acc[o][t] = sum_{i<Cin, k<K} w[o*wso + i*wsi + k*wsk] * xs[i*ldx + k*kstep + t],  o < NO, t < kTT.
@@ -77,16 +83,16 @@ inline void micro_n(int no, const float* xs, int64_t ldx, int64_t Cin, int K, in
 // r < NR), all rows share each input vector, and a channel's weights for one tap block are
 // contiguous in the torch layout (w[i][o][s*n + r]). Every phase runs Kr = ceil(K / s) taps, m = 0
 // being tap block n = Kr - 1, which only phases below rv = K - s*(Kr - 1) have.
-// acc[(c*NR + r)*kTT + t] = sum_i sum_m w[c*wsc + i*wsi + r - s*m] * xs[i*ldx + m + t]
+// acc[(c*NR + r)*kTTp + t] = sum_i sum_m w[c*wsc + i*wsi + r - s*m] * xs[i*ldx + m + t], t < VW*TV
 // (w points at tap block Kr - 1 of phase r0).
-template <int NC, int NR>
+template <int NC, int NR, int TV>
 inline void micro_ph(const float* __restrict xs, int64_t ldx, int64_t Cin, int Kr, int rv, int64_t s, const float* __restrict w,
                      int64_t wsc, int64_t wsi, float* __restrict acc) {
-  vf a[NC * NR][kTV];
+  vf a[NC * NR][TV];
 #pragma GCC unroll 8
   for (int o = 0; o < NC * NR; ++o)
 #pragma GCC unroll 4
-    for (int v = 0; v < kTV; ++v) a[o][v] = vf{};
+    for (int v = 0; v < TV; ++v) a[o][v] = vf{};
   for (int64_t i = 0; i < Cin; ++i) {
     const float* xi = xs + i * ldx;
     const float* wi = w + i * wsi;
@@ -94,9 +100,9 @@ inline void micro_ph(const float* __restrict xs, int64_t ldx, int64_t Cin, int K
     // upsampler), a stride the hardware prefetchers miss; fetch a few channels ahead.
     __builtin_prefetch(wi + 8 * wsi);
     {
-      vf xv[kTV];
+      vf xv[TV];
 #pragma GCC unroll 4
-      for (int v = 0; v < kTV; ++v) xv[v] = ldv(xi + VW * v);
+      for (int v = 0; v < TV; ++v) xv[v] = ldv(xi + VW * v);
 #pragma GCC unroll 8
       for (int c = 0; c < NC; ++c)
 #pragma GCC unroll 8
@@ -104,14 +110,14 @@ inline void micro_ph(const float* __restrict xs, int64_t ldx, int64_t Cin, int K
           if (r >= rv) continue;  // k = r0 + r + s*(Kr-1) >= K: no such tap
           const vf wv = splat(wi[c * wsc + r]);
 #pragma GCC unroll 4
-          for (int v = 0; v < kTV; ++v) a[c * NR + r][v] += wv * xv[v];
+          for (int v = 0; v < TV; ++v) a[c * NR + r][v] += wv * xv[v];
         }
     }
     for (int m = 1; m < Kr; ++m) {
       const float* xk = xi + m;
-      vf xv[kTV];
+      vf xv[TV];
 #pragma GCC unroll 4
-      for (int v = 0; v < kTV; ++v) xv[v] = ldv(xk + VW * v);
+      for (int v = 0; v < TV; ++v) xv[v] = ldv(xk + VW * v);
       const float* wk = wi - s * m;
 #pragma GCC unroll 8
       for (int c = 0; c < NC; ++c)
@@ -119,14 +125,14 @@ inline void micro_ph(const float* __restrict xs, int64_t ldx, int64_t Cin, int K
         for (int r = 0; r < NR; ++r) {
           const vf wv = splat(wk[c * wsc + r]);
 #pragma GCC unroll 4
-          for (int v = 0; v < kTV; ++v) a[c * NR + r][v] += wv * xv[v];
+          for (int v = 0; v < TV; ++v) a[c * NR + r][v] += wv * xv[v];
         }
     }
   }
 #pragma GCC unroll 8
   for (int o = 0; o < NC * NR; ++o)
 #pragma GCC unroll 4
-    for (int v = 0; v < kTV; ++v) stv(acc + o * kTT + VW * v, a[o][v]);
+    for (int v = 0; v < TV; ++v) stv(acc + o * kTTp + VW * v, a[o][v]);
 }
 
 // Phases per phase-major micro tile for stride s: s itself when it fits (then kOB / s channels
@@ -135,11 +141,14 @@ inline void micro_ph(const float* __restrict xs, int64_t ldx, int64_t Cin, int K
 inline int ph_block(int64_t s) { return s <= kOB ? int(s) : (s % kOB == 0 ? kOB : 0); }
 inline int ph_channels(int64_t s) { return s <= kOB ? int(kOB / s) : 1; }
 
-// micro_ph for run-time nc (channels) and nr (phases) with nc * nr <= kOB.
-inline void micro_ph_n(int nc, int nr, const float* xs, int64_t ldx, int64_t Cin, int Kr, int rv, int64_t s, const float* w,
-                       int64_t wsc, int64_t wsi, float* acc) {
-#define VITA_PH(NC_, NR_) \
-  if (nr == NR_ && nc == NC_) return micro_ph<NC_, NR_>(xs, ldx, Cin, Kr, rv, s, w, wsc, wsi, acc)
+// micro_ph for run-time nc (channels), nr (phases) and tv (vectors, <= tv_phase(nc * nr)) with
+// nc * nr <= kOB.
+template <int TV>
+inline void micro_ph_tv(int nc, int nr, const float* xs, int64_t ldx, int64_t Cin, int Kr, int rv, int64_t s, const float* w,
+                        int64_t wsc, int64_t wsi, float* acc) {
+#define VITA_PH(NC_, NR_)                                                                  \
+  if constexpr (TV <= tv_phase(NC_ * NR_))                                                 \
+    if (nr == NR_ && nc == NC_) return micro_ph<NC_, NR_, TV>(xs, ldx, Cin, Kr, rv, s, w, wsc, wsi, acc)
 #if VITA_VW == 16
   VITA_PH(1, 8); VITA_PH(1, 7); VITA_PH(1, 6); VITA_PH(1, 5);
   VITA_PH(2, 4); VITA_PH(2, 3); VITA_PH(4, 2); VITA_PH(8, 1);
@@ -147,7 +156,21 @@ inline void micro_ph_n(int nc, int nr, const float* xs, int64_t ldx, int64_t Cin
 #endif
   VITA_PH(1, 4); VITA_PH(1, 3); VITA_PH(2, 2); VITA_PH(1, 2); VITA_PH(4, 1); VITA_PH(3, 1); VITA_PH(2, 1); VITA_PH(1, 1);
 #undef VITA_PH
-  for (int c = 0; c < nc; ++c) micro_ph_n(1, nr, xs, ldx, Cin, Kr, rv, s, w + c * wsc, wsc, wsi, acc + c * nr * kTT);
+  for (int c = 0; c < nc; ++c) micro_ph_tv<TV>(1, nr, xs, ldx, Cin, Kr, rv, s, w + c * wsc, wsc, wsi, acc + c * nr * kTTp);
+}
+
+inline void micro_ph_n(int nc, int nr, int tv, const float* xs, int64_t ldx, int64_t Cin, int Kr, int rv, int64_t s, const float* w,
+                       int64_t wsc, int64_t wsi, float* acc) {
+  switch (tv) {
+    case 1: return micro_ph_tv<1>(nc, nr, xs, ldx, Cin, Kr, rv, s, w, wsc, wsi, acc);
+    case 2: return micro_ph_tv<2>(nc, nr, xs, ldx, Cin, Kr, rv, s, w, wsc, wsi, acc);
+    case 3: return micro_ph_tv<3>(nc, nr, xs, ldx, Cin, Kr, rv, s, w, wsc, wsi, acc);
+#if VITA_VW == 16
+    default: return micro_ph_tv<4>(nc, nr, xs, ldx, Cin, Kr, rv, s, w, wsc, wsi, acc);
+#else
+    default: return micro_ph_tv<3>(nc, nr, xs, ldx, Cin, Kr, rv, s, w, wsc, wsi, acc);
+#endif
+  }
 }
 
 // dst[0, n) = float(src[0, n)), whole vectors plus one partial one.
@@ -319,12 +342,17 @@ void conv_transpose1d_impl(const ConvTranspose1dArgs& a) {
   // Phase r, output u = s*q + r: y = sum_{n < KrMax} w[r + s*n] x[q - n] (taps k >= K absent)
   //   = sum_{m < KrMax} w[r + s*(KrMax-1-m)] xs[q + m],
   // with xs[p] = act(x[p - OFF]), OFF = KrMax - 1 and KrMax = ceil(K / s).
-  // Tiles cover q in [q0, q0 + kTT) for every phase: outputs t = u - pl in [s*q0 - pl, s*(q0 + kTT) - pl).
+  // Tiles cover q in [q0, q0 + tt) for every phase: outputs t = u - pl in [s*q0 - pl, s*(q0 + tt) - pl).
+  // Phase-major tiles are tv vectors wide (the last one only as wide as the q left); per-phase
+  // tiles kTT.
   const int64_t KrMax = ceil_div(K, s);
   const int64_t OFF = KrMax - 1;
   const int64_t qs = pl / s, qe = ceil_div(pl + Tout, s);
-  const int64_t ntile = ceil_div(qe - qs, kTT);
-  const int64_t Lp = qs + ntile * kTT + OFF;
+  const int phb = ph_block(s), phc = ph_channels(s);
+  const int tv = phb ? tv_phase(phb * phc) : kTV;
+  const int64_t tt = VW * tv;
+  const int64_t ntile = ceil_div(qe - qs, tt);
+  const int64_t Lp = qs + ntile * tt + OFF;
   const int64_t Bg = batch_group(B, Cin, Lp);
   std::vector<float> xs(size_t(Bg * Cin * Lp));
 
@@ -333,15 +361,14 @@ void conv_transpose1d_impl(const ConvTranspose1dArgs& a) {
   const int64_t ngrp = ceil_div(Cout, kOG);
   const int64_t per_chunk = std::max<int64_t>(1, std::min<int64_t>(8, ntile));
   const int64_t nchunk = ceil_div(ntile, per_chunk);
-  const int64_t span = s * kTT;  // outputs per tile and channel
-  const int phb = ph_block(s), phc = ph_channels(s);
+  const int64_t span = s * std::max<int64_t>(tt, kTT);  // outputs per tile and channel
   const int64_t rv = K - s * (KrMax - 1);  // phases that have tap block KrMax - 1
 
   for (int64_t b0 = 0; b0 < B; b0 += Bg) {
     const int64_t nb = std::min(Bg, B - b0);
     stage_input<T>(a.x, b0, nb, OFF, Lp, a.lrelu, a.slope, xs.data());
     parallel_for(nb * ngrp * nchunk, 1, [&](int64_t tb, int64_t te) {
-      alignas(64) float acc[kOB * kTT];
+      alignas(64) float acc[kOB * (kTTp > kTT ? kTTp : kTT)];
       std::vector<float> ybuf(size_t(kOB * span));  // one tile of kOB output rows, phases interleaved
       for (int64_t task = tb; task < te; ++task) {
         const int64_t bl = task / (ngrp * nchunk), rem = task % (ngrp * nchunk);
@@ -351,8 +378,10 @@ void conv_transpose1d_impl(const ConvTranspose1dArgs& a) {
         const int64_t o_end = std::min(Cout, (g + 1) * kOG);
         const int64_t tile_end = std::min(ntile, (c + 1) * per_chunk);
         for (int64_t tile = c * per_chunk; tile < tile_end; ++tile) {
-          const int64_t q0 = qs + tile * kTT;
-          const int64_t t_lo = std::max<int64_t>(0, s * q0 - pl), t_hi = std::min<int64_t>(Tout, s * (q0 + kTT) - pl);
+          const int64_t q0 = qs + tile * tt;
+          const int64_t t_lo = std::max<int64_t>(0, s * q0 - pl), t_hi = std::min<int64_t>(Tout, s * (q0 + tt) - pl);
+          const int tvt = int(std::min<int64_t>(tv, ceil_div(qe - q0, VW)));  // vectors this tile needs
+          const int64_t ttt = VW * tvt;
           for (int64_t o0 = g * kOG; o0 < o_end; o0 += phb ? phc : kOB) {
             const int no = int(std::min<int64_t>(phb ? phc : kOB, o_end - o0));
             for (int64_t r = 0; r < (phb ? 0 : s); ++r) {
@@ -371,13 +400,14 @@ void conv_transpose1d_impl(const ConvTranspose1dArgs& a) {
             }
             for (int64_t r0 = 0; r0 < (phb ? s : 0); r0 += phb) {
               const int nr = int(std::min<int64_t>(phb, s - r0));
-              // acc[(oo*nr + r)*kTT + j] is output s*(q0 + j) + r0 + r - pl of channel o0 + oo.
-              micro_ph_n(no, nr, xb + q0, Lp, Cin, int(KrMax), int(rv - r0), s, W + o0 * K + s * (KrMax - 1) + r0, K, Cout * K, acc);
+              // acc[(oo*nr + r)*kTTp + j] is output s*(q0 + j) + r0 + r - pl of channel o0 + oo.
+              micro_ph_n(no, nr, tvt, xb + q0, Lp, Cin, int(KrMax), int(rv - r0), s, W + o0 * K + s * (KrMax - 1) + r0, K, Cout * K,
+                         acc);
               for (int oo = 0; oo < no; ++oo)
                 for (int r = 0; r < nr; ++r) {
                   float* yb = ybuf.data() + oo * span + r0 + r;
-                  const float* ac = acc + (oo * nr + r) * kTT;
-                  for (int j = 0; j < kTT; ++j) yb[s * j] = ac[j];
+                  const float* ac = acc + (oo * nr + r) * kTTp;
+                  for (int j = 0; j < ttt; ++j) yb[s * j] = ac[j];
                 }
             }
             for (int oo = 0; oo < no; ++oo) {
