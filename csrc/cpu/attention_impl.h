@@ -645,6 +645,9 @@ void attend_heads(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begi
   if (sc.st.size() < size_t(M) * LS) sc.st.resize(size_t(M) * LS);
   if (sc.kn.size() < size_t(nh) * D) sc.kn.resize(size_t(nh) * D);
   std::vector<const float*> kh(static_cast<size_t>(nh));  // one key's row, per head (converted to float32 in kn)
+  // Each row's head, once, instead of an integer division (Mg is a run-time value) per row and key.
+  std::vector<int> head_of(static_cast<size_t>(M));
+  for (int r = 0; r < M; ++r) head_of[r] = r / Mg;
   float* s = sc.st.data();
   for (int r = 0; r < M; ++r)  // row-major scaled Q (qt holds it transposed)
     for (int d = 0; d < D; ++d) sc.qr[size_t(r) * D + d] = sc.qt[size_t(d) * ldp + r];
@@ -670,7 +673,7 @@ void attend_heads(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begi
       for (; r + 4 <= M; r += 4) {  // 4 rows (of up to 4 heads) at a time: independent chains
         vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
         const float* q0 = sc.qr.data() + size_t(r) * D;
-        const float *k0 = kh[r / Mg], *k1 = kh[(r + 1) / Mg], *k2 = kh[(r + 2) / Mg], *k3 = kh[(r + 3) / Mg];
+        const float *k0 = kh[head_of[r]], *k1 = kh[head_of[r + 1]], *k2 = kh[head_of[r + 2]], *k3 = kh[head_of[r + 3]];
         for (int d = 0; d < D; d += VW) {
           a0 += ldv(q0 + d) * ldv(k0 + d);
           a1 += ldv(q0 + D + d) * ldv(k1 + d);
@@ -684,7 +687,7 @@ void attend_heads(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begi
       }
       for (; r < M; ++r) {
         vf a = vf{};
-        const float *q0 = sc.qr.data() + size_t(r) * D, *k = kh[r / Mg];
+        const float *q0 = sc.qr.data() + size_t(r) * D, *k = kh[head_of[r]];
         for (int d = 0; d < D; d += VW) a += ldv(q0 + d) * ldv(k + d);
         s[r * LS + t] = hsum(a);
       }
