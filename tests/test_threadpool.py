@@ -124,3 +124,28 @@ def test_extension_links_no_openmp_runtime():
     out = subprocess.run(["readelf", "-d", str(so)], capture_output=True, text=True, check=True).stdout
     needed = [line.split("[")[1].rstrip("]") for line in out.splitlines() if "(NEEDED)" in line]
     assert not [n for n in needed if "omp" in n], needed
+
+
+@pytest.mark.parametrize("backend", ["omp", "own"])
+def test_kernels_in_a_forked_child(backend):
+    """GNU OpenMP hangs in a child forked after the parent ran a parallel region; the kernels must
+    not (a forked child runs them without the host team)."""
+    code = """
+import os, torch, vita_engine
+from vita_engine import ops
+x = torch.randn(512, 3584); w = torch.randn(3584)
+y0 = ops.rms_norm(x, w).numpy().copy()
+torch.mm(x[:64], x[:64].T)
+pid = os.fork()
+if pid == 0:
+    y = ops.rms_norm(x, w).numpy()  # no torch op here: torch's own would hang on libgomp
+    os._exit(0 if (y == y0).all() else 3)
+_, st = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(st))
+"""
+    env = dict(os.environ, VITA_NUM_THREADS="2")
+    if backend == "own":
+        env["VITA_THREADPOOL"] = "own"
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(vita_engine.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "0", (r.stdout, r.stderr)

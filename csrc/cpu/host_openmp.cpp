@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 #include <link.h>
+#include <pthread.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -42,9 +43,19 @@ std::atomic<const Runtime*> g_rt{nullptr};
 std::mutex g_mu;
 Runtime g_storage;
 
+// GNU OpenMP is not fork-safe: in a child forked after the parent ran a parallel region, the next
+// region waits forever for the parent's team. So a forked child never uses the host's team (the own
+// pool then runs every chunk on the caller: its workers stayed in the parent).
+std::atomic<bool> g_forked{false};
+const bool g_atfork = [] {
+  pthread_atfork(nullptr, nullptr, [] { g_forked.store(true); });
+  return true;
+}();
+
 }  // namespace
 
 const Runtime* get() {
+  if (g_forked.load(std::memory_order_relaxed)) return nullptr;
   if (const Runtime* rt = g_rt.load(std::memory_order_acquire)) return rt;
   static const bool want = wanted();
   if (!want) return nullptr;
