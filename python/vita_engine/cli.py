@@ -33,6 +33,7 @@ def _check(args) -> int:
         "cuda_devices": vita_engine._C.cuda_device_count(),
         "cuda_available": vita_engine.cuda_available(),
         "cpu_threads": vita_engine._C.num_threads(),
+        "cpu_threadpool": vita_engine._C.threadpool_backend(),  # "omp": torch's OpenMP team
         "torch": torch.__version__,
     }
     devices = ["cpu"] + (["cuda"] if vita_engine.cuda_available() and torch.cuda.is_available() else [])

@@ -33,7 +33,8 @@ def environment(device: str, clock: str = "wall") -> dict:
     return {
         "device": device, "device_name": name, "peak": peak_for(name) if device == "cuda" else None,
         "cpu": f"{cpu['model']} [{' '.join(cpu['flags'])}]" + (f" kernels: {cpu['kernel_isa']}" if "kernel_isa" in cpu else ""),
-        "cpu_info": cpu, "threads": {"torch": torch.get_num_threads(), "vita_engine": _C.num_threads()}, "clock": clock,
+        "cpu_info": cpu, "threads": {"torch": torch.get_num_threads(), "vita_engine": _C.num_threads(),
+                                          "vita_engine_pool": _C.threadpool_backend()}, "clock": clock,
         "torch": torch.__version__, "vita_engine": vita_engine.__version__, "loadavg": loadavg(),
     }
 
