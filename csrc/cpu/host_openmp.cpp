@@ -8,7 +8,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
-#include <string>
 
 namespace vita::host_omp {
 namespace {
@@ -31,10 +30,8 @@ int visit(struct dl_phdr_info* info, size_t, void* out) {
   if (!h) return 0;
   Runtime rt{};
   rt.parallel = reinterpret_cast<decltype(rt.parallel)>(dlsym(h, "GOMP_parallel"));
-  rt.thread_num = reinterpret_cast<decltype(rt.thread_num)>(dlsym(h, "omp_get_thread_num"));
-  rt.team_size = reinterpret_cast<decltype(rt.team_size)>(dlsym(h, "omp_get_num_threads"));
   rt.in_parallel = reinterpret_cast<decltype(rt.in_parallel)>(dlsym(h, "omp_in_parallel"));
-  if (!rt.parallel || !rt.thread_num || !rt.team_size || !rt.in_parallel) return 0;  // handle stays open: harmless
+  if (!rt.parallel || !rt.in_parallel) return 0;  // the handle stays open: harmless
   *static_cast<Runtime*>(out) = rt;
   return 1;
 }

@@ -8,9 +8,7 @@ namespace vita::host_omp {
 
 struct Runtime {
   void (*parallel)(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags);  // GOMP_parallel
-  int (*thread_num)();
-  int (*team_size)();
-  int (*in_parallel)();
+  int (*in_parallel)();                                                                   // omp_in_parallel
 };
 
 // The loaded runtime, or nullptr when none is loaded (the process never imported torch) or

@@ -1,9 +1,5 @@
 #include "vita/parallel.h"
 
-#include <exception>
-
-#include "host_openmp.h"
-
 #include <sched.h>
 
 #include <algorithm>
@@ -11,9 +7,12 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
+#include <exception>
 #include <mutex>
 #include <thread>
 #include <vector>
+
+#include "host_openmp.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
