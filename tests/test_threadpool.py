@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import vita_engine
-from vita_engine import _C, ops
+from vita_engine import _C
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _no_torch import run_without_torch  # noqa: E402
@@ -44,14 +44,23 @@ RESULTS = {
 """
 
 
-def _results_in_subprocess(tmp_path, env_extra):
-    out = tmp_path / "r.pt"
-    code = WORK + f"torch.save({{k: v for k, v in RESULTS.items()}}, {str(out)!r}); print(vita_engine._C.threadpool_backend())"
-    env = dict(os.environ, **env_extra)
+def _run(code: str, threads: int, backend: str = "omp", timeout: float = 300) -> str:
+    """Runs code in a fresh interpreter with VITA_NUM_THREADS=threads (and VITA_THREADPOOL=own for
+    the own pool); returns its last line of output."""
+    env = dict(os.environ, VITA_NUM_THREADS=str(threads))
+    env.pop("VITA_THREADPOOL", None)
+    if backend == "own":
+        env["VITA_THREADPOOL"] = "own"
     env["PYTHONPATH"] = os.pathsep.join([str(Path(vita_engine.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
     assert r.returncode == 0, r.stderr
-    return r.stdout.strip().splitlines()[-1], torch.load(out)
+    return r.stdout.strip().splitlines()[-1]
+
+
+def _results_in_subprocess(tmp_path, threads, backend="omp"):
+    out = tmp_path / "r.pt"
+    code = WORK + f"torch.save(RESULTS, {str(out)!r}); print(vita_engine._C.threadpool_backend())"
+    return _run(code, threads, backend), torch.load(out)
 
 
 def test_backend_is_torchs_openmp_team_when_loaded():
@@ -61,9 +70,9 @@ def test_backend_is_torchs_openmp_team_when_loaded():
 def test_own_pool_and_openmp_team_give_identical_results(tmp_path):
     if not _openmp_loaded():
         pytest.skip("this torch build loads no OpenMP runtime")
-    b_omp, r_omp = _results_in_subprocess(tmp_path, {"VITA_NUM_THREADS": "3"})
-    b_own, r_own = _results_in_subprocess(tmp_path, {"VITA_NUM_THREADS": "3", "VITA_THREADPOOL": "own"})
-    b_one, r_one = _results_in_subprocess(tmp_path, {"VITA_NUM_THREADS": "1"})
+    b_omp, r_omp = _results_in_subprocess(tmp_path, 3)
+    b_own, r_own = _results_in_subprocess(tmp_path, 3, "own")
+    b_one, r_one = _results_in_subprocess(tmp_path, 1)
     assert (b_omp, b_own) == ("omp", "own")
     for k in r_omp:
         assert torch.equal(r_omp[k], r_own[k]), k
@@ -94,13 +103,7 @@ assert not errors, errors
 assert not any(t.is_alive() for t in ts)
 print(vita_engine._C.threadpool_backend())
 """
-    env = dict(os.environ, VITA_NUM_THREADS="2")
-    if backend == "own":
-        env["VITA_THREADPOOL"] = "own"
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(vita_engine.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == (backend if _openmp_loaded() or backend == "own" else "own")
+    assert _run(code, 2, backend) == (backend if _openmp_loaded() else "own")
 
 
 def test_own_pool_without_torch():
@@ -143,9 +146,4 @@ if pid == 0:
 _, st = os.waitpid(pid, 0)
 print(os.waitstatus_to_exitcode(st))
 """
-    env = dict(os.environ, VITA_NUM_THREADS="2")
-    if backend == "own":
-        env["VITA_THREADPOOL"] = "own"
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(vita_engine.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
-    assert r.returncode == 0 and r.stdout.strip() == "0", (r.stdout, r.stderr)
+    assert _run(code, 2, backend, timeout=60) == "0"
