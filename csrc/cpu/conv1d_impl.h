@@ -294,12 +294,14 @@ void conv1d_impl(const Conv1dArgs& a) {
         staged = bc;
       }
       const int64_t tile_end = std::min(ntile, (c + 1) * tiles_per_chunk);
-      for (int64_t tile = c * tiles_per_chunk; tile < tile_end; ++tile) {
-        const int64_t t0 = tile * kTT;
-        const int64_t nt = std::min<int64_t>(kTT, Tout - t0);
-        const int64_t o_end = std::min(Cout, (g + 1) * kOG);
-        for (int64_t o0 = g * kOG; o0 < o_end; o0 += kOB) {
-          const int no = int(std::min<int64_t>(kOB, o_end - o0));
+      const int64_t o_end = std::min(Cout, (g + 1) * kOG);
+      // Channel blocks outer, time tiles inner: a block's weights (kOB rows of Cin*K) stay in L1
+      // across the chunk's tiles, while the staged input streams from L2 either way.
+      for (int64_t o0 = g * kOG; o0 < o_end; o0 += kOB) {
+        const int no = int(std::min<int64_t>(kOB, o_end - o0));
+        for (int64_t tile = c * tiles_per_chunk; tile < tile_end; ++tile) {
+          const int64_t t0 = tile * kTT;
+          const int64_t nt = std::min<int64_t>(kTT, Tout - t0);
           micro_n(no, xs.data() + (t0 - c * chunk_len), ldx, Cin, K, d, W + o0 * Cin * K, Cin * K, K, 1, acc);
           for (int oo = 0; oo < no; ++oo) {
             const int64_t o = o0 + oo;
