@@ -127,6 +127,8 @@ CONVT_CASES = [
     (1, 5, 6, 16, 16, 4, (8, 8)),
     (1, 4, 3, 5, 12, 5, (1, 1)),    # K < stride, stride a multiple of the AVX2 block
     (1, 512, 16, 16, 8, 41, (4, 4)),  # the codec's first upsampler, a 48-step tile + 1 q
+    (1, 20, 6, 11, 5, 101, (3, 3)),   # several wide phase tiles and a narrower last one (strides 5, 6)
+    (2, 9, 4, 12, 6, 70, (3, 3)),
 ]
 
 

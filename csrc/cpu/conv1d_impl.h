@@ -28,7 +28,9 @@ constexpr int64_t kOG = 16;            // output channels per task
 // rows * 4 accumulators + 4 inputs + 1 broadcast fit the 32 registers (rows <= 6), else kTV.
 constexpr int kTVpMax = VW == 16 ? 4 : kTV;
 constexpr int kTTp = VW * kTVpMax;  // acc row stride of the phase-major tiles
-constexpr int tv_phase(int rows) { return VW == 16 && rows <= 6 ? 4 : kTV; }
+// AVX2 (16 registers) fits one channel's 5 or 6 phases only 2 vectors wide (strides 5 and 6).
+constexpr int tv_phase(int rows) { return VW == 16 ? (rows <= 6 ? 4 : kTV) : (rows <= 4 ? kTV : 2); }
+constexpr int kPhRowsMax = VW == 16 ? kOB : 6;  // rows of a phase-major tile
 constexpr int64_t kStageBudget = int64_t(16) << 20;  // floats of staged input per batch group (64 MB)
 
 // acc[o][t] = sum_{i<Cin, k<K} w[o*wso + i*wsi + k*wsk] * xs[i*ldx + k*kstep + t],  o < NO, t < kTT.
@@ -138,7 +140,7 @@ inline void micro_ph(const float* __restrict xs, int64_t ldx, int64_t Cin, int K
 // Phases per phase-major micro tile for stride s: s itself when it fits (then kOB / s channels
 // share the tile), else blocks of kOB phases; 0 (per-phase tiles instead) when s > kOB is not a
 // multiple of kOB, where the last block would leave most registers idle (AVX2 at stride 5).
-inline int ph_block(int64_t s) { return s <= kOB ? int(s) : (s % kOB == 0 ? kOB : 0); }
+inline int ph_block(int64_t s) { return s <= kPhRowsMax ? int(s) : (s % kOB == 0 ? kOB : 0); }
 inline int ph_channels(int64_t s) { return s <= kOB ? int(kOB / s) : 1; }
 
 // micro_ph for run-time nc (channels), nr (phases) and tv (vectors, <= tv_phase(nc * nr)) with
@@ -153,6 +155,8 @@ inline void micro_ph_tv(int nc, int nr, const float* xs, int64_t ldx, int64_t Ci
   VITA_PH(1, 8); VITA_PH(1, 7); VITA_PH(1, 6); VITA_PH(1, 5);
   VITA_PH(2, 4); VITA_PH(2, 3); VITA_PH(4, 2); VITA_PH(8, 1);
   VITA_PH(3, 2); VITA_PH(5, 1); VITA_PH(6, 1); VITA_PH(7, 1);
+#else
+  VITA_PH(1, 6); VITA_PH(1, 5);
 #endif
   VITA_PH(1, 4); VITA_PH(1, 3); VITA_PH(2, 2); VITA_PH(1, 2); VITA_PH(4, 1); VITA_PH(3, 1); VITA_PH(2, 1); VITA_PH(1, 1);
 #undef VITA_PH
@@ -370,7 +374,7 @@ void conv_transpose1d_impl(const ConvTranspose1dArgs& a) {
     const int64_t nb = std::min(Bg, B - b0);
     stage_input<T>(a.x, b0, nb, OFF, Lp, a.lrelu, a.slope, xs.data());
     parallel_for(nb * ngrp * nchunk, 1, [&](int64_t tb, int64_t te) {
-      alignas(64) float acc[kOB * (kTTp > kTT ? kTTp : kTT)];
+      alignas(64) float acc[kPhRowsMax * (kTTp > kTT ? kTTp : kTT)];
       std::vector<float> ybuf(size_t(kOB * span));  // one tile of kOB output rows, phases interleaved
       for (int64_t task = tb; task < te; ++task) {
         const int64_t bl = task / (ngrp * nchunk), rem = task % (ngrp * nchunk);
