@@ -35,6 +35,17 @@ def check_turn_tail(evs):
         assert not any(isinstance(e, (AudioChunk, TextDelta)) for e in evs[i:]), kinds(evs[i:])
 
 
+def push_chunks(s, x, sr, chunk=1600):
+    """Push PCM into a session in 100 ms chunks (at 16 kHz), as a client streams it."""
+    for i in range(0, len(x), chunk):
+        s.push_audio(x[i:i + chunk], sr)
+
+
+def rand_image(seed, h=200, w=300):
+    """A random RGB uint8 image [h, w, 3]."""
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
 def speech(seconds=1.6, sr=16000, seed=0):
     """Voiced synthetic 'speech' (harmonics + syllable modulation), float32 in [-1, 1]."""
     t = np.arange(int(seconds * sr)) / sr

@@ -13,11 +13,7 @@ from vita_engine.runtime.engine import DEFAULT_OPTIONS
 from vita_engine.runtime.policy import CriticalPathPolicy, LockstepPolicy
 from vita_engine.runtime.session import summarize_turn
 
-from runtime_util import check_turn_tail, make_engine, one_thread, until  # noqa: F401
-
-
-def _img(seed, h=200, w=300):
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+from runtime_util import check_turn_tail, make_engine, one_thread, push_chunks, rand_image, until  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +42,6 @@ def _images_encoded(s):
     until(lambda: st.pending_images and all(v.feats is not None for v in st.pending_images), "the images encoded")
 
 
-def _push(s, x, sr, chunk=1600):
-    for i in range(0, len(x), chunk):
-        s.push_audio(x[i:i + chunk], sr)
-
-
 def _closed(e, *sessions):
     for s in sessions:
         s.close()
@@ -76,7 +67,7 @@ def test_image_text_turn(engines):
     res = {}
     for name, e in (("on", on), ("off", off)):
         s = e.session(seed=5)
-        s.push_image(_img(1))
+        s.push_image(rand_image(1))
         if name == "on":
             p = _prefilled(s)
             assert s.kv_length == p.x.shape[0] == s.stats["prefix_tokens"]  # ahead of the turn, nothing else
@@ -103,13 +94,13 @@ def test_image_spoken_turn(engines):
     res = {}
     for name, e in (("on", on), ("off", off)):
         s = e.session(seed=3)
-        s.push_image(_img(2))
+        s.push_image(rand_image(2))
         if name == "on":
             _prefilled(s)
         else:
             _images_encoded(s)
-        _push(s, x, sr)
-        _push(s, np.zeros(sr, np.float32), sr)
+        push_chunks(s, x, sr)
+        push_chunks(s, np.zeros(sr, np.float32), sr)
         r = summarize_turn(s.collect(timeout=60))
         res[name] = (r, s.stats)
         _closed(e, s)
@@ -125,12 +116,12 @@ def test_second_image_extends_the_prefix(engines):
     res = {}
     for name, e in (("on", on), ("off", off)):
         s = e.session(seed=7)
-        s.push_image(_img(3))
+        s.push_image(rand_image(3))
         if name == "on":
             p1 = _prefilled(s, 1)
             n1 = s.stats["prefix_tokens"]
             assert n1 == p1.x.shape[0]
-        s.push_image(_img(4, 120, 500))
+        s.push_image(rand_image(4, 120, 500))
         if name == "on":
             p2 = _prefilled(s, 2)
             # causal prefill: only the second image's tokens were added, the first ones' KV stayed
@@ -152,21 +143,21 @@ def test_discarded_speculative_start_keeps_the_prefix(engines):
     res = {}
     for name, e in (("on", on), ("off", off)):
         s = e.session(seed=11)
-        s.push_image(_img(5))
+        s.push_image(rand_image(5))
         if name == "on":
             p = _prefilled(s)
             P = p.x.shape[0]
         else:
             _images_encoded(s)
-        _push(s, x, sr)
-        _push(s, pause, sr)
+        push_chunks(s, x, sr)
+        push_chunks(s, pause, sr)
         until(lambda: s.stats.get("turn_prefill_tokens"), "the speculative prefill at the pause")
         if name == "on":  # the speculative start was built on the prefix
             assert s.stats["prefix_hits"] == 1 and s._state.prefix is p
-        _push(s, x[:sr], sr)  # the user goes on talking: the speculative turn is discarded
+        push_chunks(s, x[:sr], sr)  # the user goes on talking: the speculative turn is discarded
         if name == "on":
             until(lambda: s.stats.get("discarded"), "the discard")
-        _push(s, np.zeros(sr, np.float32), sr)
+        push_chunks(s, np.zeros(sr, np.float32), sr)
         r = summarize_turn(s.collect(timeout=60))
         res[name] = (r, s.stats)
         _closed(e, s)
@@ -180,11 +171,11 @@ def test_discarded_speculative_start_keeps_the_prefix(engines):
 
 def test_frame_after_the_prefix_drops_it(engines):
     on, off = engines
-    frame = _img(6, 64, 80)
+    frame = rand_image(6, 64, 80)
     res = {}
     for name, e in (("on", on), ("off", off)):
         s = e.session(seed=2)
-        s.push_image(_img(7))
+        s.push_image(rand_image(7))
         if name == "on":
             _prefilled(s)
             assert s.kv_length > 0
@@ -206,7 +197,7 @@ def test_system_prompt_change_after_the_prefix(engines):
     for name, e in (("on", on), ("off", off)):
         # before the first turn: the prefix is rebuilt behind the new system prompt
         s1 = e.session(seed=4)
-        s1.push_image(_img(8))
+        s1.push_image(rand_image(8))
         if name == "on":
             old = _prefilled(s1)
         s1.configure(system_prompt="You are a pirate.")
@@ -219,7 +210,7 @@ def test_system_prompt_change_after_the_prefix(engines):
         # after a turn: the history is replayed behind the new prompt at the next turn start
         s2 = e.session(seed=4)
         r2a = s2.run_turn(text="Hello there.")
-        s2.push_image(_img(9))
+        s2.push_image(rand_image(9))
         if name == "on":
             _prefilled(s2)
         s2.configure(system_prompt="You are a poet.")
@@ -240,7 +231,7 @@ def test_truncate_answer_then_image_then_turn(engines):
     for name, e in (("on", on), ("off", off)):
         s = e.session(seed=9)
         r1 = s.run_turn(text="Tell me a story about a cat.")
-        s.push_image(_img(10))
+        s.push_image(rand_image(10))
         if name == "on":
             p = _prefilled(s)
         s.truncate_answer(r1.turn, 0.05)
@@ -266,7 +257,7 @@ def test_history_with_a_new_image(engines):
         s = e.session(seed=6)
         r1 = s.run_turn(text="Hello, how are you?")
         kv1 = s.kv_length
-        s.push_image(_img(11))
+        s.push_image(rand_image(11))
         if name == "on":
             p = _prefilled(s)
             assert p.kv_start == kv1
@@ -288,7 +279,7 @@ def test_mismatch_falls_back_to_a_whole_prefill(engines):
     turn's prompt has image B (the features swapped under the prefix, which only checks identities
     each tick): the answer is B's, as on the engine that never saw A."""
     on, off = engines
-    b_img = _img(13)
+    b_img = rand_image(13)
     sb_ = on.session()
     sb_.push_image(b_img)
     _images_encoded(sb_)
@@ -298,7 +289,7 @@ def test_mismatch_falls_back_to_a_whole_prefill(engines):
     for name, e in (("on", on), ("off", off)):
         s = e.session(seed=8)
         if name == "on":
-            s.push_image(_img(12))  # same size as B: the same tiles
+            s.push_image(rand_image(12))  # same size as B: the same tiles
             _prefilled(s)
             v = s._state.pending_images[0]
             assert v.feats.shape == feats_b.shape and not torch.equal(v.feats, feats_b)
@@ -322,7 +313,7 @@ def test_prefix_next_to_another_answer(engines):
     for name, e in (("on", on), ("off", off)):
         sa, sb = e.session(seed=21), e.session(seed=22)
         sa.push_text("Tell me a long story about a cat and a dog who live near the river.")
-        sb.push_image(_img(14))
+        sb.push_image(rand_image(14))
         if name == "on":
             _prefilled(sb)
         ra = summarize_turn(sa.collect(timeout=60))
@@ -344,7 +335,7 @@ def test_eviction_with_a_prefix(tiny_ckpt, one_thread):  # noqa: F811
             s = e.session(seed=1)
             rs = []
             for i in range(4):
-                s.push_image(_img(20 + i, 60, 60))
+                s.push_image(rand_image(20 + i, 60, 60))
                 if flag:
                     _images_encoded(s)
                     time.sleep(0.2)  # the prefix, when it fits the budget, is prefilled meanwhile

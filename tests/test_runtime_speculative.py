@@ -5,7 +5,7 @@ import pytest
 
 from vita_engine.runtime import _compat
 
-from runtime_util import check_turn_tail, make_engine, one_thread  # noqa: F401
+from runtime_util import check_turn_tail, make_engine, one_thread, push_chunks  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -15,17 +15,12 @@ def engine(tiny_ckpt, one_thread):  # noqa: F811
     e.close()
 
 
-def _push(s, x, sr, chunk=1600):
-    for i in range(0, len(x), chunk):
-        s.push_audio(x[i:i + chunk], sr)
-
-
 def test_resumed_speech_discards_speculative_prefill(engine):
     x, sr = _compat.load_sample("question.wav")
     s = engine.session()
     pause = np.zeros(int(0.35 * sr), np.float32)   # > speculative 200 ms, < end-of-turn 500 ms
-    _push(s, x, sr)
-    _push(s, pause, sr)
+    push_chunks(s, x, sr)
+    push_chunks(s, pause, sr)
     import time
 
     t = time.time()
@@ -33,8 +28,8 @@ def test_resumed_speech_discards_speculative_prefill(engine):
         time.sleep(0.01)
     assert s.stats["turn_prefill_tokens"], "no speculative prefill at the pause"
     assert s.kv_length > 0
-    _push(s, x[: sr], sr)                          # the user goes on talking
-    _push(s, np.zeros(sr, np.float32), sr)
+    push_chunks(s, x[: sr], sr)                          # the user goes on talking
+    push_chunks(s, np.zeros(sr, np.float32), sr)
     evs = s.collect(timeout=60)
     check_turn_tail(evs)
     st = s.stats
@@ -48,8 +43,8 @@ def test_resumed_speech_discards_speculative_prefill(engine):
 def test_commit_reuses_speculative_prefill(engine):
     x, sr = _compat.load_sample("hello.wav")
     s = engine.session()
-    _push(s, x, sr)
-    _push(s, np.zeros(sr, np.float32), sr)
+    push_chunks(s, x, sr)
+    push_chunks(s, np.zeros(sr, np.float32), sr)
     evs = s.collect(timeout=60)
     check_turn_tail(evs)
     st = s.stats

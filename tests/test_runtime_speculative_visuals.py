@@ -10,7 +10,7 @@ import pytest
 from vita_engine.runtime import _compat
 from vita_engine.runtime.session import summarize_turn
 
-from runtime_util import check_turn_tail, make_engine, one_thread, until  # noqa: F401
+from runtime_util import check_turn_tail, make_engine, one_thread, push_chunks, rand_image, until  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -22,26 +22,17 @@ def engines(tiny_ckpt, one_thread):  # noqa: F811
     plain.close()
 
 
-def _push(s, x, sr, chunk=1600):
-    for i in range(0, len(x), chunk):
-        s.push_audio(x[i:i + chunk], sr)
-
-
-def _img(seed, h=120, w=160):
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
 def _speak_then(s, spec: bool, push):
     """The question, a pause long enough for a speculative start (> 200 ms) but not for the end of turn
     (500 ms), `push(s)` while the turn is undecided, then silence: the turn ends."""
     x, sr = _compat.load_sample("question.wav")
-    _push(s, x, sr)
-    _push(s, np.zeros(int(0.3 * sr), np.float32), sr)
+    push_chunks(s, x, sr)
+    push_chunks(s, np.zeros(int(0.3 * sr), np.float32), sr)
     if spec:
         until(lambda: s._state.turn is not None and s._state.turn.speculative and s.stats.get("turn_prefill_tokens"),
                "the speculative start at the pause")
     push(s)
-    _push(s, np.zeros(sr, np.float32), sr)
+    push_chunks(s, np.zeros(sr, np.float32), sr)
     return summarize_turn(s.collect(timeout=60))
 
 
@@ -50,7 +41,7 @@ def test_image_during_a_speculative_turn_joins_it(engines):
     res = {}
     for name, e in (("spec", spec), ("plain", plain)):
         s = e.session(seed=4)
-        r = _speak_then(s, name == "spec", lambda s: s.push_image(_img(1)))
+        r = _speak_then(s, name == "spec", lambda s: s.push_image(rand_image(1, 120, 160)))
         check_turn_tail(r.events)
         res[name] = (r, dict(s.stats), list(s._state.pending_images))
         s.close()
@@ -67,7 +58,7 @@ def test_image_during_a_speculative_turn_joins_it(engines):
 def test_frame_during_a_speculative_turn_is_kept_for_the_next(engines):
     spec, _ = engines
     s = spec.session(seed=5)
-    r = _speak_then(s, True, lambda s: s.push_video_frame(_img(2), timestamp=1.0))
+    r = _speak_then(s, True, lambda s: s.push_video_frame(rand_image(2, 120, 160), timestamp=1.0))
     check_turn_tail(r.events)
     st = s._state
     assert s.stats.get("discarded", 0) == 0  # a frame does not undo the speculative start
