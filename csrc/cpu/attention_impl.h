@@ -343,6 +343,8 @@ struct Scratch {
   std::vector<float> s2;
 #endif
   std::vector<int64_t> lim;
+  std::vector<const float*> kh;  // attend_heads: per-head key rows, and each row's head
+  std::vector<int> head_of;
   std::vector<int32_t> limi;
   std::vector<const float*> bias;
   std::vector<int64_t> bias_stride;
@@ -644,9 +646,13 @@ void attend_heads(const T* kc, const T* vc, KOff koff, VOff voff, int64_t k_begi
   constexpr int LS = TK + VW;  // scores of row r: s[r * LS + t] (+ padding to whole vectors)
   if (sc.st.size() < size_t(M) * LS) sc.st.resize(size_t(M) * LS);
   if (sc.kn.size() < size_t(nh) * D) sc.kn.resize(size_t(nh) * D);
-  std::vector<const float*> kh(static_cast<size_t>(nh));  // one key's row, per head (converted to float32 in kn)
-  // Each row's head, once, instead of an integer division (Mg is a run-time value) per row and key.
-  std::vector<int> head_of(static_cast<size_t>(M));
+  // One key's row, per head (converted to float32 in kn), and each row's head, computed once instead
+  // of an integer division (Mg is a run-time value) per row and key. Kept in the scratch, which a
+  // thread reuses for all its items, so an item allocates nothing.
+  if (sc.kh.size() < size_t(nh)) sc.kh.resize(size_t(nh));
+  if (sc.head_of.size() < size_t(M)) sc.head_of.resize(size_t(M));
+  const float** kh = sc.kh.data();
+  int* head_of = sc.head_of.data();
   for (int r = 0; r < M; ++r) head_of[r] = r / Mg;
   float* s = sc.st.data();
   for (int r = 0; r < M; ++r)  // row-major scaled Q (qt holds it transposed)
